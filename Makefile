@@ -1,0 +1,43 @@
+# Set-up and entry points. `make run` and `make test` work on a fresh Debian
+# machine: they find a Python 3.12+ (3.12 first: the pjsua2 test softphone has
+# no wheel for 3.13), build the virtualenv and install what is missing.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 \
+                            python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.13 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+
+.PHONY: run test bench check clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.12 or newer is required (none found on PATH or under ~/.pyenv)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.env:
+	@./config/make-env > .env
+	@echo "Wrote random extension passwords to .env (keep it private):"
+	@cat .env
+
+run: $(VENV)/.installed .env
+	set -a && . ./.env && set +a && exec $(VENV)/bin/pbx serve --config pbx.yaml
+
+check: $(VENV)/.installed .env
+	set -a && . ./.env && set +a && $(VENV)/bin/pbx check --config pbx.yaml
+
+test-deps:
+	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
+
+test: $(VENV)/.installed test-deps
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed test-deps
+	$(PY) bench/bridge.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,104 @@
+"""The one SQLite database (CONTRACT §6), reached through a single worker thread.
+
+Every read and write runs on one dedicated thread so the event loop never
+blocks on disk and SQLite never sees two threads on one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+logger = logging.getLogger(__name__)
+
+SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
+    "registrations": (
+        {
+            "extension": str,
+            "contact": str,
+            "source": str,
+            "transport": str,
+            "expires_at": float,
+            "user_agent": str,
+            "call_id": str,
+        },
+        ("extension", "contact"),
+    ),
+    "cdr": (
+        {
+            "call_id": str,
+            "direction": str,
+            "from_number": str,
+            "to_number": str,
+            "started": str,
+            "answered": str,
+            "ended": str,
+            "disposition": str,
+            "duration": float,
+            "billsec": float,
+        },
+        "call_id",
+    ),
+}
+
+
+class Store:
+    """Owns the database connection and the thread that uses it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._db: sqlite_utils.Database | None = None
+
+    async def open(self) -> None:
+        await self.run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        self._db = sqlite_utils.Database(conn)
+        self._db.enable_wal()
+        for name, (columns, pk) in SCHEMA.items():
+            self._db[name].create(columns, pk=pk, if_not_exists=True)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self.run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The database; only for use inside :meth:`run`."""
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the store thread and return its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def ping(self) -> bool:
+        """True while the database answers a trivial query."""
+        try:
+            await self.run(lambda: self.db.execute("select 1").fetchone())
+        except (sqlite3.Error, RuntimeError):
+            return False
+        return True
+
+    async def upsert(self, table: str, row: dict[str, Any]) -> None:
+        pk = SCHEMA[table][1]
+        await self.run(lambda: self.db[table].upsert(row, pk=pk))
+
+    async def delete_where(self, table: str, where: str, args: list[Any]) -> None:
+        await self.run(lambda: self.db[table].delete_where(where, args))
+
+    async def rows(self, table: str, where: str | None = None, args: list[Any] | None = None) -> list[dict[str, Any]]:
+        return await self.run(lambda: list(self.db[table].rows_where(where, args or [])))
