@@ -1,0 +1,1060 @@
+"""pbx.yaml (CONTRACT §2): loaded once, validated, handed out as frozen dataclasses.
+
+Every problem is reported as ``FILE:LINE: message`` and all of them are
+collected in one pass, so an admin fixes a file in one go. The YAML is composed
+into nodes (not constructed into plain objects) so that each value keeps the
+line it came from; the ``_*_FIELDS`` tables below then say, per section, which
+keys exist, how each value is read and what it defaults to.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CODECS: Final = ("PCMU", "PCMA", "G722")
+QUEUE_STRATEGIES: Final = ("ringall", "round-robin", "longest-idle", "fewest-calls", "random", "linear")
+DESTINATION_KINDS: Final = ("ivr", "queue", "extension", "voicemail", "external", "hangup")
+MIN_PASSWORD_LENGTH: Final = 8
+
+
+# --- Errors ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file; prints as ``FILE:LINE: message`` (line 0: the file as a whole)."""
+
+    file: Path
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config is unusable; ``issues`` lists every problem found, in file order."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(map(str, issues)))
+        self.issues = issues
+
+
+# --- The typed config -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A SIP listening socket, written ``udp:0.0.0.0:5060`` or ``tcp:[::1]:5060``."""
+
+    transport: str  # "udp" | "tcp"
+    host: str  # IPv6 without brackets
+    port: int
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    """``sip``: where SIP is served and how the PBX names itself."""
+
+    listen: tuple[Listen, ...]
+    domain: str
+    external_ip: str | None
+    user_agent: str
+    ring_timeout: int = 30  # seconds an extension rings before the caller gets 480
+
+
+@dataclass(frozen=True)
+class RtpConfig:
+    """``rtp``: media address, UDP port range and offered codecs."""
+
+    ip: str
+    port_min: int  # even: RTP takes even ports, RTCP the odd one above
+    port_max: int
+    codecs: tuple[str, ...]  # in order of preference
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """``http``: the admin API's address and bearer token."""
+
+    host: str
+    port: int
+    token: str  # empty only when host is a loopback address
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``storage``: the database and the folder holding recordings/ and voicemail/."""
+
+    data_dir: Path  # recordings/ and voicemail/ live under it
+    db: Path
+
+
+@dataclass(frozen=True)
+class SoundsConfig:
+    """``sounds``: prompt files and the text-to-speech command."""
+
+    dir: Path
+    tts: str | None  # TTS command; None disables `say:` prompts
+
+
+@dataclass(frozen=True)
+class IvrConfig:
+    """``ivr``: the folder of IVR flows."""
+
+    dir: Path  # every *.yaml in it is a flow named by its file
+
+
+@dataclass(frozen=True)
+class VoicemailBox:
+    """An extension's mailbox: optional PIN and notification address."""
+
+    pin: str | None
+    email: str | None
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A phone account; ``number`` is its key in ``extensions``."""
+
+    number: str
+    name: str
+    password: str
+    voicemail: VoicemailBox | None
+
+
+@dataclass(frozen=True)
+class TrunkRegister:
+    """Credentials for registering with a provider."""
+
+    username: str
+    password: str
+    expires: int
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """A SIP provider: outbound target and trusted inbound sources."""
+
+    name: str
+    host: str
+    port: int
+    inbound_from: tuple[Network, ...]  # source networks trusted for inbound calls
+    register: TrunkRegister | None
+    caller_id: str | None
+
+
+@dataclass(frozen=True)
+class OutboundRule:
+    """Dialed numbers matching ``pattern`` (``re.search``) leave through ``trunk``."""
+
+    pattern: re.Pattern[str]
+    trunk: str
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a call goes: ``ivr:FLOW``, ``queue:NAME``, ``extension:NUM``,
+    ``voicemail:MAILBOX``, ``external:NUMBER[@TRUNK]`` or ``hangup``."""
+
+    kind: str
+    target: str  # "" for hangup
+    trunk: str | None = None  # only for external; None means the first trunk
+
+    def __str__(self) -> str:
+        if self.kind == "hangup":
+            return "hangup"
+        suffix = f"@{self.trunk}" if self.trunk else ""
+        return f"{self.kind}:{self.target}{suffix}"
+
+
+@dataclass(frozen=True)
+class QueueAnnounce:
+    """What waiting callers are told, and how often."""
+
+    position: bool
+    wait_time: bool
+    every: int  # seconds between announcements
+
+
+@dataclass(frozen=True)
+class QueueCallback:
+    """Offering waiting callers a call back instead."""
+
+    enabled: bool
+    offer_after: int  # seconds of waiting before the callback is offered
+    digit: str  # DTMF digit that accepts the offer
+    retries: int
+    retry_interval: int  # seconds
+    hours: str | None  # when callbacks are placed, in the IVR `hours` syntax; None: any time
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A call queue; ``name`` is its key in ``queues``."""
+
+    name: str
+    strategy: str
+    agents: tuple[str, ...]
+    ring_timeout: int
+    wrapup: int
+    max_wait: int
+    on_timeout: Destination | None  # None: hang up after max_wait
+    on_no_agents: Destination | None  # None: keep waiting
+    moh: str
+    announce: QueueAnnounce
+    service_level: int
+    record: bool
+    callback: QueueCallback
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    """``recording``: file format and retention of call recordings."""
+
+    format: str
+    stereo: bool
+    retention_days: int  # 0 keeps recordings forever
+
+
+@dataclass(frozen=True)
+class VoicemailConfig:
+    """``voicemail``: message length limits and the greeting prompt."""
+
+    max_seconds: int
+    min_seconds: int
+    greeting: str
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """``features``: codes an extension dials for built-in services."""
+
+    voicemail_main: str
+    agent_login: str
+    agent_pause: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of pbx.yaml; paths in it are absolute."""
+
+    path: Path
+    sip: SipConfig
+    rtp: RtpConfig
+    http: HttpConfig
+    storage: StorageConfig
+    sounds: SoundsConfig
+    ivr: IvrConfig
+    timezone: str
+    extensions: dict[str, Extension]
+    trunks: dict[str, Trunk]
+    outbound: tuple[OutboundRule, ...]
+    inbound: dict[str, Destination]
+    queues: dict[str, Queue]
+    recording: RecordingConfig
+    voicemail: VoicemailConfig
+    features: FeaturesConfig
+
+    def route_outbound(self, number: str) -> Trunk | None:
+        """The trunk of the first outbound rule matching ``number``; None: refuse the call."""
+        for rule in self.outbound:
+            if rule.pattern.search(number):
+                return self.trunks[rule.trunk]
+        return None
+
+    def trunk_for_source(self, ip: str) -> Trunk | None:
+        """The first trunk whose ``inbound_from`` holds address ``ip``; None: not a trunk."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+        for trunk in self.trunks.values():
+            if any(address in network for network in trunk.inbound_from):
+                return trunk
+        return None
+
+
+# --- Destinations -----------------------------------------------------------
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_DIGITS = r"[0-9]+"
+_DIAL_NUMBER = r"\+?[0-9*#]+"
+_TARGET_RULES: Final = {
+    "ivr": (_NAME, "a flow name"),
+    "queue": (_NAME, "a queue name"),
+    "extension": (_DIGITS, "an extension number"),
+    "voicemail": (_DIGITS, "a mailbox number"),
+    "external": (rf"{_DIAL_NUMBER}(@{_NAME})?", "a number, optionally followed by @TRUNK"),
+}
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``KIND:TARGET`` or ``hangup``; raise ValueError saying what is wrong."""
+    if text == "hangup":
+        return Destination("hangup", "")
+    kind, colon, target = text.partition(":")
+    if kind == "hangup":
+        raise ValueError(f"destination {text!r}: hangup takes no target")
+    if kind not in _TARGET_RULES:
+        raise ValueError(f"unknown destination {text!r}: expected one of {', '.join(DESTINATION_KINDS)}")
+    if not colon or not target:
+        raise ValueError(f"destination {text!r} needs a target after '{kind}:'")
+    pattern, what = _TARGET_RULES[kind]
+    if not re.fullmatch(pattern, target):
+        raise ValueError(f"destination {text!r}: {target!r} is not {what}")
+    if kind == "external" and "@" in target:
+        number, trunk = target.split("@")
+        return Destination(kind, number, trunk)
+    return Destination(kind, target)
+
+
+# --- Reading YAML nodes with their lines ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A YAML value with where it came from."""
+
+    value: Any  # a scalar, dict[str, _Node] or list[_Node]
+    line: int  # 1-based line where the value starts
+    path: str  # "queues.support.agents[1]": names the value in messages
+    key: str = ""  # the mapping key naming this value
+    key_line: int = 0  # line of that key: where "missing key" and "unknown key" point
+    text: str | None = None  # a scalar as written: keeps "+1555" and "0123" that YAML reads as numbers
+    from_env: bool = False  # the value came out of ${...} expansion
+
+    @property
+    def name(self) -> str:
+        return self.path or "the top level"
+
+    def line_of(self, key: str) -> int:
+        """Line of child ``key``, or of this mapping's own key when the child is absent."""
+        child = self.value.get(key) if isinstance(self.value, dict) else None
+        return child.line if child is not None else self.key_line
+
+    def written(self) -> str | None:
+        """A string, or a number as the admin wrote it; None for anything else."""
+        if isinstance(self.value, str):
+            return self.value
+        if isinstance(self.value, int) and not isinstance(self.value, bool):
+            return self.text if self.text is not None else str(self.value)
+        return None
+
+
+def _child_path(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _synthetic(value: Any, parent: _Node, key: str) -> _Node:
+    """A node for a default value, placed at the key line of the mapping that lacks it."""
+    line = parent.key_line
+    node = _Node(None, line, _child_path(parent.path, key), key, line)
+    if isinstance(value, dict):
+        return replace(node, value={k: _synthetic(v, node, k) for k, v in value.items()})
+    if isinstance(value, list):
+        return replace(node, value=[_Node(v, line, f"{node.path}[{i}]", key_line=line) for i, v in enumerate(value)])
+    return replace(node, value=value)
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader that composes the document into `_Node`s carrying line numbers.
+
+    Structural problems it can see while doing so (duplicate keys, complex keys,
+    recursive aliases) go to ``issues``; syntax errors raise as usual.
+    """
+
+    def __init__(self, text: str, file: Path) -> None:
+        super().__init__(text)
+        self.file = file
+        self.issues: list[ConfigIssue] = []
+
+    def located_root(self) -> _Node:
+        root = self.get_single_node()
+        if root is None:  # an empty file: all defaults
+            return _Node({}, 1, "", key_line=1)
+        return self._located(root, "", "", root.start_mark.line + 1, ())
+
+    def _located(self, node: yaml.Node, path: str, key: str, key_line: int, parents: tuple[yaml.Node, ...]) -> _Node:
+        line = node.start_mark.line + 1
+        if node in parents:
+            self._report(line, f"{path or 'the document'} refers to itself through an alias")
+            return _Node(None, line, path, key, key_line)
+        parents += (node,)
+        if isinstance(node, yaml.ScalarNode):
+            return _Node(self.construct_object(node), line, path, key, key_line, text=node.value)
+        if isinstance(node, yaml.SequenceNode):
+            items = [
+                self._located(item, f"{path}[{i}]", "", item.start_mark.line + 1, parents)
+                for i, item in enumerate(node.value)
+            ]
+            return _Node(items, line, path, key, key_line)
+        assert isinstance(node, yaml.MappingNode)
+        where = path or "the top level"
+        first_seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                at = key_node.start_mark.line + 1
+                if key_node.value in first_seen:
+                    self._report(
+                        at, f"duplicate key {key_node.value!r} in {where} (first at line {first_seen[key_node.value]})"
+                    )
+                first_seen.setdefault(key_node.value, at)
+        self.flatten_mapping(node)  # applies `<<: *anchor` merges; the mapping's own keys win
+        children: dict[str, _Node] = {}
+        for key_node, value_node in node.value:
+            at = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._report(at, f"keys in {where} must be plain values")
+                continue
+            # Keys stay as written: `1001:` and `"1001":` both name extension "1001".
+            name = key_node.value
+            children[name] = self._located(value_node, _child_path(path, name), name, at, parents)
+        return _Node(children, line, path, key, key_line)
+
+    def _report(self, line: int, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, line, message))
+
+
+def _load_yaml(path: Path) -> tuple[_Node | None, list[ConfigIssue]]:
+    """The document's root node, or None with the issue that stopped reading it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, [ConfigIssue(path, 0, "file not found")]
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        return None, [ConfigIssue(path, line, "file is not valid UTF-8")]
+    except OSError as exc:
+        return None, [ConfigIssue(path, 0, f"cannot read file: {exc.strerror or exc}")]
+    loader = _Loader(text, path)
+    try:
+        return loader.located_root(), loader.issues
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        detail = f" ({exc.context})" if exc.context and exc.problem else ""
+        return None, [ConfigIssue(path, line, f"invalid YAML: {exc.problem or exc.context}{detail}")]
+    except yaml.YAMLError as exc:
+        return None, [ConfigIssue(path, 0, f"invalid YAML: {exc}")]
+    finally:
+        loader.dispose()
+
+
+# --- Converting nodes: the reader and its converters ------------------------------
+
+
+class _Invalid(Exception):
+    """A converter's complaint about one value; ``line`` defaults to the value's own."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+class _Reported(Exception):
+    """A value was invalid and its issues are already recorded: skip whatever needs it."""
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# Reference kinds that need a later look-up: (set of declared names, noun for messages).
+_REF_KINDS: Final = {
+    "extension": ("extension", "extension"),
+    "mailbox": ("extension", "mailbox"),
+    "queue": ("queue", "queue"),
+    "trunk": ("trunk", "trunk"),
+    "ivr": ("ivr", "IVR flow"),
+}
+
+
+@dataclass
+class _Reader:
+    """Turns nodes into values, collecting issues and the references to check at the end."""
+
+    file: Path
+    base_dir: Path
+    env: Mapping[str, str]
+    issues: list[ConfigIssue] = field(default_factory=list)
+    declared: dict[str, set[str]] = field(default_factory=dict)
+    refs: list[tuple[str, str | None, _Node]] = field(default_factory=list)
+    flow_dir: Path | None = None
+
+    def report(self, line: int, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, line, message))
+
+    def read[T](self, convert: Convert[T], node: _Node) -> T:
+        """``convert(node)`` after ${ENV} expansion; on failure record why and raise _Reported."""
+        try:
+            return convert(self, self._expand(node))
+        except _Invalid as exc:
+            self.report(node.line if exc.line is None else exc.line, exc.message)
+            raise _Reported from None
+
+    def read_all[T](self, convert: Convert[T], nodes: Iterable[_Node]) -> list[T]:
+        """Read every node, reporting each failure, then raise _Reported if any failed."""
+        values: list[T] = []
+        failed = False
+        for node in nodes:
+            try:
+                values.append(self.read(convert, node))
+            except _Reported:
+                failed = True
+        if failed:
+            raise _Reported
+        return values
+
+    def refer(self, kind: str, name: str | None, node: _Node) -> None:
+        """Note that ``node`` names a ``kind`` (None: any one of them), checked once all is read."""
+        self.refs.append((kind, name, node))
+
+    def check_references(self) -> None:
+        for kind, name, node in self.refs:
+            declared_as, noun = _REF_KINDS[kind]
+            known = self.declared.get(declared_as)
+            if known is None:  # its section failed to load and has been reported
+                continue
+            if name is None:
+                if not known:
+                    self.report(node.line, f"{node.path}: {node.value!r} needs at least one {noun}")
+            elif name not in known:
+                hint = f" (no file {self.flow_dir / f'{name}.yaml'})" if kind == "ivr" and self.flow_dir else ""
+                self.report(node.line, f"{node.path}: there is no {noun} {name!r}{hint}")
+
+    def _expand(self, node: _Node) -> _Node:
+        if not isinstance(node.value, str):
+            return node
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = self.env.get(name)
+            if value:
+                return value
+            if default is not None:
+                return default
+            if value is None:
+                raise _Invalid(f"{name} is not set")
+            return value
+
+        expanded, count = _ENV_VAR.subn(substitute, node.value)
+        return replace(node, value=expanded, from_env=True) if count else node
+
+
+type Convert[T] = Callable[[_Reader, _Node], T]
+
+
+def _typed(node: _Node) -> Any:
+    """The node's value; text from ${ENV} is read as YAML, so `port: ${PORT}` can be a number."""
+    if node.from_env:
+        try:
+            return yaml.safe_load(node.value)
+        except yaml.YAMLError:
+            return node.value
+    return node.value
+
+
+def _string(r: _Reader, node: _Node) -> str:
+    if not isinstance(node.value, str):
+        hint = " (put it in quotes)" if isinstance(node.value, int | float) else ""
+        raise _Invalid(f"{node.name} must be a string{hint}")
+    return node.value
+
+
+def _text(r: _Reader, node: _Node) -> str:
+    """A non-empty string."""
+    value = _string(r, node)
+    if not value.strip():
+        raise _Invalid(f"{node.name} must not be empty")
+    return value
+
+
+def _matching(pattern: str, what: str) -> Convert[str]:
+    """A string or number, as written, that fully matches ``pattern``."""
+
+    def convert(r: _Reader, node: _Node) -> str:
+        value = node.written()
+        if value is None or not re.fullmatch(pattern, value):
+            shown = value if value is not None else node.value
+            raise _Invalid(f"{node.name} must be {what}, not {shown!r}")
+        return value
+
+    return convert
+
+
+def _integer(low: int, high: int) -> Convert[int]:
+    def convert(r: _Reader, node: _Node) -> int:
+        value = _typed(node)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"{node.name} must be a whole number")
+        if not low <= value <= high:
+            raise _Invalid(f"{node.name} must be between {low} and {high}, not {value}")
+        return value
+
+    return convert
+
+
+def _boolean(r: _Reader, node: _Node) -> bool:
+    value = _typed(node)
+    if not isinstance(value, bool):
+        raise _Invalid(f"{node.name} must be true or false")
+    return value
+
+
+def _choice(*options: str) -> Convert[str]:
+    def convert(r: _Reader, node: _Node) -> str:
+        if node.value not in options:
+            raise _Invalid(f"{node.name} must be one of {', '.join(options)}, not {node.value!r}")
+        return str(node.value)
+
+    return convert
+
+
+def _optional[T](convert: Convert[T]) -> Convert[T | None]:
+    """``null`` (or an empty ${ENV}) means None; anything else goes to ``convert``."""
+
+    def optional(r: _Reader, node: _Node) -> T | None:
+        return None if _typed(node) is None else convert(r, node)
+
+    return optional
+
+
+def _path(r: _Reader, node: _Node) -> Path:
+    return r.base_dir / Path(_text(r, node)).expanduser()
+
+
+def _flow_dir(r: _Reader, node: _Node) -> Path:
+    """The IVR folder; its *.yaml files declare the flow names `ivr:` may use."""
+    path = _path(r, node)
+    r.flow_dir = path
+    r.declared["ivr"] = {flow.stem for flow in path.glob("*.yaml")}
+    return path
+
+
+def _timezone(r: _Reader, node: _Node) -> str:
+    name = _text(r, node)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(f"{node.name}: unknown time zone {name!r}") from None
+    return name
+
+
+def _ip_address(r: _Reader, node: _Node) -> str:
+    value = _text(r, node)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _Invalid(f"{node.name} must be an IP address, not {value!r}") from None
+    return value
+
+
+def _network(r: _Reader, node: _Node) -> Network:
+    value = node.written() or ""
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise _Invalid(f"{node.name} must be a network like 203.0.113.0/24, not {node.value!r}") from None
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[0-9]+))?")
+
+
+def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (port optional when there is a default); ValueError if bad."""
+    match = _HOST_PORT.fullmatch(text)
+    if not match or (match["port"] is None and default_port is None):
+        raise ValueError("expected HOST:PORT, with an IPv6 address in brackets")
+    host = match["v6"] or match["host"]
+    if match["v6"]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif not _is_ipv4(host) and (not _HOSTNAME.fullmatch(host) or re.fullmatch(r"[0-9.]+", host)):
+        raise ValueError(f"{host!r} is not a host name or IPv4 address")
+    port = int(match["port"]) if match["port"] else default_port
+    assert port is not None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not within 1..65535")
+    return host, port
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_port(default_port: int | None, example: str) -> Convert[tuple[str, int]]:
+    def convert(r: _Reader, node: _Node) -> tuple[str, int]:
+        try:
+            return _split_host_port(_text(r, node), default_port)
+        except ValueError as exc:
+            raise _Invalid(f"{node.name}: {exc} (like {example})") from None
+
+    return convert
+
+
+def _listen(r: _Reader, node: _Node) -> Listen:
+    text = _text(r, node)
+    transport, _, address = text.partition(":")
+    try:
+        if transport not in ("udp", "tcp"):
+            raise ValueError(f"transport must be udp or tcp, not {transport!r}")
+        return Listen(transport, *_split_host_port(address, None))
+    except ValueError as exc:
+        example = "like udp:0.0.0.0:5060 or tcp:[::1]:5060"
+        raise _Invalid(f"{node.name}: bad listen address {text!r}: {exc} ({example})") from None
+
+
+def _list_of[T](item: Convert[T], *, non_empty: bool = False, unique: bool = False) -> Convert[tuple[T, ...]]:
+    def convert(r: _Reader, node: _Node) -> tuple[T, ...]:
+        items = [] if node.value is None else node.value
+        if not isinstance(items, list):
+            raise _Invalid(f"{node.name} must be a list")
+        if non_empty and not items:
+            raise _Invalid(f"{node.name} must not be empty")
+        values = r.read_all(item, items)
+        if unique:
+            for index, (value, child) in enumerate(zip(values, items)):
+                if value in values[:index]:
+                    raise _Invalid(f"{node.name} lists {child.value!r} twice", child.line)
+        return tuple(values)
+
+    return convert
+
+
+def _port_range(r: _Reader, node: _Node) -> tuple[int, int]:
+    ports = _list_of(_integer(1024, 65535))(r, node)
+    if len(ports) != 2:
+        raise _Invalid(f"{node.name} must be two port numbers: [min, max]")
+    low, high = ports
+    if low % 2:
+        raise _Invalid(f"{node.name}: the first port must be even (RTP uses even ports, RTCP the odd one above)")
+    if high - low + 1 < 4:
+        raise _Invalid(f"{node.name}: [{low}, {high}] must span at least 4 ports, lowest first")
+    return low, high
+
+
+def _regex(r: _Reader, node: _Node) -> re.Pattern[str]:
+    text = _text(r, node)
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise _Invalid(f"{node.name}: invalid regular expression {text!r}: {exc}") from None
+
+
+def _reference(kind: str, convert: Convert[str]) -> Convert[str]:
+    """A name of a ``kind`` defined elsewhere in the file; checked once everything is read."""
+
+    def reference(r: _Reader, node: _Node) -> str:
+        name = convert(r, node)
+        r.refer(kind, name, node)
+        return name
+
+    return reference
+
+
+def _destination(r: _Reader, node: _Node) -> Destination:
+    if not isinstance(node.value, str):
+        raise _Invalid(f"{node.name} must be a destination like extension:1001, not {node.value!r}")
+    try:
+        destination = parse_destination(node.value)
+    except ValueError as exc:
+        raise _Invalid(f"{node.name}: {exc}") from None
+    match destination.kind:
+        case "ivr" | "queue" | "extension":
+            r.refer(destination.kind, destination.target, node)
+        case "voicemail":
+            r.refer("mailbox", destination.target, node)
+        case "external":
+            r.refer("trunk", destination.trunk, node)
+    return destination
+
+
+# --- Sections: one table of fields each ------------------------------------------
+
+
+_REQUIRED: Final = object()
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One key of a section: how its value is read, and its default as it would be written in YAML."""
+
+    name: str
+    convert: Convert[Any]
+    default: Any = _REQUIRED
+
+
+def _section[T](fields: Sequence[_Field], build: Callable[[_Node, dict[str, Any]], T]) -> Convert[T]:
+    """A mapping whose keys are ``fields``; ``build(node, values)`` makes the result or raises _Invalid."""
+    by_name = {f.name: f for f in fields}
+
+    def convert(r: _Reader, node: _Node) -> T:
+        if node.value is None:  # a section left empty, e.g. with all its keys commented out
+            node = replace(node, value={})
+        if not isinstance(node.value, dict):
+            raise _Invalid(f"{node.name} must be a mapping")
+        failed = False
+        for key, child in node.value.items():
+            if key not in by_name:
+                where = f"in {node.path}" if node.path else "at the top level"
+                close = difflib.get_close_matches(key, by_name, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                r.report(child.key_line, f"unknown key {key!r} {where}{hint}")
+                failed = True
+        values: dict[str, Any] = {}
+        for f in fields:
+            child = node.value.get(f.name)
+            if child is None:
+                if f.default is _REQUIRED:
+                    r.report(node.key_line, f"{node.name} is missing {f.name!r}")
+                    failed = True
+                    continue
+                child = _synthetic(f.default, node, f.name)
+            try:
+                values[f.name] = r.read(f.convert, child)
+            except _Reported:
+                failed = True
+        if failed:
+            raise _Reported
+        return build(node, values)
+
+    return convert
+
+
+def _fields_of[T](cls: Callable[..., T]) -> Callable[[_Node, dict[str, Any]], T]:
+    """Build ``cls`` from values named like its fields."""
+    return lambda node, values: cls(**values)
+
+
+def _table[T](declares: str | None, key: Convert[str], value: Convert[T]) -> Convert[dict[str, T]]:
+    """A mapping of names (checked by ``key``) to values; ``declares`` records the names for references."""
+
+    def convert(r: _Reader, node: _Node) -> dict[str, T]:
+        entries = {} if node.value is None else node.value
+        if not isinstance(entries, dict):
+            raise _Invalid(f"{node.name} must be a mapping")
+        if declares:
+            r.declared[declares] = set(entries)
+        result: dict[str, T] = {}
+        failed = False
+        for name, child in entries.items():
+            try:
+                key(r, _Node(name, child.key_line, child.path, text=name))
+            except _Invalid as exc:  # keys are not ${ENV}-expanded, so not read through r.read
+                r.report(child.key_line, exc.message)
+                failed = True
+            try:
+                result[name] = r.read(value, child)
+            except _Reported:
+                failed = True
+        if failed:
+            raise _Reported
+        return result
+
+    return convert
+
+
+def _build_rtp(node: _Node, values: dict[str, Any]) -> RtpConfig:
+    port_min, port_max = values["ports"]
+    return RtpConfig(values["ip"], port_min, port_max, values["codecs"])
+
+
+def _build_http(node: _Node, values: dict[str, Any]) -> HttpConfig:
+    host, port = values["listen"]
+    if not values["token"] and not _is_loopback(host):
+        raise _Invalid("http.token is empty: the API must listen on a loopback address", node.line_of("token"))
+    return HttpConfig(host, port, values["token"])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _build_extension(node: _Node, values: dict[str, Any]) -> Extension:
+    if len(values["password"]) < MIN_PASSWORD_LENGTH:
+        raise _Invalid(
+            f"password of extension {node.key} is shorter than {MIN_PASSWORD_LENGTH} characters",
+            node.line_of("password"),
+        )
+    return Extension(node.key, **values)
+
+
+def _build_trunk(node: _Node, values: dict[str, Any]) -> Trunk:
+    host, port = values["host"]
+    return Trunk(node.key, host, port, values["inbound_from"], values["register"], values["caller_id"])
+
+
+def _build_voicemail(node: _Node, values: dict[str, Any]) -> VoicemailConfig:
+    if values["min_seconds"] >= values["max_seconds"]:
+        raise _Invalid("voicemail.min_seconds must be below voicemail.max_seconds", node.line_of("min_seconds"))
+    return VoicemailConfig(**values)
+
+
+def _build_features(node: _Node, values: dict[str, Any]) -> FeaturesConfig:
+    seen: dict[str, str] = {}
+    for name, code in values.items():
+        if code in seen:
+            raise _Invalid(f"features.{name} uses {code!r}, like features.{seen[code]}", node.line_of(name))
+        seen[code] = name
+    return FeaturesConfig(**values)
+
+
+_number = _matching(_DIGITS, "an extension number (digits)")
+_name = _matching(_NAME, "a name of letters, digits, '_', '.' or '-'")
+_dtmf_digit = _matching(r"[0-9*#]", "one DTMF key (0-9, * or #)")
+_feature_code = _matching(r"[0-9*#]+", "a code of DTMF keys, like \"*97\"")
+
+_SIP_FIELDS = (
+    _Field("listen", _list_of(_listen, non_empty=True, unique=True), ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]),
+    _Field("domain", _text, "pbx.local"),
+    _Field("external_ip", _optional(_ip_address), None),
+    _Field("user_agent", _text, "pbx"),
+    _Field("ring_timeout", _integer(1, 600), 30),
+)
+_RTP_FIELDS = (
+    _Field("ip", _ip_address, "0.0.0.0"),
+    _Field("ports", _port_range, [10000, 20000]),
+    _Field("codecs", _list_of(_choice(*CODECS), non_empty=True, unique=True), list(CODECS)),
+)
+_HTTP_FIELDS = (
+    _Field("listen", _host_port(None, "127.0.0.1:8080"), "127.0.0.1:8080"),
+    _Field("token", _string, "${PBX_ADMIN_TOKEN:-}"),
+)
+_STORAGE_FIELDS = (_Field("data_dir", _path, "."), _Field("db", _path, "pbx.db"))
+_SOUNDS_FIELDS = (_Field("dir", _path, "config/sounds"), _Field("tts", _optional(_text), "espeak-ng"))
+_IVR_FIELDS = (_Field("dir", _flow_dir, "ivr_flows"),)
+_MAILBOX_FIELDS = (
+    _Field("pin", _optional(_matching(r"[0-9]{4,}", "a PIN of at least 4 digits, in quotes")), None),
+    _Field("email", _optional(_matching(r"[^@\s]+@[^@\s]+", "an email address")), None),
+)
+_EXTENSION_FIELDS = (
+    _Field("name", _text),
+    _Field("password", _string),
+    _Field("voicemail", _optional(_section(_MAILBOX_FIELDS, _fields_of(VoicemailBox))), None),
+)
+_REGISTER_FIELDS = (
+    _Field("username", _text),
+    _Field("password", _text),
+    _Field("expires", _integer(60, 86400), 300),
+)
+_TRUNK_FIELDS = (
+    _Field("host", _host_port(5060, "sip.example.net:5060")),
+    _Field("inbound_from", _list_of(_network), []),
+    _Field("register", _optional(_section(_REGISTER_FIELDS, _fields_of(TrunkRegister))), None),
+    _Field("caller_id", _optional(_matching(r"\+?[0-9]+", "a phone number like \"+15550100\"")), None),
+)
+_OUTBOUND_FIELDS = (
+    _Field("match", _regex),
+    _Field("trunk", _reference("trunk", _name)),
+)
+_ANNOUNCE_FIELDS = (
+    _Field("position", _boolean, True),
+    _Field("wait_time", _boolean, True),
+    _Field("every", _integer(5, 3600), 30),
+)
+_CALLBACK_FIELDS = (
+    _Field("enabled", _boolean, True),
+    _Field("offer_after", _integer(0, 86400), 45),
+    _Field("digit", _dtmf_digit, "1"),
+    _Field("retries", _integer(0, 20), 3),
+    _Field("retry_interval", _integer(10, 86400), 120),
+    _Field("hours", _optional(_text), None),
+)
+_QUEUE_FIELDS = (
+    _Field("strategy", _choice(*QUEUE_STRATEGIES), "longest-idle"),
+    _Field("agents", _list_of(_reference("extension", _number), unique=True), []),
+    _Field("ring_timeout", _integer(1, 600), 15),
+    _Field("wrapup", _integer(0, 3600), 10),
+    _Field("max_wait", _integer(1, 86400), 900),
+    _Field("on_timeout", _optional(_destination), None),
+    _Field("on_no_agents", _optional(_destination), None),
+    _Field("moh", _name, "default"),
+    _Field("announce", _section(_ANNOUNCE_FIELDS, _fields_of(QueueAnnounce)), {}),
+    _Field("service_level", _integer(1, 3600), 20),
+    _Field("record", _boolean, True),
+    _Field("callback", _section(_CALLBACK_FIELDS, _fields_of(QueueCallback)), {}),
+)
+_RECORDING_FIELDS = (
+    _Field("format", _choice("wav"), "wav"),
+    _Field("stereo", _boolean, True),
+    _Field("retention_days", _integer(0, 36500), 90),
+)
+_VOICEMAIL_FIELDS = (
+    _Field("max_seconds", _integer(1, 3600), 180),
+    _Field("min_seconds", _integer(0, 60), 1),
+    _Field("greeting", _text, "vm-greeting"),
+)
+_FEATURES_FIELDS = (
+    _Field("voicemail_main", _feature_code, "*97"),
+    _Field("agent_login", _feature_code, "*45"),
+    _Field("agent_pause", _feature_code, "*46"),
+)
+_CONFIG_FIELDS = (
+    _Field("sip", _section(_SIP_FIELDS, _fields_of(SipConfig)), {}),
+    _Field("rtp", _section(_RTP_FIELDS, _build_rtp), {}),
+    _Field("http", _section(_HTTP_FIELDS, _build_http), {}),
+    _Field("storage", _section(_STORAGE_FIELDS, _fields_of(StorageConfig)), {}),
+    _Field("sounds", _section(_SOUNDS_FIELDS, _fields_of(SoundsConfig)), {}),
+    _Field("ivr", _section(_IVR_FIELDS, _fields_of(IvrConfig)), {}),
+    _Field("timezone", _timezone, "UTC"),
+    _Field(
+        "extensions",
+        _table("extension", _number, _section(_EXTENSION_FIELDS, _build_extension)),
+        {},
+    ),
+    _Field("trunks", _table("trunk", _name, _section(_TRUNK_FIELDS, _build_trunk)), {}),
+    _Field("outbound", _list_of(_section(_OUTBOUND_FIELDS, lambda n, v: OutboundRule(v["match"], v["trunk"]))), []),
+    _Field("inbound", _table(None, _matching(r"[^\s:@]+", "a number or SIP user"), _destination), {}),
+    _Field("queues", _table("queue", _name, _section(_QUEUE_FIELDS, lambda n, v: Queue(n.key, **v))), {}),
+    _Field("recording", _section(_RECORDING_FIELDS, _fields_of(RecordingConfig)), {}),
+    _Field("voicemail", _section(_VOICEMAIL_FIELDS, _build_voicemail), {}),
+    _Field("features", _section(_FEATURES_FIELDS, _build_features), {}),
+)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate pbx.yaml; raise ConfigError listing every problem.
+
+    ``${VAR}`` and ``${VAR:-default}`` in string values are taken from ``env``
+    (default ``os.environ``); the default applies when VAR is unset or empty.
+    Relative paths resolve against the folder holding ``path``.
+    """
+    path = Path(path)
+    root, issues = _load_yaml(path)
+    if root is None:
+        raise ConfigError(issues)
+    reader = _Reader(path, path.parent.resolve(), os.environ if env is None else env, issues)
+    try:
+        values = reader.read(_section(_CONFIG_FIELDS, lambda n, v: v), root)
+    except _Reported:
+        values = None
+    reader.check_references()
+    if values is None or reader.issues:
+        raise ConfigError(sorted(reader.issues, key=lambda issue: issue.line))
+    return Config(path=path, **values)
