@@ -1,0 +1,312 @@
+"""The registrar (RFC 3261 §10.3): authenticates REGISTER requests and keeps
+each extension's contact bindings, in memory and in the store so that a
+restart keeps them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from aiosipua import SipRequest, SipResponse, parse_params
+
+from pbx.events import EventBus
+from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
+from pbx.sip.messages import make_response
+from pbx.store.db import Store
+
+logger = logging.getLogger(__name__)
+
+TABLE = "registrations"
+
+
+@dataclass
+class Binding:
+    """One registered contact of an extension."""
+
+    extension: str
+    contact: str  # the Contact URI as sent
+    source: tuple[str, int]  # where the REGISTER came from
+    transport: str  # "udp" | "tcp"
+    expires_at: float  # unix time
+    user_agent: str
+    call_id: str
+
+
+class _BadRequest(Exception):
+    """The REGISTER is malformed; the message is the 400's reason phrase."""
+
+
+class Registrar:
+    """Answers REGISTER requests and knows where each extension can be reached.
+
+    ``passwords`` gives an extension's password, or None for an unknown one.
+    Events: ``registrations_changed(count)`` after every change to the set of
+    bindings, ``auth_failure(ip, extension)`` after every refused REGISTER.
+    """
+
+    def __init__(
+        self,
+        passwords: Callable[[str], str | None],
+        store: Store,
+        authenticator: DigestAuthenticator,
+        guard: AddressGuard,
+        events: EventBus,
+        *,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+        clock: Callable[[], float] = time.time,
+        sweep_interval: float = 5,
+    ) -> None:
+        self.passwords = passwords
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = default_expires
+        self.sweep_interval = sweep_interval
+        self._store = store
+        self._auth = authenticator
+        self._guard = guard
+        self._events = events
+        self._clock = clock
+        # extension -> contact URI -> binding, each inner dict in order of
+        # the last refresh, so the newest binding is the last one.
+        self._bindings: dict[str, dict[str, Binding]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        """Restore the bindings that have not expired from the store and
+        delete the ones that have."""
+        now = self._clock()
+        await self._store.delete_where(TABLE, "expires_at <= ?", [now])
+        rows = await self._store.rows(TABLE, "expires_at > ?", [now])
+        for row in sorted(rows, key=lambda r: r["expires_at"]):
+            binding = _from_row(row)
+            self._bindings.setdefault(binding.extension, {})[binding.contact] = binding
+        logger.info("restored %d registrations", len(rows))
+        self._changed()
+
+    def start(self) -> None:
+        """Start dropping expired bindings every ``sweep_interval`` seconds."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="registrar-sweep")
+
+    async def stop(self) -> None:
+        """Stop the sweep started by :meth:`start`."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.expire()
+            except Exception:
+                logger.exception("dropping expired registrations failed")
+
+    def contacts(self, extension: str) -> list[Binding]:
+        """The extension's bindings that have not expired, newest first."""
+        now = self._clock()
+        return [b for b in reversed(self._bindings.get(extension, {}).values()) if b.expires_at > now]
+
+    def all_bindings(self) -> list[Binding]:
+        """Every binding that has not expired."""
+        return [b for extension in list(self._bindings) for b in self.contacts(extension)]
+
+    async def expire(self) -> int:
+        """Drop expired bindings, here and in the store; returns how many."""
+        now = self._clock()
+        gone = [b for bindings in self._bindings.values() for b in bindings.values() if b.expires_at <= now]
+        for binding in gone:
+            self._remove(binding.extension, binding.contact)
+            logger.info("registration of %s at %s expired", binding.extension, binding.contact)
+        if gone:
+            self._changed()
+            await self._persist([(b.extension, b.contact) for b in gone])
+        return len(gone)
+
+    async def handle_register(self, request: SipRequest, source: tuple[str, int], transport: str) -> SipResponse:
+        """Answer a REGISTER that arrived from ``source`` over ``transport``."""
+        ip = source[0]
+        to = request.to_addr
+        extension = to.uri.user if to is not None else None
+        if not extension:
+            return make_response(request, 400, "Missing user in To")
+        if self._guard.is_banned(ip):
+            return make_response(request, 403)
+
+        # Unknown extensions are challenged like known ones and only fail on
+        # the credentials, so the answers do not reveal which ones exist.
+        result = self._auth.verify(request, ip, self.passwords)
+        if result.status in (AuthStatus.MISSING, AuthStatus.STALE):
+            response = make_response(request, 401)
+            for challenge in self._auth.challenge_headers(ip, stale=result.status is AuthStatus.STALE):
+                response.headers.append("WWW-Authenticate", challenge)
+            return response
+        if result.status is AuthStatus.FAILED or result.username != extension:
+            reason = result.reason or f"authenticated as {result.username}"
+            logger.info("REGISTER for %s from %s refused: %s", extension, ip, reason)
+            self._events.emit("auth_failure", ip=ip, extension=extension)
+            self._guard.record_failure(ip)
+            return make_response(request, 403)
+
+        try:
+            changes = self._requested_changes(request)
+        except _BadRequest as exc:
+            return make_response(request, 400, str(exc))
+        if any(0 < expires < self.min_expires for _, expires in changes):
+            return make_response(request, 423, headers={"Min-Expires": str(self.min_expires)})
+
+        now = self._clock()
+        touched = []
+        for contact, expires in changes:
+            if contact == "*":
+                contacts = list(self._bindings.get(extension, {}))
+                for uri in contacts:
+                    self._remove(extension, uri)
+                touched += [(extension, uri) for uri in contacts]
+                logger.info("%s unregistered all contacts", extension)
+            elif expires == 0:
+                if self._remove(extension, contact) is not None:
+                    touched.append((extension, contact))
+                    logger.info("%s unregistered %s", extension, contact)
+            else:
+                self._add(
+                    Binding(
+                        extension=extension,
+                        contact=contact,
+                        source=source,
+                        transport=transport.lower(),
+                        expires_at=now + min(expires, self.max_expires),
+                        user_agent=request.headers.get_first("User-Agent") or "",
+                        call_id=request.call_id or "",
+                    )
+                )
+                touched.append((extension, contact))
+        if touched:
+            self._changed()
+            await self._persist(touched)
+
+        response = make_response(request, 200, headers={"Date": formatdate(now, usegmt=True)})
+        for binding in self.contacts(extension):
+            remaining = max(0, math.ceil(binding.expires_at - now))
+            response.headers.append("Contact", f"<{binding.contact}>;expires={remaining}")
+        return response
+
+    def _requested_changes(self, request: SipRequest) -> list[tuple[str, int]]:
+        """(contact URI or "*", requested expires) for each Contact of the
+        REGISTER (RFC 3261 §10.3 steps 6 and 7)."""
+        header_expires = _expires(request.headers.get_first("Expires"))
+        changes = []
+        for value in request.headers.get("Contact"):
+            if value.strip() == "*":
+                changes.append(("*", header_expires if header_expires is not None else -1))
+                continue
+            uri, params = _split_contact(value)
+            if not uri.lower().startswith(("sip:", "sips:")):
+                raise _BadRequest("Bad Contact")
+            expires = _expires(params.get("expires"))
+            if expires is None:
+                expires = header_expires if header_expires is not None else self.default_expires
+            changes.append((uri, expires))
+        if any(contact == "*" for contact, _ in changes) and changes != [("*", 0)]:
+            raise _BadRequest("Contact * needs Expires: 0 and no other Contact")
+        return changes
+
+    def _add(self, binding: Binding) -> None:
+        bindings = self._bindings.setdefault(binding.extension, {})
+        is_new = bindings.pop(binding.contact, None) is None
+        bindings[binding.contact] = binding
+        if is_new:
+            logger.info(
+                "%s registered %s from %s:%d/%s",
+                binding.extension,
+                binding.contact,
+                binding.source[0],
+                binding.source[1],
+                binding.transport,
+            )
+
+    def _remove(self, extension: str, contact: str) -> Binding | None:
+        bindings = self._bindings.get(extension, {})
+        binding = bindings.pop(contact, None)
+        if not bindings:
+            self._bindings.pop(extension, None)
+        return binding
+
+    def _changed(self) -> None:
+        self._events.emit("registrations_changed", count=sum(map(len, self._bindings.values())))
+
+    async def _persist(self, keys: list[tuple[str, str]]) -> None:
+        """Write the current state of the bindings under ``keys`` to the store.
+
+        Writing what memory holds when the write is queued (rather than what
+        this request changed) keeps the store right when REGISTERs for the
+        same contact interleave: the store runs writes in the order queued.
+        """
+        for extension, contact in keys:
+            binding = self._bindings.get(extension, {}).get(contact)
+            if binding is None:
+                await self._store.delete_where(TABLE, "extension = ? and contact = ?", [extension, contact])
+            else:
+                await self._store.upsert(TABLE, _to_row(binding))
+
+
+def _split_contact(value: str) -> tuple[str, dict[str, str | None]]:
+    """A Contact value's URI (as sent) and its header parameters.
+
+    Without angle brackets every ``;param`` belongs to the header, not the
+    URI (RFC 3261 §20.10), which aiosipua's parse_address does not do."""
+    lt = value.find("<")
+    if lt != -1:
+        gt = value.find(">", lt)
+        if gt == -1:
+            raise _BadRequest("Bad Contact")
+        rest = value[gt + 1 :].strip()
+        return value[lt + 1 : gt].strip(), parse_params(rest[1:] if rest.startswith(";") else "")
+    uri, _, params = value.partition(";")
+    return uri.strip(), parse_params(params)
+
+
+def _expires(value: str | None) -> int | None:
+    """An Expires value in seconds; None when absent. Malformed values count
+    as 3600 (RFC 3261 §20.19)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else 3600
+
+
+def _to_row(binding: Binding) -> dict[str, Any]:
+    host, port = binding.source
+    return {
+        "extension": binding.extension,
+        "contact": binding.contact,
+        "source": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "transport": binding.transport,
+        "expires_at": binding.expires_at,
+        "user_agent": binding.user_agent,
+        "call_id": binding.call_id,
+    }
+
+
+def _from_row(row: dict[str, Any]) -> Binding:
+    host, _, port = row["source"].rpartition(":")
+    return Binding(
+        extension=row["extension"],
+        contact=row["contact"],
+        source=(host.strip("[]"), int(port)),
+        transport=row["transport"],
+        expires_at=row["expires_at"],
+        user_agent=row["user_agent"],
+        call_id=row["call_id"],
+    )
