@@ -1,0 +1,176 @@
+"""The composition root: builds every service once and hands each what it needs.
+
+Lifetimes hang off the aiohttp application's ``cleanup_ctx`` (STYLE §7), so
+shutdown runs in reverse order of start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from pbx.config import Config, ConfigError, load_config
+from pbx.events import EventBus
+from pbx.http.server import make_http_app
+from pbx.media.clock import MediaClock
+from pbx.media.ports import RtpPortPool
+from pbx.metrics import Metrics
+from pbx.sip.auth import AddressGuard, DigestAuthenticator
+from pbx.sip.b2bua import CallService
+from pbx.sip.registrar import Registrar
+from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip.trunks import TrunkRegistration
+from pbx.store.db import Store
+
+logger = logging.getLogger(__name__)
+
+
+class Pbx:
+    """Every long-lived service of one running server."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.events = EventBus()
+        self.metrics = Metrics(self.events)
+        self.store = Store(config.storage.db)
+        host = advertised_host(config)
+        self.stack = SipStack(events=self.events, advertised_host=host, user_agent=config.sip.user_agent)
+        self.authenticator = DigestAuthenticator(config.sip.domain)
+        self.guard = AddressGuard()
+        self.stack.is_blocked = self.guard.is_banned
+        self.registrar = Registrar(self._password, self.store, self.authenticator, self.guard, self.events)
+        self.clock = MediaClock()
+        self.ports = RtpPortPool(config.rtp.ip, config.rtp.port_min, config.rtp.port_max)
+        media_ip = config.sip.external_ip or (config.rtp.ip if not _wildcard(config.rtp.ip) else host)
+        self.calls = CallService(
+            config=lambda: self.config,
+            stack=self.stack,
+            registrar=self.registrar,
+            authenticator=self.authenticator,
+            guard=self.guard,
+            ports=self.ports,
+            store=self.store,
+            events=self.events,
+            media_ip=media_ip,
+        )
+        self.stack.on_request = self._on_request
+        self.stack.on_stray_response = self.calls.handle_stray_response
+        self.trunks: list[TrunkRegistration] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _password(self, extension: str) -> str | None:
+        ext = self.config.extensions.get(extension)
+        return ext.password if ext else None
+
+    def _on_request(self, request, flow: Flow, txn: ServerTransaction) -> None:  # type: ignore[no-untyped-def]
+        if request.method.upper() == "REGISTER":
+            task = asyncio.get_running_loop().create_task(self._register(request, flow, txn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self.calls.handle_request(request, flow, txn)
+
+    async def _register(self, request, flow: Flow, txn: ServerTransaction) -> None:  # type: ignore[no-untyped-def]
+        txn.respond(await self.registrar.handle_register(request, flow.addr, flow.name))
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.registrar.load()
+        for listen in self.config.sip.listen:
+            await self.stack.listen(listen.transport, listen.host, listen.port)
+        self.clock.start()
+        self._start_trunks()
+        self.registrar.start()
+        logger.info("pbx is up: %d extensions, %d trunks", len(self.config.extensions), len(self.config.trunks))
+
+    async def stop(self) -> None:
+        await self.calls.stop()
+        await self.registrar.stop()
+        for trunk in self.trunks:
+            await trunk.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.clock.stop()
+        await self.stack.close()
+        await self.store.close()
+
+    def _start_trunks(self) -> None:
+        self.trunks = [TrunkRegistration(self.stack, t) for t in self.config.trunks.values() if t.register]
+        for trunk in self.trunks:
+            trunk.start()
+
+    async def reload(self) -> bool:
+        """Load pbx.yaml again; on any error keep the running config."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                logger.error("reload refused: %s", issue)
+            self.events.emit("config_reload_failed", errors=len(exc.issues))
+            return False
+        if new.sip.listen != self.config.sip.listen or new.rtp != self.config.rtp:
+            logger.warning("sip.listen and rtp changes take effect at the next restart")
+        self.config = new
+        for trunk in self.trunks:
+            await trunk.stop()
+        self._start_trunks()
+        logger.info("configuration reloaded from %s", new.path)
+        return True
+
+    async def healthy(self) -> bool:
+        return bool(self.stack.transports) and await self.store.ping()
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.stop()
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
+    pbx = Pbx(config)
+    app = make_http_app(config.http.token, pbx.metrics, pbx.healthy)
+    app.cleanup_ctx.append(pbx.lifetime)
+    runner = web.AppRunner(app, access_log=None)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, config.http.host, config.http.port).start()
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        await runner.cleanup()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(pbx.reload()))
+    logger.info("admin HTTP on %s:%d", config.http.host, config.http.port)
+    await stop.wait()
+    logger.info("stopping")
+    await runner.cleanup()
+    return 0
+
+
+def advertised_host(config: Config) -> str:
+    """The address we write in Via, Contact and SDP: external_ip, a bound
+    address, or the one the host routes from."""
+    if config.sip.external_ip:
+        return config.sip.external_ip
+    for listen in config.sip.listen:
+        if not _wildcard(listen.host):
+            return listen.host
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the routing table
+        return str(probe.getsockname()[0])
+    return "127.0.0.1"
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")

@@ -1,0 +1,92 @@
+"""The audio codecs the server speaks, and G.711 conversions between them.
+
+μ-law and A-law are both 8-bit companded forms of the same 8 kHz signal, so
+converting one into the other is a byte-for-byte mapping: two 256-byte tables
+built once at import and applied with ``bytes.translate`` (C speed, no
+per-sample Python). The tables come from ``audioop`` (stdlib on 3.12, the
+``audioop-lts`` package on 3.13+), whose G.711 follows the ITU reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+with warnings.catch_warnings():
+    # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """An RTP payload format as negotiated in SDP (``a=rtpmap:PT NAME/RATE``)."""
+
+    name: str
+    payload_type: int
+    clock_rate: int = 8000
+
+
+PCMU = Codec("PCMU", 0, 8000)
+PCMA = Codec("PCMA", 8, 8000)
+# G.722 samples at 16 kHz but its RTP clock is 8000 (RFC 3551 §4.5.2).
+G722 = Codec("G722", 9, 8000)
+# RFC 4733 DTMF has a dynamic payload type; 101 is what we offer.
+TELEPHONE_EVENT = Codec("telephone-event", 101, 8000)
+
+CODECS: dict[str, Codec] = {c.name.upper(): c for c in (PCMU, PCMA, G722, TELEPHONE_EVENT)}
+"""Supported codecs by upper-case SDP encoding name."""
+
+
+class UnsupportedCodec(ValueError):
+    """The operation is not available for this codec."""
+
+
+_ALL_BYTES = bytes(range(256))
+
+ULAW_TO_ALAW: bytes = audioop.lin2alaw(audioop.ulaw2lin(_ALL_BYTES, 2), 2)
+"""``bytes.translate`` table: μ-law byte -> A-law byte of the nearest level."""
+ALAW_TO_ULAW: bytes = audioop.lin2ulaw(audioop.alaw2lin(_ALL_BYTES, 2), 2)
+"""``bytes.translate`` table: A-law byte -> μ-law byte of the nearest level."""
+
+_TRANSCODE: dict[tuple[str, str], bytes] = {("PCMU", "PCMA"): ULAW_TO_ALAW, ("PCMA", "PCMU"): ALAW_TO_ULAW}
+
+# Codec byte -> linear sample, in native byte order like numpy's int16.
+_PCM16: dict[str, npt.NDArray[np.int16]] = {
+    "PCMU": np.frombuffer(audioop.ulaw2lin(_ALL_BYTES, 2), dtype=np.int16),
+    "PCMA": np.frombuffer(audioop.alaw2lin(_ALL_BYTES, 2), dtype=np.int16),
+}
+
+
+def ulaw_to_alaw(payload: bytes) -> bytes:
+    """Convert a G.711 μ-law payload to A-law."""
+    return payload.translate(ULAW_TO_ALAW)
+
+
+def alaw_to_ulaw(payload: bytes) -> bytes:
+    """Convert a G.711 A-law payload to μ-law."""
+    return payload.translate(ALAW_TO_ULAW)
+
+
+def transcoding_table(source: str, target: str) -> bytes | None:
+    """The translate table turning ``source`` payloads into ``target`` ones.
+
+    None when there is none: the names are equal, or no byte mapping exists
+    (only PCMU <-> PCMA has one).
+    """
+    return _TRANSCODE.get((source.upper(), target.upper()))
+
+
+def decode_to_pcm16(codec_name: str, payload: bytes) -> npt.NDArray[np.int16]:
+    """Decode a G.711 payload (PCMU or PCMA) to 16-bit linear samples.
+
+    One numpy lookup per call. Raises UnsupportedCodec for other codecs:
+    G.722 is ADPCM and needs a decoder that keeps state between packets.
+    """
+    table = _PCM16.get(codec_name.upper())
+    if table is None:
+        raise UnsupportedCodec(f"cannot decode {codec_name} statelessly")
+    return table[np.frombuffer(payload, dtype=np.uint8)]

@@ -1,0 +1,397 @@
+"""Call legs: one SIP dialog each, seen from the server (RFC 3261 §12-§15).
+
+An :class:`InboundLeg` is a dialog a peer opened with us (we are its UAS); an
+:class:`OutboundLeg` is one we opened (we are its UAC). Both are explicit state
+machines: every change goes through :meth:`Leg._enter`, which refuses a
+transition that the table does not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiosipua import (
+    Dialog,
+    DialogState,
+    SipDigestAuth,
+    SipRequest,
+    SipResponse,
+    create_dialog_from_request,
+    generate_call_id,
+    generate_tag,
+    parse_auth,
+    stringify_auth,
+    stringify_uri,
+)
+from aiosipua.auth import build_credentials
+
+from pbx.sip.messages import make_response
+from pbx.sip.stack import T1, T2, TIMER_B, ClientTransaction, Flow, ServerTransaction, SipStack
+
+logger = logging.getLogger(__name__)
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
+
+
+class LegState(enum.Enum):
+    CALLING = "calling"  # outbound: INVITE sent, nothing back yet
+    INCOMING = "incoming"  # inbound: INVITE received
+    EARLY = "early"  # a provisional response went out or came in
+    ANSWERED = "answered"
+    ENDED = "ended"
+
+
+_ALLOWED: dict[LegState, set[LegState]] = {
+    LegState.CALLING: {LegState.EARLY, LegState.ANSWERED, LegState.ENDED},
+    LegState.INCOMING: {LegState.EARLY, LegState.ANSWERED, LegState.ENDED},
+    LegState.EARLY: {LegState.EARLY, LegState.ANSWERED, LegState.ENDED},
+    LegState.ANSWERED: {LegState.ENDED},
+    LegState.ENDED: set(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    def __init__(self, leg: Leg, new: LegState) -> None:
+        super().__init__(f"leg {leg.dialog.call_id} cannot go from {leg.state.value} to {new.value}")
+
+
+@dataclass
+class LegEvents:
+    """What a leg tells its call. Each callback gets the leg first."""
+
+    progress: Callable[[Leg, SipResponse], None] = lambda leg, resp: None
+    answered: Callable[[Leg, SipResponse], None] = lambda leg, resp: None
+    failed: Callable[[Leg, int, SipResponse | None], None] = lambda leg, code, resp: None
+    hangup: Callable[[Leg], None] = lambda leg: None
+    reinvite: Callable[[Leg, SipRequest, ServerTransaction], None] = lambda leg, req, txn: None
+    info: Callable[[Leg, SipRequest], None] = lambda leg, req: None
+
+
+class Leg:
+    """What both kinds of leg share: the dialog, its flow, in-dialog requests."""
+
+    def __init__(self, stack: SipStack, flow: Flow, dialog: Dialog, events: LegEvents) -> None:
+        self.stack = stack
+        self.flow = flow
+        self.dialog = dialog
+        self.events = events
+        self.state = LegState.CALLING
+        self.remote_sdp: str | None = None
+        self.local_sdp: str | None = None
+        self.user_agent = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.dialog.call_id, self.dialog.local_tag)
+
+    @property
+    def ended(self) -> bool:
+        return self.state is LegState.ENDED
+
+    def _enter(self, new: LegState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InvalidTransition(self, new)
+        self.state = new
+
+    def _finish(self) -> None:
+        if self.state is not LegState.ENDED:
+            self._enter(LegState.ENDED)
+            self.dialog.terminate()
+
+    def new_request(self, method: str, body: str | None = None) -> SipRequest:
+        request = self.dialog.create_request(
+            method,
+            via_host=self.stack.advertised_host,
+            via_port=self.stack.local_port(self.flow.transport),
+            via_transport="TCP" if self.flow.transport.reliable else "UDP",
+        )
+        request.headers.set_single("User-Agent", self.stack.user_agent)
+        if method == "INVITE":
+            request.headers.set_single("Contact", f"<{self.stack.contact_uri(self.flow)}>")
+            request.headers.set_single("Allow", ALLOW)
+        if body is not None:
+            request.text = body
+            request.headers.set_single("Content-Type", "application/sdp")
+        return request
+
+    def send(self, method: str, body: str | None = None, on_response: Callable[[SipResponse], None] | None = None) -> ClientTransaction:
+        return self.stack.request(self.new_request(method, body), self.flow, on_response or (lambda r: None))
+
+    def bye(self) -> None:
+        """Hang up an answered leg (BYE); the far end's answer does not matter."""
+        if self.state is LegState.ANSWERED:
+            self.send("BYE")
+        self._finish()
+
+    def reinvite(self, body: str, on_answer: Callable[[SipResponse], None]) -> None:
+        """Send a re-INVITE with a new offer; ``on_answer`` gets the final response."""
+
+        def answered(resp: SipResponse) -> None:
+            if resp.status_code < 200:
+                return
+            if resp.status_code < 300:
+                self._ack(resp)
+            on_answer(resp)
+
+        self.send("INVITE", body, answered)
+
+    def _ack(self, resp: SipResponse) -> None:
+        """ACK a 2xx: a new transaction-less request with the INVITE's CSeq number."""
+        cseq = resp.cseq
+        ack = self.dialog.create_request(
+            "ACK",
+            via_host=self.stack.advertised_host,
+            via_port=self.stack.local_port(self.flow.transport),
+            via_transport="TCP" if self.flow.transport.reliable else "UDP",
+        )
+        self.dialog.local_cseq -= 1  # ACK does not consume a CSeq number
+        ack.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} ACK")
+        self.stack.send_request(ack, self.flow)
+
+    def in_dialog(self, request: SipRequest, txn: ServerTransaction) -> None:
+        """A request inside this dialog: BYE, re-INVITE, ACK, INFO, UPDATE, OPTIONS."""
+        method = request.method.upper()
+        if method == "ACK":
+            self._acked()
+            return
+        cseq = request.cseq
+        if cseq is not None:
+            if self.dialog.remote_cseq and cseq.seq <= self.dialog.remote_cseq and method != "CANCEL":
+                txn.reply(500, "CSeq out of order")
+                return
+            self.dialog.remote_cseq = cseq.seq
+        if method == "BYE":
+            txn.reply(200)
+            was_active = not self.ended
+            self._finish()
+            if was_active:
+                self.events.hangup(self)
+        elif method == "INVITE":
+            if self.state is not LegState.ANSWERED:
+                txn.reply(491, "Request Pending")
+                return
+            contact = request.contact
+            if contact:
+                self.dialog.remote_target = stringify_uri(contact[0].uri)
+            txn.to_tag = self.dialog.local_tag
+            self.events.reinvite(self, request, txn)
+        elif method == "INFO":
+            txn.reply(200)
+            self.events.info(self, request)
+        elif method == "UPDATE" and request.body:
+            txn.reply(488, "Not Acceptable Here")
+        else:
+            txn.reply(200)
+
+    def _acked(self) -> None:
+        """An ACK for our 2xx (inbound legs override this)."""
+
+
+class InboundLeg(Leg):
+    """A dialog a peer opened by sending us an INVITE."""
+
+    def __init__(self, stack: SipStack, flow: Flow, invite: SipRequest, txn: ServerTransaction, events: LegEvents) -> None:
+        super().__init__(stack, flow, create_dialog_from_request(invite), events)
+        self.state = LegState.INCOMING
+        self.invite = invite
+        self.txn = txn
+        txn.to_tag = self.dialog.local_tag
+        self.remote_sdp = invite.text if invite.body else None
+        self.user_agent = invite.get_header("user-agent") or ""
+        self._ok: SipResponse | None = None
+        self._ok_timer: asyncio.TimerHandle | None = None
+        self.on_ack_timeout: Callable[[InboundLeg], None] = lambda leg: None
+
+    def _response(self, status: int, reason: str | None = None, body: str | None = None) -> SipResponse:
+        resp = make_response(self.invite, status, reason, to_tag=self.dialog.local_tag)
+        if status > 100 and status < 300:
+            resp.headers.set_single("Contact", f"<{self.stack.contact_uri(self.flow)}>")
+            resp.headers.set_single("Allow", ALLOW)
+        if body is not None:
+            resp.text = body
+            resp.headers.set_single("Content-Type", "application/sdp")
+        return resp
+
+    def ring(self, body: str | None = None) -> None:
+        """180 Ringing, or 183 Session Progress when there is early media."""
+        if self.state not in (LegState.INCOMING, LegState.EARLY):
+            return
+        self._enter(LegState.EARLY)
+        self.txn.respond(self._response(183 if body else 180, body=body))
+
+    def answer(self, body: str) -> None:
+        """200 OK with our SDP answer, retransmitted over UDP until the ACK."""
+        self._enter(LegState.ANSWERED)
+        self.local_sdp = body
+        self._ok = self._response(200, body=body)
+        self.dialog.confirm()
+        self.txn.respond(self._ok)
+        if not self.flow.transport.reliable:
+            self._retransmit_ok(T1, 0.0)
+
+    def _retransmit_ok(self, interval: float, elapsed: float) -> None:
+        def fire() -> None:
+            if self._ok is None or self.ended:
+                return
+            if elapsed + interval >= TIMER_B:
+                logger.warning("no ACK for 200 OK on %s; ending the call", self.dialog.call_id)
+                self._ok = None
+                self.on_ack_timeout(self)
+                return
+            self.stack.send_response(self._ok, self.flow)
+            self._retransmit_ok(min(interval * 2, T2), elapsed + interval)
+
+        self._ok_timer = asyncio.get_running_loop().call_later(interval, fire)
+
+    def _acked(self) -> None:
+        self._ok = None
+        if self._ok_timer is not None:
+            self._ok_timer.cancel()
+
+    def reject(self, status: int, reason: str | None = None, headers: dict[str, str] | None = None) -> None:
+        if self.state in (LegState.ANSWERED, LegState.ENDED):
+            return
+        resp = self._response(status, reason)
+        for name, value in (headers or {}).items():
+            resp.headers.set_single(name, value)
+        self.txn.respond(resp)
+        self._finish()
+
+    def cancelled(self) -> None:
+        """The caller sent CANCEL before we answered: 487 to the INVITE."""
+        self.reject(487)
+
+    def _finish(self) -> None:
+        self._acked()
+        super()._finish()
+
+
+class OutboundLeg(Leg):
+    """A dialog we open by sending an INVITE (to a phone or through a trunk)."""
+
+    def __init__(
+        self,
+        stack: SipStack,
+        flow: Flow,
+        *,
+        request_uri: str,
+        from_uri: str,
+        to_uri: str,
+        from_name: str | None,
+        body: str,
+        events: LegEvents,
+        auth: SipDigestAuth | None = None,
+    ) -> None:
+        dialog = Dialog(
+            call_id=generate_call_id(stack.advertised_host),
+            local_tag=generate_tag(),
+            local_uri=from_uri,
+            remote_uri=to_uri,
+            remote_target=request_uri,
+            state=DialogState.EARLY,
+        )
+        super().__init__(stack, flow, dialog, events)
+        self.local_sdp = body
+        self.from_name = from_name
+        self.auth = auth
+        self._auth_tries = 0
+        self._cancel_wanted = False
+        self._provisional_seen = False
+
+    def start(self) -> None:
+        self._send_invite(None)
+
+    def _send_invite(self, credentials: tuple[str, str] | None) -> None:
+        request = self.new_request("INVITE", self.local_sdp)
+        if self.from_name:
+            request.headers.set_single("From", f'"{self.from_name}" <{self.dialog.local_uri}>;tag={self.dialog.local_tag}')
+        if credentials is not None:
+            request.headers.set_single(*credentials)
+        self._invite = request
+        self.stack.request(request, self.flow, self._on_response)
+
+    def cancel(self) -> None:
+        """Stop ringing: CANCEL once the far end has answered provisionally (RFC 3261 §9.1)."""
+        if self.state in (LegState.CALLING, LegState.EARLY):
+            if self._provisional_seen:
+                self._send_cancel()
+            else:
+                self._cancel_wanted = True
+        if self.state is not LegState.ANSWERED:
+            self._finish()
+
+    def _send_cancel(self) -> None:
+        invite = self._invite
+        cancel = SipRequest(method="CANCEL", uri=invite.uri)
+        cancel.headers.append("Via", invite.headers.get("via")[0])
+        for name in ("From", "To", "Call-ID", "Route"):
+            for value in invite.headers.get(name):
+                cancel.headers.append(name, value)
+        cseq = invite.cseq
+        cancel.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} CANCEL")
+        cancel.headers.set_single("Max-Forwards", "70")
+        self.stack.request(cancel, self.flow, lambda r: None)
+
+    def _on_response(self, resp: SipResponse) -> None:
+        status = resp.status_code
+        to = resp.to_addr
+        if to is not None and to.tag and not self.dialog.remote_tag and 100 < status < 300:
+            self.dialog.remote_tag = to.tag
+        if status < 200:
+            self._provisional_seen = True
+            if self._cancel_wanted:
+                self._cancel_wanted = False
+                self._send_cancel()
+                return
+            if status == 100:
+                return
+            if self.state in (LegState.CALLING, LegState.EARLY):
+                self._enter(LegState.EARLY)
+                self.events.progress(self, resp)
+            return
+        if status < 300:
+            self._on_2xx(resp)
+            return
+        if status in (401, 407) and self.auth is not None and self._auth_tries == 0 and not self.ended:
+            credentials = self._answer_challenge(resp, status)
+            if credentials is not None:
+                self._auth_tries += 1
+                self._send_invite(credentials)
+                return
+        if not self.ended:
+            self._finish()
+            self.events.failed(self, status, resp)
+
+    def _on_2xx(self, resp: SipResponse) -> None:
+        if self.state is LegState.ANSWERED:
+            self._ack(resp)  # retransmitted 2xx
+            return
+        contact = resp.contact
+        if contact:
+            self.dialog.remote_target = stringify_uri(contact[0].uri)
+        self.dialog.route_set = list(reversed(resp.headers.get("record-route")))
+        self.dialog.confirm()
+        self._ack(resp)
+        if self.ended:
+            # Answered after we gave up on it (CANCEL crossed the 200): hang up.
+            self.state = LegState.ANSWERED
+            self.bye()
+            return
+        self._enter(LegState.ANSWERED)
+        self.remote_sdp = resp.text if resp.body else None
+        self.user_agent = resp.get_header("server") or resp.get_header("user-agent") or ""
+        self.events.answered(self, resp)
+
+    def _answer_challenge(self, resp: SipResponse, status: int) -> tuple[str, str] | None:
+        assert self.auth is not None
+        header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+        for raw in resp.headers.get(header):
+            credentials = build_credentials(self.auth, parse_auth(raw), "INVITE", self._invite.uri)
+            if credentials is not None:
+                name = "Authorization" if status == 401 else "Proxy-Authorization"
+                return name, stringify_auth(credentials)
+        return None

@@ -1,0 +1,130 @@
+"""SDP offer/answer for the B2BUA: what a peer offers, and what we offer and answer.
+
+The server sits in the media path of every call, so each leg sees our address
+and port; the codec each leg gets is chosen so that the relay either passes
+packets through or transcodes between PCMU and PCMA.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from aiosipua import SdpNegotiationError, parse_sdp
+
+STATIC_CODECS: dict[int, tuple[str, int]] = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
+TRANSCODABLE = ("PCMU", "PCMA")
+DTMF_PT = 101
+_versions = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SdpCodec:
+    name: str
+    payload_type: int
+    clock_rate: int = 8000
+
+
+@dataclass(frozen=True)
+class MediaDescription:
+    """The audio stream of one SDP body, reduced to what the relay needs."""
+
+    addr: tuple[str, int]
+    codecs: tuple[SdpCodec, ...]
+    dtmf_pt: int | None
+    direction: str
+
+    def codec(self, name: str) -> SdpCodec | None:
+        return next((c for c in self.codecs if c.name == name), None)
+
+
+def parse_media(body: str, supported: tuple[str, ...]) -> MediaDescription:
+    """The first audio stream of ``body``, keeping only codecs in ``supported``.
+
+    Raises SdpNegotiationError when there is no audio or no codec in common.
+    """
+    try:
+        sdp = parse_sdp(body)
+    except (ValueError, IndexError) as exc:
+        raise SdpNegotiationError(f"unreadable SDP: {exc}") from exc
+    audio = sdp.audio
+    addr = sdp.rtp_address
+    if audio is None or addr is None:
+        raise SdpNegotiationError("no audio stream in SDP")
+    codecs: list[SdpCodec] = []
+    dtmf_pt: int | None = None
+    for fmt in audio.formats:
+        try:
+            pt = int(fmt)
+        except ValueError:
+            continue
+        found = next((c for c in audio.codecs if c.payload_type == pt), None)
+        name = found.encoding_name.upper() if found and found.encoding_name else STATIC_CODECS.get(pt, ("", 0))[0]
+        if name == "TELEPHONE-EVENT":
+            dtmf_pt = pt
+        elif name in supported:
+            codecs.append(SdpCodec(name, pt))
+    if not codecs and audio.port != 0:
+        raise SdpNegotiationError("no codec in common")
+    direction = audio.direction
+    if addr[0] in ("0.0.0.0", "::") and direction == "sendrecv":
+        direction = "sendonly"  # RFC 2543 hold
+    return MediaDescription(addr, tuple(codecs), dtmf_pt, direction)
+
+
+def offer_codecs(peer: MediaDescription, supported: tuple[str, ...]) -> tuple[SdpCodec, ...]:
+    """What to offer the other leg: the peer's codecs in its order, then the
+    G.711 law we can transcode to if the peer did not offer it."""
+    codecs = list(peer.codecs)
+    if any(c.name in TRANSCODABLE for c in codecs):
+        for name in TRANSCODABLE:
+            if name in supported and peer.codec(name) is None:
+                codecs.append(SdpCodec(name, 0 if name == "PCMU" else 8))
+    return tuple(codecs)
+
+
+def answer_codec(peer: MediaDescription, chosen: SdpCodec) -> SdpCodec:
+    """The codec to answer ``peer`` with when the other leg settled on ``chosen``.
+
+    Raises SdpNegotiationError when neither pass-through nor transcoding works.
+    """
+    same = peer.codec(chosen.name)
+    if same is not None:
+        return same
+    if chosen.name in TRANSCODABLE:
+        for codec in peer.codecs:
+            if codec.name in TRANSCODABLE:
+                return codec
+    raise SdpNegotiationError(f"caller cannot take {chosen.name}")
+
+
+def reverse_direction(direction: str) -> str:
+    return {"sendonly": "recvonly", "recvonly": "sendonly"}.get(direction, direction)
+
+
+def build_sdp(
+    ip: str,
+    port: int,
+    codecs: tuple[SdpCodec, ...],
+    dtmf_pt: int | None,
+    direction: str = "sendrecv",
+    session_id: int | None = None,
+) -> str:
+    """An SDP body with one audio stream (RFC 4566)."""
+    sid = session_id if session_id is not None else int(time.time())
+    family = "IP6" if ":" in ip else "IP4"
+    formats = [str(c.payload_type) for c in codecs] + ([str(dtmf_pt)] if dtmf_pt is not None else [])
+    lines = [
+        "v=0",
+        f"o=pbx {sid} {next(_versions)} IN {family} {ip}",
+        "s=pbx",
+        f"c=IN {family} {ip}",
+        "t=0 0",
+        f"m=audio {port} RTP/AVP {' '.join(formats)}",
+    ]
+    lines += [f"a=rtpmap:{c.payload_type} {c.name}/{c.clock_rate}" for c in codecs]
+    if dtmf_pt is not None:
+        lines += [f"a=rtpmap:{dtmf_pt} telephone-event/8000", f"a=fmtp:{dtmf_pt} 0-16"]
+    lines += ["a=ptime:20", f"a={direction}"]
+    return "\r\n".join(lines) + "\r\n"

@@ -1,0 +1,373 @@
+"""SIP transport glue and transactions (RFC 3261 §17) on aiosipua's message layer.
+
+aiosipua parses and serialises messages and owns the UDP and TCP sockets. Its
+UAS/UAC classes are built for an endpoint, not a B2BUA: they send no ACK for a
+non-2xx final response, never retransmit a request over UDP, write ``UDP`` in
+every Via and treat a retransmitted INVITE as a new call. So this module keeps
+the transactions itself; dialogs and calls live in :mod:`pbx.sip.dialog` and
+:mod:`pbx.sip.b2bua`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiosipua import (
+    SipRequest,
+    SipResponse,
+    SipTransport,
+    TcpSipTransport,
+    UdpSipTransport,
+    Via,
+    generate_branch,
+    parse_via,
+    stringify_via,
+)
+from aiosipua.message import missing_required_headers
+
+from pbx.events import EventBus
+from pbx.sip.messages import make_response
+
+logger = logging.getLogger(__name__)
+
+T1 = 0.5
+T2 = 4.0
+TIMER_B = 64 * T1
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Where a peer is: the transport we reach it on and its address there."""
+
+    transport: SipTransport
+    addr: tuple[str, int]
+
+    @property
+    def name(self) -> str:
+        return "tcp" if self.transport.reliable else "udp"
+
+
+RequestHandler = Callable[[SipRequest, Flow, "ServerTransaction"], None]
+ResponseHandler = Callable[[SipResponse], None]
+
+
+class ServerTransaction:
+    """One incoming request and the responses we give it.
+
+    A retransmitted request gets the last response again; a non-2xx final
+    answer to an INVITE is retransmitted over UDP until its ACK arrives.
+    """
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, key: tuple[str, str]) -> None:
+        self.stack = stack
+        self.request = request
+        self.flow = flow
+        self.key = key
+        self.last_response: SipResponse | None = None
+        self.to_tag: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._terminated = False
+
+    @property
+    def final(self) -> bool:
+        return self.last_response is not None and self.last_response.status_code >= 200
+
+    def respond(self, response: SipResponse) -> None:
+        if self._terminated or self.final:
+            return
+        self.last_response = response
+        self.stack.send_response(response, self.flow)
+        if response.status_code < 200:
+            return
+        if self.request.method == "INVITE" and response.status_code >= 300 and not self.flow.transport.reliable:
+            self._retransmit(T1, 0.0)
+        else:
+            # Linger to absorb retransmissions of the request (Timer J / H).
+            self._schedule_end(TIMER_B if not self.flow.transport.reliable else 1.0)
+
+    def reply(self, status: int, reason: str | None = None, **kwargs: object) -> SipResponse:
+        """Build a response to this request, send it and return it."""
+        response = make_response(self.request, status, reason, to_tag=self.to_tag, **kwargs)  # type: ignore[arg-type]
+        self.respond(response)
+        return response
+
+    def _retransmit(self, interval: float, elapsed: float) -> None:
+        def fire() -> None:
+            if self._terminated or self.last_response is None:
+                return
+            if elapsed + interval >= TIMER_B:
+                self.terminate()
+                return
+            self.stack.send_response(self.last_response, self.flow)
+            self._retransmit(min(interval * 2, T2), elapsed + interval)
+
+        self._timer = asyncio.get_running_loop().call_later(interval, fire)
+
+    def _schedule_end(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self.terminate)
+
+    def acked(self) -> None:
+        """The ACK for our non-2xx final response arrived."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._schedule_end(T2 if not self.flow.transport.reliable else 0.0)
+
+    def retransmission(self) -> None:
+        if self.last_response is not None:
+            self.stack.send_response(self.last_response, self.flow)
+
+    def terminate(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._terminated = True
+        self.stack._server.pop(self.key, None)
+
+
+class ClientTransaction:
+    """One request we sent: retransmitted over UDP, timed out after 64*T1,
+    and (for INVITE) ACKed when the final answer is not a 2xx."""
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> None:
+        self.stack = stack
+        self.request = request
+        self.flow = flow
+        self.on_response = on_response
+        self.branch = request.via[0].branch or ""
+        self.key = (self.branch, request.method)
+        self.final_response: SipResponse | None = None
+        self._provisional = False
+        self._retrans: asyncio.TimerHandle | None = None
+        self._timeout: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stack._client[self.key] = self
+        self.stack.send_request(self.request, self.flow)
+        if not self.flow.transport.reliable:
+            self._retrans = loop.call_later(T1, self._retransmit, T1)
+        self._timeout = loop.call_later(TIMER_B, self._timed_out)
+
+    def _retransmit(self, interval: float) -> None:
+        if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
+            return
+        self.stack.send_request(self.request, self.flow)
+        # Timer A doubles without bound; Timer E is capped at T2.
+        next_interval = interval * 2 if self.request.method == "INVITE" else min(interval * 2, T2)
+        self._retrans = asyncio.get_running_loop().call_later(next_interval, self._retransmit, next_interval)
+
+    def _timed_out(self) -> None:
+        if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
+            return
+        self._stop()
+        self.on_response(make_response(self.request, 408))
+
+    def received(self, response: SipResponse) -> None:
+        status = response.status_code
+        if status < 200:
+            if self.final_response is None:
+                self._provisional = True
+                self.on_response(response)
+            return
+        first = self.final_response is None
+        if self.request.method == "INVITE" and status >= 300:
+            self._send_ack(response)
+        if first:
+            self.final_response = response
+            self._stop()
+            linger = 0.0 if self.flow.transport.reliable else TIMER_B
+            asyncio.get_running_loop().call_later(linger, self.stack._client.pop, self.key, None)
+            self.on_response(response)
+        elif self.request.method == "INVITE" and status < 300:
+            self.on_response(response)
+
+    def _stop(self) -> None:
+        for handle in (self._retrans, self._timeout):
+            if handle is not None:
+                handle.cancel()
+
+    def _send_ack(self, response: SipResponse) -> None:
+        """ACK for a non-2xx final response: same branch, To from the response (§17.1.1.3)."""
+        ack = SipRequest(method="ACK", uri=self.request.uri)
+        ack.headers.append("Via", self.request.headers.get("via")[0])
+        for name in ("From", "Call-ID", "Route"):
+            for value in self.request.headers.get(name):
+                ack.headers.append(name, value)
+        ack.headers.set_single("To", response.headers.get_first("to") or "")
+        cseq = self.request.cseq
+        ack.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} ACK")
+        ack.headers.set_single("Max-Forwards", "70")
+        self.stack.send_request(ack, self.flow)
+
+
+@dataclass
+class SipStack:
+    """Owns the listening transports and routes every message to its transaction."""
+
+    events: EventBus
+    advertised_host: str
+    user_agent: str
+    on_request: RequestHandler | None = None
+    on_stray_response: ResponseHandler | None = None
+    is_blocked: Callable[[str], bool] = lambda ip: False
+    transports: list[SipTransport] = field(default_factory=list)
+    _server: dict[tuple[str, str], ServerTransaction] = field(default_factory=dict)
+    _client: dict[tuple[str, str], ClientTransaction] = field(default_factory=dict)
+
+    async def listen(self, transport_name: str, host: str, port: int) -> SipTransport:
+        cls = TcpSipTransport if transport_name == "tcp" else UdpSipTransport
+        transport = cls(local_addr=(host, port))
+        transport.on_message = lambda msg, addr, t=transport: self._received(msg, Flow(t, addr))
+        await transport.start()
+        if port == 0:
+            transport.local_addr = (host, _bound_port(transport))
+        self.transports.append(transport)
+        logger.info("listening on %s:%s:%d", transport_name, host, transport.local_addr[1])
+        return transport
+
+    async def close(self) -> None:
+        for transport in self.transports:
+            await transport.stop()
+        self.transports.clear()
+
+    def transport(self, name: str) -> SipTransport:
+        """The first listening transport of that kind ("udp" or "tcp")."""
+        for transport in self.transports:
+            if (name == "tcp") == transport.reliable:
+                return transport
+        raise LookupError(f"no {name} transport is listening")
+
+    def local_port(self, transport: SipTransport) -> int:
+        return transport.local_addr[1]
+
+    # --- sending ---
+
+    def new_via(self, flow: Flow) -> str:
+        via = Via(
+            transport="TCP" if flow.transport.reliable else "UDP",
+            host=self.advertised_host,
+            port=self.local_port(flow.transport),
+            params={"branch": generate_branch(), "rport": None},
+        )
+        return stringify_via(via)
+
+    def contact_uri(self, flow: Flow, user: str | None = None) -> str:
+        userpart = f"{user}@" if user else ""
+        params = ";transport=tcp" if flow.transport.reliable else ""
+        return f"sip:{userpart}{self.advertised_host}:{self.local_port(flow.transport)}{params}"
+
+    def send_request(self, request: SipRequest, flow: Flow) -> None:
+        try:
+            flow.transport.send(request, flow.addr)
+        except (RuntimeError, OSError) as exc:
+            logger.warning("cannot send %s to %s: %s", request.method, flow.addr, exc)
+
+    def send_response(self, response: SipResponse, flow: Flow) -> None:
+        response.headers.set_single("Server", self.user_agent)
+        self.events.emit("sip_response", code=response.status_code)
+        try:
+            if flow.transport.reliable:
+                flow.transport.send(response, flow.addr)
+            else:
+                flow.transport.send_reply(response)
+        except (RuntimeError, OSError, ValueError) as exc:
+            logger.warning("cannot send %d to %s: %s", response.status_code, flow.addr, exc)
+
+    def request(self, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> ClientTransaction:
+        """Send a request in a new client transaction; responses go to ``on_response``."""
+        txn = ClientTransaction(self, request, flow, on_response)
+        txn.start()
+        return txn
+
+    # --- receiving ---
+
+    def _received(self, msg: SipRequest | SipResponse, flow: Flow) -> None:
+        if self.is_blocked(flow.addr[0]):
+            return
+        if isinstance(msg, SipResponse):
+            self._response_received(msg)
+        else:
+            self._request_received(msg, flow)
+
+    def _response_received(self, response: SipResponse) -> None:
+        vias = response.headers.get("via")
+        cseq = response.cseq
+        if not vias or cseq is None:
+            return
+        branch = parse_via(vias[0]).branch or ""
+        txn = self._client.get((branch, cseq.method.upper()))
+        if txn is not None:
+            txn.received(response)
+        elif self.on_stray_response is not None:
+            # A retransmitted 2xx after the transaction ended: the dialog re-ACKs it.
+            self.on_stray_response(response)
+
+    def _request_received(self, request: SipRequest, flow: Flow) -> None:
+        self.events.emit("sip_request", method=request.method.upper())
+        missing = missing_required_headers(request)
+        if missing or not _cseq_valid(request) or not _via_valid(request):
+            logger.warning(
+                "bad %s from %s:%d: %s",
+                request.method,
+                *flow.addr,
+                f"missing {', '.join(missing)}" if missing else "malformed CSeq or Via",
+            )
+            if "via" not in missing:
+                self.send_response(make_response(request, 400, "Missing or malformed header"), flow)
+            return
+        branch = parse_via(request.headers.get("via")[0]).branch or ""
+        method = request.method.upper()
+        if method == "ACK":
+            txn = self._server.get((branch, "INVITE"))
+            if txn is not None and txn.final and txn.last_response.status_code >= 300:  # type: ignore[union-attr]
+                txn.acked()
+                return
+        else:
+            key = (branch, method)
+            existing = self._server.get(key)
+            if existing is not None:
+                existing.retransmission()
+                return
+            txn = ServerTransaction(self, request, flow, key)
+            self._server[key] = txn
+            if method == "INVITE":
+                txn.reply(100)
+        if self.on_request is not None:
+            self.on_request(request, flow, txn if method != "ACK" else _NoTransaction(self, request, flow))
+
+    def server_transaction(self, branch: str, method: str) -> ServerTransaction | None:
+        return self._server.get((branch, method))
+
+
+class _NoTransaction(ServerTransaction):
+    """ACKs for 2xx have no transaction; handlers get a stand-in that never answers."""
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow) -> None:
+        super().__init__(stack, request, flow, ("", "ACK"))
+        self._terminated = True
+
+
+def _cseq_valid(request: SipRequest) -> bool:
+    try:
+        cseq = request.cseq
+    except (ValueError, IndexError):
+        return False
+    return cseq is not None and cseq.method.upper() == request.method.upper() and 0 <= cseq.seq < 2**31
+
+
+def _via_valid(request: SipRequest) -> bool:
+    try:
+        via = parse_via(request.headers.get("via")[0])
+    except (ValueError, IndexError):
+        return False
+    return bool(via.host)
+
+
+def _bound_port(transport: SipTransport) -> int:
+    if isinstance(transport, UdpSipTransport) and transport._udp_transport is not None:
+        return int(transport._udp_transport.get_extra_info("sockname")[1])
+    if isinstance(transport, TcpSipTransport) and transport._server is not None:
+        return int(transport._server.sockets[0].getsockname()[1])
+    raise RuntimeError("transport is not bound")

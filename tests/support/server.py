@@ -1,0 +1,168 @@
+"""Runs a real `pbx serve` process for end-to-end tests.
+
+Each server gets its own folder, free SIP and HTTP ports on loopback, and a
+config written from a dict; tests wait on its log lines rather than sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PASSWORDS = {"1001": "secret-1001", "1002": "secret-1002", "1003": "secret-1003"}
+_next_rtp_base = iter(range(21000, 60000, 200))
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` right now."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+
+
+def base_config(sip_port: int, http_port: int, data_dir: Path) -> dict[str, Any]:
+    rtp = next(_next_rtp_base)
+    return {
+        "sip": {
+            "listen": [f"udp:127.0.0.1:{sip_port}", f"tcp:127.0.0.1:{sip_port}"],
+            "domain": "pbx.local",
+            "ring_timeout": 20,
+        },
+        "rtp": {"ip": "127.0.0.1", "ports": [rtp, rtp + 198]},
+        "http": {"listen": f"127.0.0.1:{http_port}", "token": "test-token"},
+        "storage": {"data_dir": str(data_dir), "db": str(data_dir / "pbx.db")},
+        "extensions": {ext: {"name": f"User {ext}", "password": pw} for ext, pw in PASSWORDS.items()},
+        "trunks": {},
+        "outbound": [],
+        "inbound": {},
+        "queues": {},
+    }
+
+
+@dataclass
+class Server:
+    """A running `pbx serve` and what a test needs to talk to it."""
+
+    proc: asyncio.subprocess.Process
+    folder: Path
+    sip_port: int
+    http_port: int
+    log: list[str] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def sip(self) -> str:
+        return f"127.0.0.1:{self.sip_port}"
+
+    async def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            if os.environ.get("PBX_TEST_LOG"):
+                print(f"[pbx] {text}", file=sys.stderr)
+            async with self._changed:
+                self.log.append(text)
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first log line from index ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+
+        def found() -> str | None:
+            return next((line for line in self.log[start:] if regex.search(line)), None)
+
+        async with asyncio.timeout(timeout), self._changed:
+            while (line := found()) is None:
+                if self.proc.returncode is not None and self._reader is not None and self._reader.done():
+                    raise AssertionError(f"server exited ({self.proc.returncode}) before logging {pattern!r}:\n" + "\n".join(self.log[-30:]))
+                await self._changed.wait()
+            return line
+
+    async def http(self, path: str, token: str | None = "test-token") -> tuple[int, str]:
+        """GET a path from the server's HTTP port."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.http_port)
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on /metrics (0 when absent)."""
+        _, text = await self.http("/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            metric, _, rest = sample.partition("{")
+            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+            if metric == name and got == want:
+                return float(value)
+        return 0.0
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return self.proc.returncode or 0
+
+
+async def start_server(folder: Path, config: dict[str, Any] | None = None, **overrides: Any) -> Server:
+    """Write a config into ``folder`` (the base config updated with ``overrides``
+    section by section) and start `pbx serve` on it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sip_port, http_port = free_port(), free_port(socket.SOCK_STREAM)
+    cfg = config or base_config(sip_port, http_port, folder)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = folder / "pbx.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pbx.cli", "serve", "--config", str(path), "--log-level", "DEBUG",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=folder,
+    )
+    server = Server(proc, folder, sip_port, http_port)
+    server._reader = asyncio.get_running_loop().create_task(server._read_log())
+    try:
+        await server.wait_log(r"admin HTTP on", timeout=15)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    return server
