@@ -10,7 +10,7 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
 	&& { command -v $$p; break; }; done)
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
-.PHONY: run test bench check clean
+.PHONY: run test test-deps bench check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 or newer is required (none found on PATH or under ~/.pyenv)"; exit 1; }
@@ -34,6 +34,7 @@ test-deps:
 	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
 
 test: $(VENV)/.installed test-deps
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed test-deps

@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiosipua import SipRequest
 
 from pbx.config import Config, ConfigError, load_config
 from pbx.events import EventBus
@@ -68,7 +69,7 @@ class Pbx:
         ext = self.config.extensions.get(extension)
         return ext.password if ext else None
 
-    def _on_request(self, request, flow: Flow, txn: ServerTransaction) -> None:  # type: ignore[no-untyped-def]
+    def _on_request(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         if request.method.upper() == "REGISTER":
             task = asyncio.get_running_loop().create_task(self._register(request, flow, txn))
             self._tasks.add(task)
@@ -76,7 +77,7 @@ class Pbx:
         else:
             self.calls.handle_request(request, flow, txn)
 
-    async def _register(self, request, flow: Flow, txn: ServerTransaction) -> None:  # type: ignore[no-untyped-def]
+    async def _register(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         txn.respond(await self.registrar.handle_register(request, flow.addr, flow.name))
 
     async def start(self) -> None:

@@ -15,7 +15,7 @@ from pbx.metrics import Metrics
 
 Health = Callable[[], Awaitable[bool]]
 METRICS = web.AppKey("metrics", Metrics)
-HEALTH = web.AppKey("health", Health)  # type: ignore[arg-type]
+HEALTH: web.AppKey[Health] = web.AppKey("health")
 
 OPEN_PATHS = frozenset({"/healthz"})
 

@@ -12,9 +12,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, parse_address, parse_uri
 
@@ -517,8 +518,8 @@ class CallService:
         }
         self._spawn(self.store.upsert("cdr", row))
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -320,10 +320,11 @@ class SipStack:
         branch = parse_via(request.headers.get("via")[0]).branch or ""
         method = request.method.upper()
         if method == "ACK":
-            txn = self._server.get((branch, "INVITE"))
-            if txn is not None and txn.final and txn.last_response.status_code >= 300:  # type: ignore[union-attr]
-                txn.acked()
+            invite = self._server.get((branch, "INVITE"))
+            if invite is not None and invite.last_response is not None and invite.last_response.status_code >= 300:
+                invite.acked()
                 return
+            txn: ServerTransaction = _NoTransaction(self, request, flow)
         else:
             key = (branch, method)
             existing = self._server.get(key)
@@ -335,7 +336,7 @@ class SipStack:
             if method == "INVITE":
                 txn.reply(100)
         if self.on_request is not None:
-            self.on_request(request, flow, txn if method != "ACK" else _NoTransaction(self, request, flow))
+            self.on_request(request, flow, txn)
 
     def server_transaction(self, branch: str, method: str) -> ServerTransaction | None:
         return self._server.get((branch, method))

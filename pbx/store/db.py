@@ -66,7 +66,7 @@ class Store:
         self._db = sqlite_utils.Database(conn)
         self._db.enable_wal()
         for name, (columns, pk) in SCHEMA.items():
-            self._db[name].create(columns, pk=pk, if_not_exists=True)
+            self._db.table(name).create(columns, pk=pk, if_not_exists=True)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -95,10 +95,10 @@ class Store:
 
     async def upsert(self, table: str, row: dict[str, Any]) -> None:
         pk = SCHEMA[table][1]
-        await self.run(lambda: self.db[table].upsert(row, pk=pk))
+        await self.run(lambda: self.db.table(table).upsert(row, pk=pk))
 
     async def delete_where(self, table: str, where: str, args: list[Any]) -> None:
-        await self.run(lambda: self.db[table].delete_where(where, args))
+        await self.run(lambda: self.db.table(table).delete_where(where, args))
 
     async def rows(self, table: str, where: str | None = None, args: list[Any] | None = None) -> list[dict[str, Any]]:
         return await self.run(lambda: list(self.db[table].rows_where(where, args or [])))
