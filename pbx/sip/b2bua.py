@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -137,8 +138,11 @@ class CallService:
 
     async def stop(self) -> None:
         for call in list(self.calls.values()):
-            self._hang_up_everything(call)
+            self._hang_up_everything(call, ringing_status=503)
             self._end(call, "failed" if call.state is CallState.RINGING else "answered")
+        # Let CDR writes finish; anything still connecting after that is abandoned.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -280,7 +284,7 @@ class CallService:
 
     async def _dial_trunk(self, call: Call, cfg: Config, trunk: Trunk, number: str, offer: str) -> None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(trunk.host, trunk.port, type=2)  # SOCK_DGRAM
+            infos = await asyncio.get_running_loop().getaddrinfo(trunk.host, trunk.port, type=socket.SOCK_DGRAM)
             addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError as exc:
             logger.warning("call %s: trunk %s host %s does not resolve: %s", call.id, trunk.name, trunk.host, exc)
@@ -353,7 +357,6 @@ class CallService:
         except SdpNegotiationError as exc:
             logger.warning("call %s: callee's answer unusable: %s", call.id, exc)
             leg.bye()
-            call.forks.remove(leg)
             self._fork_failed(leg, 488, None)
             return
         call.b = leg
@@ -432,11 +435,11 @@ class CallService:
         self._hang_up_everything(call)
         self._end(call, "answered" if call.answered_at else "cancelled")
 
-    def _hang_up_everything(self, call: Call) -> None:
+    def _hang_up_everything(self, call: Call, ringing_status: int = 487) -> None:
         if call.state is CallState.RINGING:
             for fork in call.forks:
                 fork.cancel()
-            call.a.reject(487 if call.a.state.value != "answered" else 200)
+            call.a.reject(ringing_status)
         for leg in (call.a, call.b):
             if leg is not None and not leg.ended:
                 leg.bye()
@@ -503,7 +506,6 @@ class CallService:
         duration = ended - call.started
         billsec = ended - call.answered_at if call.answered_at else 0.0
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
-        logger.info("call %s ended: %s after %.1f s", call.id, disposition, duration)
         row = {
             "call_id": call.id,
             "direction": call.direction,
@@ -516,7 +518,11 @@ class CallService:
             "duration": round(duration, 3),
             "billsec": round(billsec, 3),
         }
-        self._spawn(self.store.upsert("cdr", row))
+        self._spawn(self._record(row))
+
+    async def _record(self, row: dict[str, Any]) -> None:
+        await self.store.upsert("cdr", row)
+        logger.info("call %s ended: %s after %.1f s", row["call_id"], row["disposition"], row["duration"])
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
