@@ -478,13 +478,7 @@ class CallService:
                     other_side.set_remote(media.addr, _codec(other_codec), other_dtmf)
                 except SdpNegotiationError:
                     pass
-            body = build_sdp(self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction)
-            response = make_response(txn.request, 200, to_tag=leg.dialog.local_tag)
-            response.headers.set_single("Contact", f"<{self.stack.contact_uri(leg.flow)}>")
-            response.text = body
-            response.headers.set_single("Content-Type", "application/sdp")
-            leg.local_sdp = body
-            txn.respond(response)
+            leg.answer_reinvite(txn, build_sdp(self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction))
 
         other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction), answered)
 

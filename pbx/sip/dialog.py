@@ -18,6 +18,7 @@ from aiosipua import (
     Dialog,
     DialogState,
     SipDigestAuth,
+    SipMessage,
     SipRequest,
     SipResponse,
     create_dialog_from_request,
@@ -110,13 +111,24 @@ class Leg:
             via_transport="TCP" if self.flow.transport.reliable else "UDP",
         )
         request.headers.set_single("User-Agent", self.stack.user_agent)
-        if method == "INVITE":
-            request.headers.set_single("Contact", f"<{self.stack.contact_uri(self.flow)}>")
-            request.headers.set_single("Allow", ALLOW)
-        if body is not None:
-            request.text = body
-            request.headers.set_single("Content-Type", "application/sdp")
+        self._stamp(request, body, contact=method == "INVITE")
         return request
+
+    def _stamp(self, msg: SipMessage, body: str | None, *, contact: bool) -> None:
+        """Our Contact and Allow (for dialog-forming messages) and an SDP body."""
+        if contact:
+            msg.headers.set_single("Contact", f"<{self.stack.contact_uri(self.flow)}>")
+            msg.headers.set_single("Allow", ALLOW)
+        if body is not None:
+            msg.text = body
+            msg.headers.set_single("Content-Type", "application/sdp")
+
+    def answer_reinvite(self, txn: ServerTransaction, body: str) -> None:
+        """200 OK with our new SDP to a re-INVITE this leg received."""
+        response = make_response(txn.request, 200, to_tag=self.dialog.local_tag)
+        self._stamp(response, body, contact=True)
+        self.local_sdp = body
+        txn.respond(response)
 
     def send(self, method: str, body: str | None = None, on_response: Callable[[SipResponse], None] | None = None) -> ClientTransaction:
         return self.stack.request(self.new_request(method, body), self.flow, on_response or (lambda r: None))
@@ -208,12 +220,7 @@ class InboundLeg(Leg):
 
     def _response(self, status: int, reason: str | None = None, body: str | None = None) -> SipResponse:
         resp = make_response(self.invite, status, reason, to_tag=self.dialog.local_tag)
-        if status > 100 and status < 300:
-            resp.headers.set_single("Contact", f"<{self.stack.contact_uri(self.flow)}>")
-            resp.headers.set_single("Allow", ALLOW)
-        if body is not None:
-            resp.text = body
-            resp.headers.set_single("Content-Type", "application/sdp")
+        self._stamp(resp, body, contact=100 < status < 300)
         return resp
 
     def ring(self, body: str | None = None) -> None:
