@@ -42,7 +42,7 @@ class Pbx:
         self.store = Store(config.storage.db)
         host = advertised_host(config)
         self.stack = SipStack(events=self.events, advertised_host=host, user_agent=config.sip.user_agent)
-        self.authenticator = DigestAuthenticator(config.sip.domain)
+        self.authenticator = DigestAuthenticator(config.sip.domain, algorithms=config.sip.auth_algorithms)
         self.guard = AddressGuard()
         self.stack.is_blocked = self.guard.is_banned
         self.registrar = Registrar(self._password, self.store, self.authenticator, self.guard, self.events)
@@ -119,6 +119,8 @@ class Pbx:
         if new.sip.listen != self.config.sip.listen or new.rtp != self.config.rtp:
             logger.warning("sip.listen and rtp changes take effect at the next restart")
         self.config = new
+        self.authenticator.realm = new.sip.domain
+        self.authenticator.algorithms = new.sip.auth_algorithms
         for trunk in self.trunks:
             await trunk.stop()
         self._start_trunks()

@@ -77,8 +77,16 @@ class DigestAuthenticator:
         secret: bytes | None = None,
         nonce_ttl: float = 300,
         clock: Callable[[], float] = time.time,
+        algorithms: tuple[str, ...] = tuple(ALGORITHMS),
     ) -> None:
+        """``algorithms`` are the ones offered, in challenge order, and the
+        only ones accepted (MD5 first helps clients that read only the first
+        challenge)."""
+        unknown = set(algorithms) - set(ALGORITHMS)
+        if unknown or not algorithms:
+            raise ValueError(f"unsupported digest algorithms: {sorted(unknown) or 'none given'}")
         self.realm = realm
+        self.algorithms = algorithms
         self.nonce_ttl = nonce_ttl
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
@@ -89,7 +97,7 @@ class DigestAuthenticator:
         per supported algorithm, the preferred one first."""
         nonce = self._mint_nonce(source_ip)
         headers = []
-        for algorithm in ALGORITHMS:
+        for algorithm in self.algorithms:
             params = {
                 "realm": self.realm,
                 "nonce": nonce,
@@ -133,8 +141,8 @@ class DigestAuthenticator:
         if params["realm"] != self.realm:
             return failed(f"wrong realm {params['realm']!r}")
         algorithm = params.get("algorithm", "MD5").upper()
-        if algorithm not in ALGORITHMS:
-            return failed(f"unsupported algorithm {algorithm!r}")
+        if algorithm not in self.algorithms:
+            return failed(f"algorithm {algorithm!r} is not offered")
         if "opaque" in params and params["opaque"] != self._opaque:
             return failed("wrong opaque")
         qop = params.get("qop")

@@ -137,9 +137,12 @@ class Server:
         return self.proc.returncode or 0
 
 
-async def start_server(folder: Path, config: dict[str, Any] | None = None, **overrides: Any) -> Server:
+async def start_server(
+    folder: Path, config: dict[str, Any] | None = None, *, log_level: str = "DEBUG", **overrides: Any
+) -> Server:
     """Write a config into ``folder`` (the base config updated with ``overrides``
-    section by section) and start `pbx serve` on it."""
+    section by section) and start `pbx serve` on it. Benchmarks pass a quieter
+    ``log_level``: DEBUG logging would be part of the CPU they measure."""
     folder.mkdir(parents=True, exist_ok=True)
     sip_port, http_port = free_port(), free_port(socket.SOCK_STREAM)
     cfg = config or base_config(sip_port, http_port, folder)
@@ -151,7 +154,7 @@ async def start_server(folder: Path, config: dict[str, Any] | None = None, **ove
     path = folder / "pbx.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pbx.cli", "serve", "--config", str(path), "--log-level", "DEBUG",
+        sys.executable, "-m", "pbx.cli", "serve", "--config", str(path), "--log-level", log_level,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
