@@ -344,3 +344,10 @@ def test_shipped_config_needs_the_passwords() -> None:
     assert [issue.message for issue in caught.value.issues] == [
         f"PBX_PASSWORD_{n} is not set" for n in (1001, 1002, 1003)
     ]
+
+
+def test_auth_algorithms_default_to_sha256_first_and_reject_others(tmp_path: Path) -> None:
+    assert load(tmp_path, "").sip.auth_algorithms == ("SHA-256", "MD5")
+    assert load(tmp_path, "sip:\n  auth_algorithms: [MD5]\n").sip.auth_algorithms == ("MD5",)
+    [issue] = errors(tmp_path, "sip:\n  auth_algorithms: [MD5, SHA-1]\n")
+    assert issue.startswith(f"{tmp_path / 'pbx.yaml'}:2: ") and "SHA-1" in issue

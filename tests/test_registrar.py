@@ -428,3 +428,12 @@ async def test_banned_address_is_refused_without_a_challenge(env: Env) -> None:
     assert (await env.register(source=("127.0.0.5", 5060))).status_code == 200
     env.clock.now += 600
     assert (await env.register()).status_code == 200
+
+
+def test_challenge_order_follows_the_configured_algorithms() -> None:
+    default = DigestAuthenticator("pbx.local").challenge_headers("127.0.0.1")
+    assert [parse_auth(h).params["algorithm"] for h in default] == ["SHA-256", "MD5"]
+    md5_first = DigestAuthenticator("pbx.local", algorithms=("MD5", "SHA-256")).challenge_headers("127.0.0.1")
+    assert [parse_auth(h).params["algorithm"] for h in md5_first] == ["MD5", "SHA-256"]
+    with pytest.raises(ValueError):
+        DigestAuthenticator("pbx.local", algorithms=("SHA-1",))
