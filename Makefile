@@ -8,9 +8,10 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
                             python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.13 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { command -v $$p; break; }; done)
-APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_GET := $(SUDO) apt-get
 
-.PHONY: run test test-deps bench check clean
+.PHONY: run test test-deps bench bench-deps check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 or newer is required (none found on PATH or under ~/.pyenv)"; exit 1; }
@@ -37,7 +38,15 @@ test: $(VENV)/.installed test-deps
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed test-deps
+# The bridge benchmark's baseline: Kamailio + rtpengine, started by the
+# benchmark itself. Where systemd runs, the services the packages enable at
+# install are disabled again, so that nothing stays listening (on 5060, say).
+bench-deps:
+	@test -x /usr/sbin/kamailio && command -v rtpengine >/dev/null || { \
+	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends kamailio rtpengine-daemon \
+	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now kamailio rtpengine-daemon; }; }
+
+bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/bridge.py
 
 clean:

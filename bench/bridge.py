@@ -1,37 +1,59 @@
-"""Benchmark: what the PBX spends relaying bridged calls (ENGINE.md, "Targets").
+"""Benchmark: what the PBX spends relaying bridged calls, against Kamailio + rtpengine (ENGINE.md, "Targets").
 
-For each run: start `pbx serve` on a temporary folder; register a SIPp UAS as
-extension 1002 (bench/scenarios/register.xml, on the port the UAS then listens
-on); start that UAS (uas_echo.xml) with -rtp_echo; then a SIPp UAC as extension
-1001 (uac_pcap.xml) places N calls to 1002 through the PBX, at --rate calls per
-second with up to N at once, each --duration seconds long, sending G.711 A-law
-from /usr/share/sip-tester/g711a.pcap, which the UAS echoes back. So every
-packet crosses the PBX twice: caller -> callee and back.
+For each N in --calls, two runs with the same SIPp caller and callee:
 
-Measured, over the call phase only (UAC start to UAC exit): the server
-process's CPU seconds (utime + stime from /proc/PID/stat), failed calls (SIPp's
-exit code and the "FailedCall" counter of its -trace_stat file), and RTP
-packets relayed (the server's pbx_rtp_packets_relayed_total, "n/a" when
-/metrics has no such sample).
+- pbx: `pbx serve` on a temporary folder, bridging the calls (B2BUA) and
+  relaying their RTP.
+- baseline: Kamailio (bench/baseline/kamailio.cfg) as registrar and
+  record-routing proxy, with rtpengine relaying the media in userspace
+  (--table=-1, no kernel module; --num-threads=1, one poller thread besides
+  its timer threads). Kamailio challenges REGISTER and INVITE with MD5 digest
+  auth, as the PBX does, so both see the same SIP exchanges.
+
+A run: register a SIPp UAS as extension 1002 (bench/scenarios/register.xml, on
+the port the UAS then listens on); start that UAS (uas_echo.xml) with
+-rtp_echo; then a SIPp UAC as extension 1001 (uac_pcap.xml) places N calls to
+1002, at --rate calls per second with up to N at once, each --duration seconds
+long, sending G.711 A-law from /usr/share/sip-tester/g711a.pcap, which the UAS
+echoes back. So every packet crosses the relay twice: caller -> callee and back.
+
+Measured, over the call phase only (UAC start to UAC exit): CPU seconds
+(utime + stime from /proc/PID/stat) of the server process, or of every
+Kamailio process (its main process and the children it forks) plus
+rtpengine's; failed calls (SIPp's exit code and the "FailedCall" counter of
+its -trace_stat file); and RTP packets relayed (the PBX's
+pbx_rtp_packets_relayed_total, rtpengine's "Total relayed packets"; "n/a" when
+absent). The table at the end sets them side by side per N, with the ratio
+pbx / baseline of CPU per call (the target is at most 1.0).
 
     .venv/bin/python bench/bridge.py --calls 200
     .venv/bin/python bench/bridge.py --calls 50 100 200 --duration 16 --rate 10
 
-Everything runs on 127.0.0.1, every subprocess has a time limit, and the script
-ends by itself. play_pcap_audio uses a raw socket: run as root (or give sipp
-CAP_NET_RAW). The server runs at --log-level INFO by default, unlike the test
-helper's DEBUG, so that logging does not weigh on the CPU figure.
+Everything runs on 127.0.0.1, every subprocess has a time limit and is ended
+at the end of its run, and the script ends by itself. play_pcap_audio uses a
+raw socket: run as root (or give sipp CAP_NET_RAW). The server runs at
+--log-level INFO by default, unlike the test helper's DEBUG, so that logging
+does not weigh on the CPU figure; Kamailio logs notices and up, rtpengine
+warnings and up. Needs `kamailio` and `rtpengine-daemon` (Debian), which
+`make bench` installs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +61,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support.server import PASSWORDS, free_port, start_server  # noqa: E402
+from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
+KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
 PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 RELAYED_METRIC = "pbx_rtp_packets_relayed_total"
-# Server RTP ports: below Linux's ephemeral range (32768-60999), where the
-# SIPp sockets get theirs; 4 per call (two legs, RTP and RTCP) and to spare.
+# RTP ports of the PBX and of rtpengine (never both at once): below Linux's
+# ephemeral range (32768-60999), where the SIPp sockets get theirs; 4 per
+# call (two legs, RTP and RTCP) and to spare.
 RTP_PORTS = [20000, 31998]
+KAMAILIO_WORKERS = 2  # UDP receiver processes (-n): a small number, for 2 cores
+DAEMON_START_LIMIT = 10.0  # seconds for Kamailio or rtpengine to answer a probe
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class Run:
+    system: str  # "pbx" or "baseline"
     calls: int
     duration: float
     rate: float
@@ -59,6 +88,7 @@ class Run:
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     relayed: float | None = None
+    detail: str = ""  # what was measured, when it is more than one process
     error: str = ""
 
     @property
@@ -71,24 +101,164 @@ class Run:
         return self.cpu_seconds / minutes if minutes else None
 
     def summary(self, index: int) -> str:
-        per_call = f"{self.cpu_per_call:.4f}" if self.cpu_per_call is not None else "n/a"
-        per_min = f"{self.cpu_per_call_minute:.4f}" if self.cpu_per_call_minute is not None else "n/a"
-        relayed = f"{self.relayed:.0f}" if self.relayed is not None else "n/a"
         text = (
-            f"run {index}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s: "
-            f"{self.failed} failed, server CPU {self.cpu_seconds:.2f} s "
-            f"({per_call} s/call, {per_min} s per call-minute), "
-            f"RTP relayed {relayed}, call phase {self.wall_seconds:.1f} s"
+            f"run {index} {self.system}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s: "
+            f"{self.failed} failed, CPU {self.cpu_seconds:.2f} s "
+            f"({_num(self.cpu_per_call)} s/call, {_num(self.cpu_per_call_minute)} s per call-minute), "
+            f"RTP relayed {_num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s"
         )
+        text += f" ({self.detail})" if self.detail else ""
         return text + (f" [{self.error}]" if self.error else "")
+
+
+@dataclass
+class System:
+    """What the calls go through: its SIP address, the CPU seconds it has used
+    so far, and the RTP packets it has relayed so far (None: unknown)."""
+
+    sip: str
+    cpu_seconds: Callable[[], float]
+    relayed: Callable[[], Awaitable[float | None]]
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after "pid (comm)": [0] is field 3 of
+    proc(5) (state), [3] field 6 (session), [11] and [12] fields 14 and 15
+    (utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid``: a program started in a session of its
+    own and every process it forked."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile
+            if int(proc_stat(int(entry.name))[3]) == sid:
+                pids.append(int(entry.name))
+    return pids
+
+
+class Daemon:
+    """A program run in the foreground in a session of its own (output to a
+    log file), so that its processes can be found by session id: for their
+    CPU, and to leave none behind."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    @classmethod
+    async def start(cls, name: str, cmd: list[str], log: Path) -> Daemon:
+        with open(log, "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return cls(name, proc, log)
+
+    def pids(self) -> list[int]:
+        return session_pids(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of all its processes so far (one that exits takes its
+        share along; Kamailio's children live as long as it does)."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += cpu_seconds(pid)
+        return total
+
+    async def wait_ready(self, probe: Callable[[], Awaitable[bool]]) -> None:
+        """Return once ``probe`` succeeds; raise if the program exits first
+        or does not answer within DAEMON_START_LIMIT seconds."""
+        deadline = time.monotonic() + DAEMON_START_LIMIT
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                break
+            if await probe():
+                return
+            await asyncio.sleep(0.1)
+        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        state = f"exited with {self.proc.returncode}" if self.proc.returncode is not None else "did not answer"
+        raise RuntimeError(f"{self.name} {state}; its last lines:\n{tail}")
+
+    async def stop(self) -> None:
+        """SIGTERM, up to 10 s to exit; then SIGKILL to whatever is left of
+        its session, one process id at a time."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await self.proc.wait()
+
+
+async def udp_exchange(port: int, payload: bytes, timeout: float = 0.5) -> bytes | None:
+    """Send ``payload`` to 127.0.0.1:``port`` and return the first datagram
+    that comes back within ``timeout`` seconds (None: nothing came)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.bind(("127.0.0.1", 0))
+        try:
+            await loop.sock_sendto(sock, payload, ("127.0.0.1", port))
+            async with asyncio.timeout(timeout):
+                return await loop.sock_recv(sock, 65535)
+        except (OSError, TimeoutError):
+            return None
+
+
+async def sip_answers(port: int) -> bool:
+    """Whether a SIP server answers an OPTIONS on 127.0.0.1:``port`` (with
+    rport, so the answer comes back to the probe's socket)."""
+    request = (
+        f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-probe{time.monotonic_ns()};rport\r\n"
+        "From: <sip:probe@127.0.0.1>;tag=probe\r\n"
+        f"To: <sip:127.0.0.1:{port}>\r\n"
+        f"Call-ID: probe-{time.monotonic_ns()}@127.0.0.1\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Max-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    reply = await udp_exchange(port, request.encode())
+    return reply is not None and reply.startswith(b"SIP/2.0 ")
+
+
+async def rtpengine_answers(ng_port: int) -> bool:
+    """Whether rtpengine answers a "ping" on its NG control port."""
+    reply = await udp_exchange(ng_port, b"probe d7:command4:pinge")
+    return reply is not None and b"pong" in reply
+
+
+async def rtpengine_relayed(cli_port: int) -> float | None:
+    """rtpengine's "Total relayed packets" (userspace and kernel) from its
+    CLI; None when it cannot be read."""
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", cli_port)
+            writer.write(b"list totals\n")
+            text = (await reader.read()).decode(errors="replace")  # it closes after answering
+            writer.close()
+    except (OSError, TimeoutError):
+        return None
+    found = re.search(r"^\s*Total relayed packets\s*:\s*(\d+)\s*$", text, re.MULTILINE)
+    return float(found[1]) if found else None
+
 
 async def metric_sample(server: Server, name: str) -> float | None:
     """The value of an unlabelled sample on /metrics; None when absent."""
@@ -108,106 +278,203 @@ async def metric_sample(server: Server, name: str) -> float | None:
             total = (total or 0.0) + float(value)
     return total
 
+
 def show_failure(what: str, result: SippResult) -> None:
     print(f"--- {what} failed ---", file=sys.stderr)
     print(result.report(lines=30), file=sys.stderr)
 
-async def one_run(calls: int, duration: float, rate: float, log_level: str, work: Path) -> Run:
-    run = Run(calls, duration, rate)
+
+async def place_calls(system: System, run: Run, work: Path) -> None:
+    """Register the echoing UAS as 1002 with ``system``, place the run's
+    calls from 1001 through it, and fill in ``run``."""
+    # 1002 is a SIPp UAS: register it from the port it will answer on.
+    uas_port = free_port()
+    reg = await run_sipp(
+        SCENARIOS / "register.xml",
+        system.sip,
+        local_port=uas_port,
+        service="1002",
+        extra=["-au", "1002", "-ap", PASSWORDS["1002"]],
+        timeout=10,
+        log_dir=work / "register",
+    )
+    if not reg.ok:
+        show_failure(f"{run.system}: REGISTER of 1002", reg)
+        run.error, run.failed = "registration failed", run.calls
+        return
+    echo = await start_sipp(
+        SCENARIOS / "uas_echo.xml",
+        local_port=uas_port,
+        extra=["-rtp_echo", "-l", str(run.calls * 2 + 10)],
+        trace_messages=False,
+        log_dir=work / "uas",
+    )
+    try:
+        relayed_before = await system.relayed()
+        phase_limit = run.calls / run.rate + run.duration + 60
+        cpu_before, t0 = system.cpu_seconds(), time.monotonic()
+        uac = await run_sipp(
+            SCENARIOS / "uac_pcap.xml",
+            system.sip,
+            service="1002",
+            calls=run.calls,
+            extra=[
+                "-au", "1001", "-ap", PASSWORDS["1001"],
+                "-set", "duration", str(int(run.duration * 1000)),
+                "-l", str(run.calls), "-r", str(run.rate),
+            ],  # fmt: skip
+            timeout=phase_limit,
+            trace_messages=False,
+            log_dir=work / "uac",
+        )
+        cpu_after, t1 = system.cpu_seconds(), time.monotonic()
+        relayed_after = await system.relayed()
+    finally:
+        uas = await echo.stop(grace=3)
+
+    run.cpu_seconds, run.wall_seconds = cpu_after - cpu_before, t1 - t0
+    if relayed_before is not None and relayed_after is not None:
+        run.relayed = relayed_after - relayed_before
+    run.successful = uac.successful_calls or 0
+    run.failed = run.calls - run.successful  # failed ones, and any never finished
+    if uac.failed_calls and uac.failed_calls > run.failed:
+        run.failed = uac.failed_calls
+    if not uac.ok or run.failed:
+        run.error = f"UAC exit code {uac.returncode}"
+        show_failure(f"{run.system}: UAC (uac_pcap.xml)", uac)
+    if uas.failed_calls:
+        run.error = (run.error + "; " if run.error else "") + f"UAS saw {uas.failed_calls} failed calls"
+        show_failure(f"{run.system}: UAS (uas_echo.xml)", uas)
+
+
+async def pbx_run(run: Run, work: Path, log_level: str) -> None:
+    """The calls through `pbx serve`; its one process's CPU."""
     server = await start_server(
         work / "pbx",
         log_level=log_level,
         rtp={"ip": "127.0.0.1", "ports": RTP_PORTS},
         sip={"auth_algorithms": ["MD5", "SHA-256"]},  # SIPp 3.6 answers only the first challenge, and only MD5
     )
-    echo = None
     try:
-        # 1002 is a SIPp UAS: register it from the port it will answer on.
-        uas_port = free_port()
-        reg = await run_sipp(
-            SCENARIOS / "register.xml",
+        system = System(
             server.sip,
-            local_port=uas_port,
-            service="1002",
-            extra=["-au", "1002", "-ap", PASSWORDS["1002"]],
-            timeout=10,
-            log_dir=work / "register",
+            cpu_seconds=lambda: cpu_seconds(server.proc.pid),
+            relayed=lambda: metric_sample(server, RELAYED_METRIC),
         )
-        if not reg.ok:
-            show_failure("REGISTER of 1002", reg)
-            run.error, run.failed = "registration failed", calls
-            return run
-        echo = await start_sipp(
-            SCENARIOS / "uas_echo.xml",
-            local_port=uas_port,
-            extra=["-rtp_echo", "-l", str(calls * 2 + 10)],
-            trace_messages=False,
-            log_dir=work / "uas",
-        )
-
-        relayed_before = await metric_sample(server, RELAYED_METRIC)
-        phase_limit = calls / rate + duration + 60
-        cpu_before, t0 = cpu_seconds(server.proc.pid), time.monotonic()
-        uac = await run_sipp(
-            SCENARIOS / "uac_pcap.xml",
-            server.sip,
-            service="1002",
-            calls=calls,
-            extra=[
-                "-au", "1001", "-ap", PASSWORDS["1001"],
-                "-set", "duration", str(int(duration * 1000)),
-                "-l", str(calls), "-r", str(rate),
-            ],  # fmt: skip
-            timeout=phase_limit,
-            trace_messages=False,
-            log_dir=work / "uac",
-        )
-        cpu_after, t1 = cpu_seconds(server.proc.pid), time.monotonic()
-        relayed_after = await metric_sample(server, RELAYED_METRIC)
-
-        run.cpu_seconds, run.wall_seconds = cpu_after - cpu_before, t1 - t0
-        if relayed_before is not None and relayed_after is not None:
-            run.relayed = relayed_after - relayed_before
-        run.successful = uac.successful_calls or 0
-        run.failed = calls - run.successful  # failed ones, and any never finished
-        if uac.failed_calls and uac.failed_calls > run.failed:
-            run.failed = uac.failed_calls
-        if not uac.ok or run.failed:
-            run.error = f"UAC exit code {uac.returncode}"
-            show_failure("UAC (uac_pcap.xml)", uac)
-        uas = await echo.stop(grace=3)
-        echo = None
-        if uas.failed_calls:
-            run.error = (run.error + "; " if run.error else "") + f"UAS saw {uas.failed_calls} failed calls"
-            show_failure("UAS (uas_echo.xml)", uas)
-        return run
+        await place_calls(system, run, work)
     finally:
-        if echo is not None:
-            await echo.stop(grace=0)
         code = await server.stop()
         if code:
             print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
             print("\n".join(server.log[-20:]), file=sys.stderr)
 
-def table(runs: list[Run]) -> str:
-    head = ["calls", "failed", "server CPU s", "CPU s/call", "CPU s/call-min", "RTP relayed", "call phase s"]
+
+async def baseline_run(run: Run, work: Path, programs: dict[str, str]) -> None:
+    """The calls through Kamailio with rtpengine; CPU of all their processes."""
+    sip_port, ng_port, cli_port = free_port(), free_port(), free_port(socket.SOCK_STREAM)
+    rundir = work / "kamailio"
+    rundir.mkdir(parents=True)
+    async with contextlib.AsyncExitStack() as stack:
+        rtpengine = await Daemon.start(
+            "rtpengine",
+            [
+                programs["rtpengine"],
+                "--config-file=none",  # not /etc/rtpengine/rtpengine.conf
+                "--foreground", "--log-stderr", "--log-level=4",
+                "--table=-1",  # userspace: no kernel forwarding
+                "--num-threads=1",
+                "--delete-delay=0",
+                "--interface=127.0.0.1",
+                f"--listen-ng=127.0.0.1:{ng_port}",
+                f"--listen-cli=127.0.0.1:{cli_port}",
+                f"--port-min={RTP_PORTS[0]}", f"--port-max={RTP_PORTS[1]}",
+                f"--pidfile={work / 'rtpengine.pid'}",
+            ],  # fmt: skip
+            work / "rtpengine.log",
+        )
+        stack.push_async_callback(rtpengine.stop)
+        await rtpengine.wait_ready(lambda: rtpengine_answers(ng_port))
+        kamailio = await Daemon.start(
+            "kamailio",
+            [
+                programs["kamailio"],
+                "-f", str(KAMAILIO_CFG),
+                "-DD", "-E",  # foreground (children forked as usual), log to stderr
+                "-T", "-S",  # no TCP, no SCTP
+                "-n", str(KAMAILIO_WORKERS),
+                "-l", f"udp:127.0.0.1:{sip_port}",
+                "-Y", str(rundir), "-w", str(rundir), "-P", str(rundir / "kamailio.pid"),
+                "-A", f'RTPENGINE_SOCK="udp:127.0.0.1:{ng_port}"',
+                "-A", f'PASSWORD_1001="{PASSWORDS["1001"]}"',
+                "-A", f'PASSWORD_1002="{PASSWORDS["1002"]}"',
+            ],  # fmt: skip
+            work / "kamailio.log",
+        )
+        stack.push_async_callback(kamailio.stop)
+        await kamailio.wait_ready(lambda: sip_answers(sip_port))
+        daemons = (kamailio, rtpengine)
+        system = System(
+            f"127.0.0.1:{sip_port}",
+            cpu_seconds=lambda: sum(d.cpu_seconds() for d in daemons),
+            relayed=lambda: rtpengine_relayed(cli_port),
+        )
+        await place_calls(system, run, work)
+        threads = len(os.listdir(f"/proc/{rtpengine.proc.pid}/task"))
+        run.detail = f"{len(kamailio.pids())} Kamailio processes + rtpengine with {threads} threads"
+
+
+def program_version(cmd: list[str]) -> str:
+    """The version number a program prints when asked ("?" if none)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    found = re.search(r"\d+\.\d+[\w.+~-]*", out.stdout + out.stderr)
+    return found[0] if found else "?"
+
+
+def find_programs() -> dict[str, str] | None:
+    """Paths of kamailio and rtpengine (Kamailio lives in /usr/sbin, which a
+    non-root PATH may lack); None, after saying so, when one is missing."""
+    found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in ("kamailio", "rtpengine")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        print(f"{' and '.join(missing)} not installed (Debian: apt-get install kamailio rtpengine-daemon; make bench does)", file=sys.stderr)
+        return None
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def table(pairs: list[tuple[Run, Run]]) -> str:
+    """One row per N: the PBX's figures, the baseline's, and pbx / baseline."""
+    head = [
+        "calls", "failed pbx", "failed base", "CPU s/call pbx", "CPU s/call base", "pbx/base",
+        "CPU s/call-min pbx", "CPU s/call-min base", "RTP relayed pbx", "RTP relayed base",
+    ]  # fmt: skip
     rows = [head]
-    for r in runs:
+    for pbx, base in pairs:
+        ratio = None
+        if pbx.cpu_per_call is not None and base.cpu_per_call:
+            ratio = pbx.cpu_per_call / base.cpu_per_call
         rows.append(
             [
-                str(r.calls),
-                str(r.failed),
-                f"{r.cpu_seconds:.2f}",
-                f"{r.cpu_per_call:.4f}" if r.cpu_per_call is not None else "n/a",
-                f"{r.cpu_per_call_minute:.4f}" if r.cpu_per_call_minute is not None else "n/a",
-                f"{r.relayed:.0f}" if r.relayed is not None else "n/a",
-                f"{r.wall_seconds:.1f}",
+                str(pbx.calls),
+                str(pbx.failed),
+                str(base.failed),
+                _num(pbx.cpu_per_call),
+                _num(base.cpu_per_call),
+                _num(ratio, ".2f"),
+                _num(pbx.cpu_per_call_minute),
+                _num(base.cpu_per_call_minute),
+                _num(pbx.relayed, ".0f"),
+                _num(base.relayed, ".0f"),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return format(value, fmt) if value is not None else "n/a"
+
 
 async def main(args: argparse.Namespace) -> int:
     if shutil.which(SIPP) is None:
@@ -216,29 +483,48 @@ async def main(args: argparse.Namespace) -> int:
     if not PCAP.exists():
         print(f"{PCAP} is missing (it comes with sip-tester)", file=sys.stderr)
         return 2
+    programs = find_programs()
+    if programs is None:
+        return 2
     if os.geteuid() != 0:
         print("warning: not root; SIPp's play_pcap_audio needs CAP_NET_RAW to send RTP", file=sys.stderr)
-    runs: list[Run] = []
+    runners: dict[str, Callable[[Run, Path], Awaitable[None]]] = {
+        "pbx": functools.partial(pbx_run, log_level=args.log_level),
+        "baseline": functools.partial(baseline_run, programs=programs),
+    }
+    pairs: list[tuple[Run, Run]] = []
     for index, calls in enumerate(args.calls, 1):
-        work = Path(tempfile.mkdtemp(prefix="pbx-bench-"))
-        limit = calls / args.rate + args.duration + 120
-        try:
-            async with asyncio.timeout(limit):
-                run = await one_run(calls, args.duration, args.rate, args.log_level, work)
-        except TimeoutError:
-            run = Run(calls, args.duration, args.rate, failed=calls, error=f"run exceeded {limit:.0f} s")
-        except Exception as exc:  # the server did not start, a port was taken, ...
-            print(f"run {index} broke off: {type(exc).__name__}: {exc}", file=sys.stderr)
-            run = Run(calls, args.duration, args.rate, failed=calls, error=type(exc).__name__)
-        runs.append(run)
-        print(run.summary(index), flush=True)
-        if run.error or args.keep:
-            print(f"  logs kept in {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        runs = []
+        for system, runner in runners.items():
+            run = Run(system, calls, args.duration, args.rate)
+            work = Path(tempfile.mkdtemp(prefix=f"pbx-bench-{system}-"))
+            limit = calls / args.rate + args.duration + 120
+            try:
+                async with asyncio.timeout(limit):
+                    await runner(run, work)
+            except TimeoutError:
+                run.failed, run.error = calls, f"run exceeded {limit:.0f} s"
+            except Exception as exc:  # a server did not start, a port was taken, ...
+                print(f"run {index} {system} broke off: {type(exc).__name__}: {exc}", file=sys.stderr)
+                run.failed, run.error = calls, type(exc).__name__
+            runs.append(run)
+            print(run.summary(index), flush=True)
+            if run.error or args.keep:
+                print(f"  logs kept in {work}", flush=True)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        pairs.append((runs[0], runs[1]))
     print()
-    print(table(runs))
-    return 0 if all(r.failed == 0 and not r.error for r in runs) else 1
+    print(table(pairs))
+    kamailio = program_version([programs["kamailio"], "-v"])
+    rtpengine = program_version([programs["rtpengine"], "--version"])
+    print(
+        f"\nbaseline: Kamailio {kamailio} ({KAMAILIO_WORKERS} UDP workers; registrar and record-routing proxy, "
+        f"MD5 digest auth on REGISTER and INVITE) + rtpengine {rtpengine} (userspace: --table=-1, "
+        "--num-threads=1); its CPU is that of all their processes together. pbx/base: CPU per call, target <= 1.0."
+    )
+    return 0 if all(r.failed == 0 and not r.error for pair in pairs for r in pair) else 1
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -246,11 +532,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=16, help="seconds each call lasts once answered (default 16)")
     parser.add_argument("--rate", type=float, default=10, help="new calls per second (default 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO"], help="the server's log level (default INFO)")
-    parser.add_argument("--keep", action="store_true", help="keep each run's folder (config, SIPp logs) even when it passed")
+    parser.add_argument("--keep", action="store_true", help="keep each run's folder (config, logs) even when it passed")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.calls) or args.duration <= 0 or args.rate <= 0:
         parser.error("--calls, --duration and --rate must be positive")
     return args
+
 
 if __name__ == "__main__":
     sys.exit(asyncio.run(main(parse_args())))
