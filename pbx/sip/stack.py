@@ -26,7 +26,9 @@ from aiosipua import (
     parse_via,
     stringify_via,
 )
+from aiosipua import SipMessage
 from aiosipua.message import missing_required_headers
+from aiosipua.transport import _stamp_via_received
 
 from pbx.events import EventBus
 from pbx.sip.messages import make_response
@@ -217,7 +219,7 @@ class SipStack:
     _client: dict[tuple[str, str], ClientTransaction] = field(default_factory=dict)
 
     async def listen(self, transport_name: str, host: str, port: int) -> SipTransport:
-        cls = TcpSipTransport if transport_name == "tcp" else UdpSipTransport
+        cls = _Tcp if transport_name == "tcp" else _Udp
         transport = cls(local_addr=(host, port))
         transport.on_message = lambda msg, addr, t=transport: self._received(msg, Flow(t, addr))
         await transport.start()
@@ -348,6 +350,32 @@ class _NoTransaction(ServerTransaction):
     def __init__(self, stack: SipStack, request: SipRequest, flow: Flow) -> None:
         super().__init__(stack, request, flow, ("", "ACK"))
         self._terminated = True
+
+
+class _QuietDispatch(SipTransport):
+    """aiosipua's dispatch without its traceback per bad packet, and with
+    RFC 5626 CRLF keep-alives ignored instead of logged as parse failures."""
+
+    def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not data.strip(b"\r\n"):
+            return
+        try:
+            msg = SipMessage.parse(data)
+        except (ValueError, IndexError, UnicodeError) as exc:
+            logger.warning("dropped an unparsable message from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        if isinstance(msg, SipRequest):
+            _stamp_via_received(msg, addr)
+        if self.on_message is not None:
+            self.on_message(msg, addr)
+
+
+class _Udp(_QuietDispatch, UdpSipTransport):
+    pass
+
+
+class _Tcp(_QuietDispatch, TcpSipTransport):
+    pass
 
 
 def _cseq_valid(request: SipRequest) -> bool:
