@@ -12,13 +12,18 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from aiosipua import SipRequest
 
 from pbx.config import Config, ConfigError, load_config
 from pbx.events import EventBus
 from pbx.http.server import make_http_app
+from pbx.ivr.schema import Flow as IvrFlow
+from pbx.ivr.schema import load_flows
+from pbx.media.prompts import PromptLibrary
 from pbx.media.clock import MediaClock
 from pbx.media.ports import RtpPortPool
 from pbx.metrics import Metrics
@@ -35,7 +40,7 @@ logger = logging.getLogger(__name__)
 class Pbx:
     """Every long-lived service of one running server."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow]) -> None:
         self.config = config
         self.events = EventBus()
         self.metrics = Metrics(self.events)
@@ -48,6 +53,8 @@ class Pbx:
         self.registrar = Registrar(self._password, self.store, self.authenticator, self.guard, self.events)
         self.clock = MediaClock()
         self.ports = RtpPortPool(config.rtp.ip, config.rtp.port_min, config.rtp.port_max)
+        self.prompts, self.flows = prompts, flows
+        self._http: aiohttp.ClientSession | None = None
         media_ip = config.sip.external_ip or (config.rtp.ip if not _wildcard(config.rtp.ip) else host)
         self.calls = CallService(
             config=lambda: self.config,
@@ -59,6 +66,10 @@ class Pbx:
             store=self.store,
             events=self.events,
             media_ip=media_ip,
+            clock=self.clock,
+            flows=lambda: self.flows,
+            prompts=self.prompts,
+            http=self.http,
         )
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.handle_stray_response
@@ -80,6 +91,12 @@ class Pbx:
     async def _register(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         txn.respond(await self.registrar.handle_register(request, flow.addr, flow.name))
 
+    def http(self) -> aiohttp.ClientSession:
+        """The HTTP client the IVR's http nodes share."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
     async def start(self) -> None:
         await self.store.open()
         await self.registrar.load()
@@ -99,6 +116,8 @@ class Pbx:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.clock.stop()
+        if self._http is not None:
+            await self._http.close()
         await self.stack.close()
         await self.store.close()
 
@@ -108,9 +127,10 @@ class Pbx:
             trunk.start()
 
     async def reload(self) -> bool:
-        """Load pbx.yaml again; on any error keep the running config."""
+        """Load pbx.yaml and the flows again; on any error keep what runs.
+        Calls already in a flow finish on the version they started with."""
         try:
-            new = load_config(self.config.path)
+            new, prompts, flows = load_setup(self.config.path)
         except ConfigError as exc:
             for issue in exc.issues:
                 logger.error("reload refused: %s", issue)
@@ -119,6 +139,8 @@ class Pbx:
         if new.sip.listen != self.config.sip.listen or new.rtp != self.config.rtp:
             logger.warning("sip.listen and rtp changes take effect at the next restart")
         self.config = new
+        self.flows = flows
+        self.prompts = self.calls.prompts = prompts
         self.authenticator.realm = new.sip.domain
         self.authenticator.algorithms = new.sip.auth_algorithms
         for trunk in self.trunks:
@@ -136,9 +158,9 @@ class Pbx:
         await self.stop()
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow]) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-    pbx = Pbx(config)
+    pbx = Pbx(config, prompts, flows)
     app = make_http_app(config.http.token, pbx.metrics, pbx.healthy)
     app.cleanup_ctx.append(pbx.lifetime)
     runner = web.AppRunner(app, access_log=None)
@@ -159,6 +181,18 @@ async def serve(config: Config) -> int:
     logger.info("stopping")
     await runner.cleanup()
     return 0
+
+
+def load_setup(path: Path) -> tuple[Config, PromptLibrary, dict[str, IvrFlow]]:
+    """pbx.yaml, its prompt library and every flow of ``ivr.dir``, as
+    `pbx check`, `pbx serve` and a reload see them: ConfigError with every
+    issue when anything is broken."""
+    config = load_config(path)
+    prompts = PromptLibrary(config.sounds.dir, config.sounds.tts, config.storage.data_dir / "cache")
+    flows, issues = load_flows(config.ivr.dir, config, prompts.exists)
+    if issues:
+        raise ConfigError(issues)
+    return config, prompts, flows
 
 
 def advertised_host(config: Config) -> str:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from pbx import __version__
-from pbx.config import ConfigError, load_config
+from pbx.app import load_setup, serve
+from pbx.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        config = load_config(args.config)
+        config, prompts, flows = load_setup(args.config)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 2 if args.command == "serve" else 1
     if args.command == "check":
-        print(f"{args.config}: ok")
+        if config.sounds.tts and not prompts.tts_available():
+            print(f"{args.config}: warning: sounds.tts is {config.sounds.tts}, which is not installed: say: prompts will be silent", file=sys.stderr)
+        print(f"{args.config}: ok ({len(flows)} flows)")
         return 0
 
     logging.basicConfig(
@@ -38,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pbx.app import serve
-
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, prompts, flows))
 
 
 if __name__ == "__main__":

@@ -3,23 +3,42 @@
 Every problem is reported as ``FILE:LINE: message`` and all of them are
 collected in one pass, so an admin fixes a file in one go. The YAML is composed
 into nodes (not constructed into plain objects) so that each value keeps the
-line it came from; the ``_*_FIELDS`` tables below then say, per section, which
-keys exist, how each value is read and what it defaults to.
+line it came from (`pbx.yamlfile`, shared with the IVR flows); the ``_*_FIELDS``
+tables below then say, per section, which keys exist, how each value is read
+and what it defaults to.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
+# The generic machinery, under this module's names for its own helpers.
+from pbx.yamlfile import ConfigIssue as ConfigIssue
+from pbx.yamlfile import Convert as Convert
+from pbx.yamlfile import Field as _Field
+from pbx.yamlfile import Invalid as _Invalid
+from pbx.yamlfile import Reader as _Reader
+from pbx.yamlfile import Reported as _Reported
+from pbx.yamlfile import YamlNode as _Node
+from pbx.yamlfile import boolean as _boolean
+from pbx.yamlfile import choice as _choice
+from pbx.yamlfile import fields_of as _fields_of
+from pbx.yamlfile import integer as _integer
+from pbx.yamlfile import list_of as _list_of
+from pbx.yamlfile import load_yaml as _load_yaml
+from pbx.yamlfile import matching as _matching
+from pbx.yamlfile import optional as _optional
+from pbx.yamlfile import section as _section
+from pbx.yamlfile import string as _string
+from pbx.yamlfile import table as _table
+from pbx.yamlfile import text as _text
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,18 +49,6 @@ MIN_PASSWORD_LENGTH: Final = 8
 
 
 # --- Errors ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config file; prints as ``FILE:LINE: message`` (line 0: the file as a whole)."""
-
-    file: Path
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -325,158 +332,11 @@ def parse_destination(text: str) -> Destination:
     return Destination(kind, target)
 
 
-# --- Reading YAML nodes with their lines ---------------------------------------
-
-
-@dataclass(frozen=True)
-class _Node:
-    """A YAML value with where it came from."""
-
-    value: Any  # a scalar, dict[str, _Node] or list[_Node]
-    line: int  # 1-based line where the value starts
-    path: str  # "queues.support.agents[1]": names the value in messages
-    key: str = ""  # the mapping key naming this value
-    key_line: int = 0  # line of that key: where "missing key" and "unknown key" point
-    text: str | None = None  # a scalar as written: keeps "+1555" and "0123" that YAML reads as numbers
-    from_env: bool = False  # the value came out of ${...} expansion
-
-    @property
-    def name(self) -> str:
-        return self.path or "the top level"
-
-    def line_of(self, key: str) -> int:
-        """Line of child ``key``, or of this mapping's own key when the child is absent."""
-        child = self.value.get(key) if isinstance(self.value, dict) else None
-        return child.line if child is not None else self.key_line
-
-    def written(self) -> str | None:
-        """A string, or a number as the admin wrote it; None for anything else."""
-        if isinstance(self.value, str):
-            return self.value
-        if isinstance(self.value, int) and not isinstance(self.value, bool):
-            return self.text if self.text is not None else str(self.value)
-        return None
-
-
-def _child_path(parent: str, key: str) -> str:
-    return f"{parent}.{key}" if parent else key
-
-
-def _synthetic(value: Any, parent: _Node, key: str) -> _Node:
-    """A node for a default value, placed at the key line of the mapping that lacks it."""
-    line = parent.key_line
-    node = _Node(None, line, _child_path(parent.path, key), key, line)
-    if isinstance(value, dict):
-        return replace(node, value={k: _synthetic(v, node, k) for k, v in value.items()})
-    if isinstance(value, list):
-        return replace(node, value=[_Node(v, line, f"{node.path}[{i}]", key_line=line) for i, v in enumerate(value)])
-    return replace(node, value=value)
-
-
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader that composes the document into `_Node`s carrying line numbers.
-
-    Structural problems it can see while doing so (duplicate keys, complex keys,
-    recursive aliases) go to ``issues``; syntax errors raise as usual.
-    """
-
-    def __init__(self, text: str, file: Path) -> None:
-        super().__init__(text)
-        self.file = file
-        self.issues: list[ConfigIssue] = []
-
-    def located_root(self) -> _Node:
-        root = self.get_single_node()
-        if root is None:  # an empty file: all defaults
-            return _Node({}, 1, "", key_line=1)
-        return self._located(root, "", "", root.start_mark.line + 1, ())
-
-    def _located(self, node: yaml.Node, path: str, key: str, key_line: int, parents: tuple[yaml.Node, ...]) -> _Node:
-        line = node.start_mark.line + 1
-        if node in parents:
-            self._report(line, f"{path or 'the document'} refers to itself through an alias")
-            return _Node(None, line, path, key, key_line)
-        parents += (node,)
-        if isinstance(node, yaml.ScalarNode):
-            return _Node(self.construct_object(node), line, path, key, key_line, text=node.value)
-        if isinstance(node, yaml.SequenceNode):
-            items = [
-                self._located(item, f"{path}[{i}]", "", item.start_mark.line + 1, parents)
-                for i, item in enumerate(node.value)
-            ]
-            return _Node(items, line, path, key, key_line)
-        assert isinstance(node, yaml.MappingNode)
-        where = path or "the top level"
-        first_seen: dict[str, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                at = key_node.start_mark.line + 1
-                if key_node.value in first_seen:
-                    self._report(
-                        at, f"duplicate key {key_node.value!r} in {where} (first at line {first_seen[key_node.value]})"
-                    )
-                first_seen.setdefault(key_node.value, at)
-        self.flatten_mapping(node)  # applies `<<: *anchor` merges; the mapping's own keys win
-        children: dict[str, _Node] = {}
-        for key_node, value_node in node.value:
-            at = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode):
-                self._report(at, f"keys in {where} must be plain values")
-                continue
-            # Keys stay as written: `1001:` and `"1001":` both name extension "1001".
-            name = key_node.value
-            children[name] = self._located(value_node, _child_path(path, name), name, at, parents)
-        return _Node(children, line, path, key, key_line)
-
-    def _report(self, line: int, message: str) -> None:
-        self.issues.append(ConfigIssue(self.file, line, message))
-
-
-def _load_yaml(path: Path) -> tuple[_Node | None, list[ConfigIssue]]:
-    """The document's root node, or None with the issue that stopped reading it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, [ConfigIssue(path, 0, "file not found")]
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        return None, [ConfigIssue(path, line, "file is not valid UTF-8")]
-    except OSError as exc:
-        return None, [ConfigIssue(path, 0, f"cannot read file: {exc.strerror or exc}")]
-    loader = _Loader(text, path)
-    try:
-        return loader.located_root(), loader.issues
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
-        detail = f" ({exc.context})" if exc.context and exc.problem else ""
-        return None, [ConfigIssue(path, line, f"invalid YAML: {exc.problem or exc.context}{detail}")]
-    except yaml.YAMLError as exc:
-        return None, [ConfigIssue(path, 0, f"invalid YAML: {exc}")]
-    finally:
-        loader.dispose()
-
-
-# --- Converting nodes: the reader and its converters ------------------------------
-
-
-class _Invalid(Exception):
-    """A converter's complaint about one value; ``line`` defaults to the value's own."""
-
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.line = line
-
-
-class _Reported(Exception):
-    """A value was invalid and its issues are already recorded: skip whatever needs it."""
-
-
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-# Reference kinds that need a later look-up: (set of declared names, noun for messages).
-_REF_KINDS: Final = {
+# What `Reader.refer` may name: kind -> (key in `Reader.declared` holding the names, noun
+# for messages). IVR flows check their destinations against the same kinds.
+REFERENCE_KINDS: Final = {
     "extension": ("extension", "extension"),
     "mailbox": ("extension", "mailbox"),
     "queue": ("queue", "queue"),
@@ -485,60 +345,18 @@ _REF_KINDS: Final = {
 }
 
 
-@dataclass
-class _Reader:
-    """Turns nodes into values, collecting issues and the references to check at the end."""
+class _ConfigReader(_Reader):
+    """Reads pbx.yaml: ${ENV} expansion, and the IVR folder for `ivr:` hints."""
 
-    file: Path
-    base_dir: Path
-    env: Mapping[str, str]
-    issues: list[ConfigIssue] = field(default_factory=list)
-    declared: dict[str, set[str]] = field(default_factory=dict)
-    refs: list[tuple[str, str | None, _Node]] = field(default_factory=list)
-    flow_dir: Path | None = None
+    def __init__(self, file: Path, base_dir: Path, env: Mapping[str, str], issues: list[ConfigIssue]) -> None:
+        super().__init__(file, issues, base_dir=base_dir, reference_kinds=REFERENCE_KINDS)
+        self.env = env
+        self.flow_dir: Path | None = None
 
-    def report(self, line: int, message: str) -> None:
-        self.issues.append(ConfigIssue(self.file, line, message))
+    def missing_hint(self, kind: str, name: str) -> str:
+        return f" (no file {self.flow_dir / f'{name}.yaml'})" if kind == "ivr" and self.flow_dir else ""
 
-    def read[T](self, convert: Convert[T], node: _Node) -> T:
-        """``convert(node)`` after ${ENV} expansion; on failure record why and raise _Reported."""
-        try:
-            return convert(self, self._expand(node))
-        except _Invalid as exc:
-            self.report(node.line if exc.line is None else exc.line, exc.message)
-            raise _Reported from None
-
-    def read_all[T](self, convert: Convert[T], nodes: Iterable[_Node]) -> list[T]:
-        """Read every node, reporting each failure, then raise _Reported if any failed."""
-        values: list[T] = []
-        failed = False
-        for node in nodes:
-            try:
-                values.append(self.read(convert, node))
-            except _Reported:
-                failed = True
-        if failed:
-            raise _Reported
-        return values
-
-    def refer(self, kind: str, name: str | None, node: _Node) -> None:
-        """Note that ``node`` names a ``kind`` (None: any one of them), checked once all is read."""
-        self.refs.append((kind, name, node))
-
-    def check_references(self) -> None:
-        for kind, name, node in self.refs:
-            declared_as, noun = _REF_KINDS[kind]
-            known = self.declared.get(declared_as)
-            if known is None:  # its section failed to load and has been reported
-                continue
-            if name is None:
-                if not known:
-                    self.report(node.line, f"{node.path}: {node.value!r} needs at least one {noun}")
-            elif name not in known:
-                hint = f" (no file {self.flow_dir / f'{name}.yaml'})" if kind == "ivr" and self.flow_dir else ""
-                self.report(node.line, f"{node.path}: there is no {noun} {name!r}{hint}")
-
-    def _expand(self, node: _Node) -> _Node:
+    def expand(self, node: _Node) -> _Node:
         if not isinstance(node.value, str):
             return node
 
@@ -557,84 +375,6 @@ class _Reader:
         return replace(node, value=expanded, from_env=True) if count else node
 
 
-type Convert[T] = Callable[[_Reader, _Node], T]
-
-
-def _typed(node: _Node) -> Any:
-    """The node's value; text from ${ENV} is read as YAML, so `port: ${PORT}` can be a number."""
-    if node.from_env:
-        try:
-            return yaml.safe_load(node.value)
-        except yaml.YAMLError:
-            return node.value
-    return node.value
-
-
-def _string(r: _Reader, node: _Node) -> str:
-    if not isinstance(node.value, str):
-        hint = " (put it in quotes)" if isinstance(node.value, int | float) else ""
-        raise _Invalid(f"{node.name} must be a string{hint}")
-    return node.value
-
-
-def _text(r: _Reader, node: _Node) -> str:
-    """A non-empty string."""
-    value = _string(r, node)
-    if not value.strip():
-        raise _Invalid(f"{node.name} must not be empty")
-    return value
-
-
-def _matching(pattern: str, what: str) -> Convert[str]:
-    """A string or number, as written, that fully matches ``pattern``."""
-
-    def convert(r: _Reader, node: _Node) -> str:
-        value = node.written()
-        if value is None or not re.fullmatch(pattern, value):
-            shown = value if value is not None else node.value
-            raise _Invalid(f"{node.name} must be {what}, not {shown!r}")
-        return value
-
-    return convert
-
-
-def _integer(low: int, high: int) -> Convert[int]:
-    def convert(r: _Reader, node: _Node) -> int:
-        value = _typed(node)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"{node.name} must be a whole number")
-        if not low <= value <= high:
-            raise _Invalid(f"{node.name} must be between {low} and {high}, not {value}")
-        return value
-
-    return convert
-
-
-def _boolean(r: _Reader, node: _Node) -> bool:
-    value = _typed(node)
-    if not isinstance(value, bool):
-        raise _Invalid(f"{node.name} must be true or false")
-    return value
-
-
-def _choice(*options: str) -> Convert[str]:
-    def convert(r: _Reader, node: _Node) -> str:
-        if node.value not in options:
-            raise _Invalid(f"{node.name} must be one of {', '.join(options)}, not {node.value!r}")
-        return str(node.value)
-
-    return convert
-
-
-def _optional[T](convert: Convert[T]) -> Convert[T | None]:
-    """``null`` (or an empty ${ENV}) means None; anything else goes to ``convert``."""
-
-    def optional(r: _Reader, node: _Node) -> T | None:
-        return None if _typed(node) is None else convert(r, node)
-
-    return optional
-
-
 def _path(r: _Reader, node: _Node) -> Path:
     return r.base_dir / Path(_text(r, node)).expanduser()
 
@@ -642,6 +382,7 @@ def _path(r: _Reader, node: _Node) -> Path:
 def _flow_dir(r: _Reader, node: _Node) -> Path:
     """The IVR folder; its *.yaml files declare the flow names `ivr:` may use."""
     path = _path(r, node)
+    assert isinstance(r, _ConfigReader)
     r.flow_dir = path
     r.declared["ivr"] = {flow.stem for flow in path.glob("*.yaml")}
     return path
@@ -727,23 +468,6 @@ def _listen(r: _Reader, node: _Node) -> Listen:
         raise _Invalid(f"{node.name}: bad listen address {text!r}: {exc} ({example})") from None
 
 
-def _list_of[T](item: Convert[T], *, non_empty: bool = False, unique: bool = False) -> Convert[tuple[T, ...]]:
-    def convert(r: _Reader, node: _Node) -> tuple[T, ...]:
-        items = [] if node.value is None else node.value
-        if not isinstance(items, list):
-            raise _Invalid(f"{node.name} must be a list")
-        if non_empty and not items:
-            raise _Invalid(f"{node.name} must not be empty")
-        values = r.read_all(item, items)
-        if unique:
-            for index, (value, child) in enumerate(zip(values, items)):
-                if value in values[:index]:
-                    raise _Invalid(f"{node.name} lists {child.value!r} twice", child.line)
-        return tuple(values)
-
-    return convert
-
-
 def _port_range(r: _Reader, node: _Node) -> tuple[int, int]:
     ports = _list_of(_integer(1024, 65535))(r, node)
     if len(ports) != 2:
@@ -775,7 +499,11 @@ def _reference(kind: str, convert: Convert[str]) -> Convert[str]:
     return reference
 
 
-def _destination(r: _Reader, node: _Node) -> Destination:
+def read_destination(r: _Reader, node: _Node) -> Destination:
+    """Converter for a destination; what it names is checked against ``REFERENCE_KINDS``.
+
+    The reader's ``declared`` must hold the extensions, queues, trunks and IVR flows.
+    """
     if not isinstance(node.value, str):
         raise _Invalid(f"{node.name} must be a destination like extension:1001, not {node.value!r}")
     try:
@@ -793,88 +521,6 @@ def _destination(r: _Reader, node: _Node) -> Destination:
 
 
 # --- Sections: one table of fields each ------------------------------------------
-
-
-_REQUIRED: Final = object()
-
-
-@dataclass(frozen=True)
-class _Field:
-    """One key of a section: how its value is read, and its default as it would be written in YAML."""
-
-    name: str
-    convert: Convert[Any]
-    default: Any = _REQUIRED
-
-
-def _section[T](fields: Sequence[_Field], build: Callable[[_Node, dict[str, Any]], T]) -> Convert[T]:
-    """A mapping whose keys are ``fields``; ``build(node, values)`` makes the result or raises _Invalid."""
-    by_name = {f.name: f for f in fields}
-
-    def convert(r: _Reader, node: _Node) -> T:
-        if node.value is None:  # a section left empty, e.g. with all its keys commented out
-            node = replace(node, value={})
-        if not isinstance(node.value, dict):
-            raise _Invalid(f"{node.name} must be a mapping")
-        failed = False
-        for key, child in node.value.items():
-            if key not in by_name:
-                where = f"in {node.path}" if node.path else "at the top level"
-                close = difflib.get_close_matches(key, by_name, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                r.report(child.key_line, f"unknown key {key!r} {where}{hint}")
-                failed = True
-        values: dict[str, Any] = {}
-        for f in fields:
-            child = node.value.get(f.name)
-            if child is None:
-                if f.default is _REQUIRED:
-                    r.report(node.key_line, f"{node.name} is missing {f.name!r}")
-                    failed = True
-                    continue
-                child = _synthetic(f.default, node, f.name)
-            try:
-                values[f.name] = r.read(f.convert, child)
-            except _Reported:
-                failed = True
-        if failed:
-            raise _Reported
-        return build(node, values)
-
-    return convert
-
-
-def _fields_of[T](cls: Callable[..., T]) -> Callable[[_Node, dict[str, Any]], T]:
-    """Build ``cls`` from values named like its fields."""
-    return lambda node, values: cls(**values)
-
-
-def _table[T](declares: str | None, key: Convert[str], value: Convert[T]) -> Convert[dict[str, T]]:
-    """A mapping of names (checked by ``key``) to values; ``declares`` records the names for references."""
-
-    def convert(r: _Reader, node: _Node) -> dict[str, T]:
-        entries = {} if node.value is None else node.value
-        if not isinstance(entries, dict):
-            raise _Invalid(f"{node.name} must be a mapping")
-        if declares:
-            r.declared[declares] = set(entries)
-        result: dict[str, T] = {}
-        failed = False
-        for name, child in entries.items():
-            try:
-                key(r, _Node(name, child.key_line, child.path, text=name))
-            except _Invalid as exc:  # keys are not ${ENV}-expanded, so not read through r.read
-                r.report(child.key_line, exc.message)
-                failed = True
-            try:
-                result[name] = r.read(value, child)
-            except _Reported:
-                failed = True
-        if failed:
-            raise _Reported
-        return result
-
-    return convert
 
 
 def _build_rtp(node: _Node, values: dict[str, Any]) -> RtpConfig:
@@ -995,8 +641,8 @@ _QUEUE_FIELDS = (
     _Field("ring_timeout", _integer(1, 600), 15),
     _Field("wrapup", _integer(0, 3600), 10),
     _Field("max_wait", _integer(1, 86400), 900),
-    _Field("on_timeout", _optional(_destination), None),
-    _Field("on_no_agents", _optional(_destination), None),
+    _Field("on_timeout", _optional(read_destination), None),
+    _Field("on_no_agents", _optional(read_destination), None),
     _Field("moh", _name, "default"),
     _Field("announce", _section(_ANNOUNCE_FIELDS, _fields_of(QueueAnnounce)), {}),
     _Field("service_level", _integer(1, 3600), 20),
@@ -1033,7 +679,7 @@ _CONFIG_FIELDS = (
     ),
     _Field("trunks", _table("trunk", _name, _section(_TRUNK_FIELDS, _build_trunk)), {}),
     _Field("outbound", _list_of(_section(_OUTBOUND_FIELDS, lambda n, v: OutboundRule(v["match"], v["trunk"]))), []),
-    _Field("inbound", _table(None, _matching(r"[^\s:@]+", "a number or SIP user"), _destination), {}),
+    _Field("inbound", _table(None, _matching(r"[^\s:@]+", "a number or SIP user"), read_destination), {}),
     _Field("queues", _table("queue", _name, _section(_QUEUE_FIELDS, lambda n, v: Queue(n.key, **v))), {}),
     _Field("recording", _section(_RECORDING_FIELDS, _fields_of(RecordingConfig)), {}),
     _Field("voicemail", _section(_VOICEMAIL_FIELDS, _build_voicemail), {}),
@@ -1052,7 +698,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     root, issues = _load_yaml(path)
     if root is None:
         raise ConfigError(issues)
-    reader = _Reader(path, path.parent.resolve(), os.environ if env is None else env, issues)
+    reader = _ConfigReader(path, path.parent.resolve(), os.environ if env is None else env, issues)
     try:
         values = reader.read(_section(_CONFIG_FIELDS, lambda n, v: v), root)
     except _Reported:

@@ -22,6 +22,7 @@ class Metrics:
         self.sip_responses = Counter("pbx_sip_responses", "SIP responses sent, by status code", ["code"], registry=r)
         self.auth_failures = Counter("pbx_auth_failures", "Failed digest authentications", registry=r)
         self.reload_errors = Counter("pbx_config_reload_errors", "Reloads refused because the new config was invalid", registry=r)
+        self.ivr_visits = Counter("pbx_ivr_node_visits", "IVR nodes entered, by flow and node", ["flow", "node"], registry=r)
         self.rtp_relayed = Counter("pbx_rtp_packets_relayed", "RTP packets relayed between call legs", registry=r)
         events.subscribe("call_started", lambda **_: self.active_calls.inc())
         events.subscribe("call_ended", self._call_ended)
@@ -30,6 +31,7 @@ class Metrics:
         events.subscribe("sip_response", lambda code, **_: self.sip_responses.labels(str(code)).inc())
         events.subscribe("auth_failure", lambda **_: self.auth_failures.inc())
         events.subscribe("config_reload_failed", lambda **_: self.reload_errors.inc())
+        events.subscribe("ivr_node_visit", lambda flow, node, **_: self.ivr_visits.labels(flow, node).inc())
         events.subscribe("rtp_relayed", lambda packets, **_: self.rtp_relayed.inc(packets))
 
     def _call_ended(self, direction: str, disposition: str, **_: object) -> None:

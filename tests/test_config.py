@@ -334,7 +334,7 @@ def test_shipped_config_loads(tmp_path: Path) -> None:
     assert config.extensions["1002"].password == "random-password-1002"
     assert config.http.token == ""
     assert config.route_outbound("+15557654321") is config.trunks["provider"]
-    assert config.inbound["+15551234567"] == Destination("extension", "1001")
+    assert config.inbound["+15551234567"] == Destination("ivr", "main")
     assert config.queues["support"].on_timeout == Destination("voicemail", "1001")
 
 

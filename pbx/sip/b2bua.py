@@ -13,20 +13,26 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, parse_address, parse_uri
 
 from pbx.config import Config, Destination, Trunk
 from pbx.events import EventBus
+from pbx.ivr.audio import CallAudio
+from pbx.ivr.engine import IvrSession
+from pbx.ivr.schema import Flow as IvrFlow
+from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec
+from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
-from pbx.sip.dialog import InboundLeg, Leg, LegEvents, OutboundLeg
+from pbx.sip.dialog import InboundLeg, Leg, LegEvents, LegState, OutboundLeg
 from pbx.sip.messages import make_response
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import (
@@ -37,6 +43,7 @@ from pbx.sip.sdp import (
     build_sdp,
     offer_codecs,
     parse_media,
+    reverse_direction,
 )
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.store.db import Store
@@ -46,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 class CallState(enum.Enum):
     RINGING = "ringing"
+    IVR = "ivr"
     ANSWERED = "answered"
     ENDED = "ended"
 
@@ -73,6 +81,8 @@ class Call:
     ring_timer: asyncio.TimerHandle | None = None
     early_sdp: str | None = None
     ringing_sent: bool = False
+    task: asyncio.Task[Any] | None = None
+    audio: CallAudio | None = None
 
 
 class CallService:
@@ -90,8 +100,16 @@ class CallService:
         store: Store,
         events: EventBus,
         media_ip: str,
+        clock: MediaClock,
+        flows: Callable[[], Mapping[str, IvrFlow]],
+        prompts: PromptLibrary,
+        http: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self.config = config
+        self.clock = clock
+        self.flows = flows
+        self.prompts = prompts
+        self.http = http
         self.stack = stack
         self.registrar = registrar
         self.authenticator = authenticator
@@ -228,26 +246,38 @@ class CallService:
         return None
 
     async def _connect(self, call: Call, destination: Destination) -> None:
-        cfg = self.config()
-        if destination.kind == "hangup":
-            call.a.reject(603)
-            self._end(call, "rejected")
-            return
-        if destination.kind not in ("extension", "external"):
-            logger.warning("call %s: destination %s is not available yet; answering 503", call.id, destination)
-            call.a.reject(503)
-            self._end(call, "failed")
-            return
+        call.task = asyncio.current_task()
         try:
-            call.relay = await RtpRelay.create(self.ports)
+            call.relay = await RtpRelay.create(self.ports, self.clock)
         except OSError as exc:
             logger.error("call %s: no RTP port: %s", call.id, exc)
-            call.a.reject(503)
-            self._end(call, "failed")
+            self._fail_caller(call, 503, "failed")
             return
         if call.state is CallState.ENDED:  # the caller cancelled meanwhile
             return
-        offer = build_sdp(self.media_ip, call.relay.b.port, offer_codecs(call.a_media, cfg.rtp.codecs), DTMF_PT)
+        await self._go(call, destination)
+
+    def _available(self, destination: Destination) -> bool:
+        """Whether this server can take a call to ``destination`` now."""
+        if destination.kind == "ivr":
+            return destination.target in self.flows()
+        return destination.kind in ("extension", "external", "hangup")
+
+    async def _go(self, call: Call, destination: Destination) -> None:
+        """Send the call where ``destination`` says."""
+        cfg = self.config()
+        assert call.relay is not None
+        if destination.kind == "hangup":
+            self._fail_caller(call, 603, "rejected")
+            return
+        if not self._available(destination):
+            logger.warning("call %s: destination %s is not available yet; answering 503", call.id, destination)
+            self._fail_caller(call, 503, "failed")
+            return
+        if destination.kind == "ivr":
+            await self._run_ivr(call, destination.target)
+            return
+        offer = build_sdp(self.media_ip, call.relay.b.port, self._offer_codecs(call), DTMF_PT)
         if destination.kind == "extension":
             self._ring_extension(call, cfg, destination.target, offer)
         else:
@@ -256,12 +286,64 @@ class CallService:
         if call.state is CallState.RINGING and call.forks:
             call.ring_timer = asyncio.get_running_loop().call_later(cfg.sip.ring_timeout, self._no_answer, call)
 
+    def _offer_codecs(self, call: Call) -> tuple[SdpCodec, ...]:
+        """Codecs for the callee: the caller's offer, or once the caller is
+        answered (by the IVR) its codec and what we can transcode it to."""
+        supported = self.config().rtp.codecs
+        if call.a_codec is None:
+            return offer_codecs(call.a_media, supported)
+        fixed = MediaDescription(call.a_media.addr, (call.a_codec,), call.a_media.dtmf_pt, "sendrecv")
+        return offer_codecs(fixed, supported)
+
+    async def _run_ivr(self, call: Call, flow: str) -> None:
+        """Answer the caller ourselves and walk it through ``flow``."""
+        assert call.relay is not None
+        cfg = self.config()
+        codec = call.a_media.codecs[0]
+        call.a_codec = codec
+        call.relay.a.set_remote(call.a_media.addr, _codec(codec), call.a_media.dtmf_pt)
+        if call.a.state is not LegState.ANSWERED:
+            call.a.answer(build_sdp(self.media_ip, call.relay.a.port, (codec,), call.a_media.dtmf_pt))
+            call.answered_at = time.time()
+            self.events.emit("call_answered", call_id=call.id)
+        call.state = CallState.IVR
+        call.audio = CallAudio(call.relay.a, self.prompts, codec.name)
+        session = IvrSession(
+            self.flows(),
+            flow,
+            call.audio,
+            variables={"caller": call.caller, "called": call.callee, "call_id": call.id},
+            timezone=cfg.timezone,
+            http=self.http(),
+            events=self.events,
+            available=self._available,
+        )
+        destination = await session.run()
+        call.audio.stop()
+        call.audio = None
+        if call.state is CallState.ENDED:
+            return
+        logger.info("call %s: flow %s sends the caller to %s", call.id, flow, destination)
+        if destination.kind == "hangup":
+            call.a.bye()
+            self._end(call, "answered")
+            return
+        call.state = CallState.RINGING
+        await self._go(call, destination)
+
+    def _fail_caller(self, call: Call, status: int, disposition: str) -> None:
+        """End the call for the caller: a final error before we answered, BYE after."""
+        if call.a.state is LegState.ANSWERED:
+            call.a.bye()
+        else:
+            call.a.reject(status)
+        self._end(call, disposition)
+
     def _ring_extension(self, call: Call, cfg: Config, number: str, offer: str) -> None:
         bindings = self.registrar.contacts(number)
         if not bindings:
             logger.info("call %s: extension %s has no registered contact: 480", call.id, number)
-            call.a.reject(480)
-            self._end(call, "unavailable")
+            self._fail_caller(call, 480, "unavailable")
             return
         caller_ext = cfg.extensions.get(call.caller)
         from_name = caller_ext.name if caller_ext else None
@@ -288,8 +370,7 @@ class CallService:
             addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError as exc:
             logger.warning("call %s: trunk %s host %s does not resolve: %s", call.id, trunk.name, trunk.host, exc)
-            call.a.reject(503)
-            self._end(call, "failed")
+            self._fail_caller(call, 503, "failed")
             return
         if call.state is CallState.ENDED:
             return
@@ -316,7 +397,7 @@ class CallService:
     # --- what the legs tell us ---
 
     def _a_events(self) -> LegEvents:
-        return LegEvents(hangup=self._leg_hung_up, reinvite=self._reinvite)
+        return LegEvents(hangup=self._leg_hung_up, reinvite=self._reinvite, info=self._info)
 
     def _b_events(self) -> LegEvents:
         return LegEvents(
@@ -326,6 +407,13 @@ class CallService:
             hangup=self._leg_hung_up,
             reinvite=self._reinvite,
         )
+
+    def _info(self, leg: Leg, request: SipRequest) -> None:
+        """DTMF by SIP INFO (application/dtmf-relay or application/dtmf) for the IVR."""
+        call = self._call_of(leg)
+        key = _info_key(request)
+        if call is not None and call.audio is not None and key is not None:
+            call.audio.press(key)
 
     def _call_of(self, leg: Leg) -> Call | None:
         found = self._legs.get(leg.key)
@@ -361,7 +449,7 @@ class CallService:
             return
         call.b = leg
         call.state = CallState.ANSWERED
-        call.answered_at = time.time()
+        call.answered_at = call.answered_at or time.time()
         if call.ring_timer is not None:
             call.ring_timer.cancel()
         for other in call.forks:
@@ -369,8 +457,11 @@ class CallService:
                 other.cancel()
                 self._legs.pop(other.key, None)
         call.forks = [leg]
-        call.a.answer(answer)
-        self.events.emit("call_answered", call_id=call.id)
+        if call.a.state is LegState.ANSWERED:
+            call.relay.a.stop_playback()  # type: ignore[union-attr]
+        else:
+            call.a.answer(answer)
+            self.events.emit("call_answered", call_id=call.id)
         logger.info("call %s answered by %s", call.id, leg.dialog.remote_target)
 
     def _bridge_media(self, call: Call, answer_body: str) -> str:
@@ -380,7 +471,10 @@ class CallService:
         if not b_media.codecs:
             raise SdpNegotiationError("callee rejected the audio stream")
         chosen = b_media.codecs[0]
-        a_codec = answer_codec(call.a_media, chosen)
+        if call.a_codec is None:
+            a_codec = answer_codec(call.a_media, chosen)
+        else:  # the caller was answered earlier (IVR): its codec is settled
+            a_codec = answer_codec(MediaDescription(call.a_media.addr, (call.a_codec,), None, "sendrecv"), chosen)
         call.a_codec, call.b_codec, call.b_dtmf_pt = a_codec, chosen, b_media.dtmf_pt
         call.relay.b.set_remote(b_media.addr, _codec(chosen), b_media.dtmf_pt)
         call.relay.a.set_remote(call.a_media.addr, _codec(a_codec), call.a_media.dtmf_pt)
@@ -399,8 +493,7 @@ class CallService:
         if call.b is None and call.direction == "outbound" and code in (401, 407):
             logger.warning("call %s: trunk refused our credentials (%d)", call.id, code)
         status, disposition = _outcome(call.fork_codes)
-        call.a.reject(status)
-        self._end(call, disposition)
+        self._fail_caller(call, status, disposition)
 
     def _no_answer(self, call: Call) -> None:
         if call.state is not CallState.RINGING:
@@ -408,8 +501,7 @@ class CallService:
         logger.info("call %s: no answer after %d s", call.id, self.config().sip.ring_timeout)
         for leg in call.forks:
             leg.cancel()
-        call.a.reject(480, "No Answer")
-        self._end(call, "no-answer")
+        self._fail_caller(call, 480, "no-answer")
 
     def _cancel(self, request: SipRequest, txn: ServerTransaction) -> None:
         branch = request.via[0].branch or ""
@@ -447,6 +539,9 @@ class CallService:
     def _reinvite(self, leg: Leg, request: SipRequest, txn: ServerTransaction) -> None:
         """Pass a re-INVITE (hold, unhold, new address) through to the other leg."""
         call = self._call_of(leg)
+        if call is not None and call.b is None and leg is call.a and call.relay is not None and call.a_codec is not None:
+            self._reinvite_to_us(call, request, txn)
+            return
         if call is None or call.b is None or call.relay is None or call.a_codec is None or call.b_codec is None:
             txn.reply(491, "Request Pending")
             return
@@ -482,6 +577,21 @@ class CallService:
 
         other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction), answered)
 
+    def _reinvite_to_us(self, call: Call, request: SipRequest, txn: ServerTransaction) -> None:
+        """A re-INVITE from a caller talking to the server itself (the IVR)."""
+        assert call.relay is not None and call.a_codec is not None
+        direction = "sendrecv"
+        if request.body:
+            try:
+                offer = parse_media(request.text, self.config().rtp.codecs)
+            except SdpNegotiationError:
+                txn.reply(488)
+                return
+            direction = reverse_direction(offer.direction)
+            call.relay.a.set_remote(offer.addr, _codec(call.a_codec), call.a_media.dtmf_pt)
+        body = build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt, direction)
+        call.a.answer_reinvite(txn, body)
+
     # --- the end of a call ---
 
     def _end(self, call: Call, disposition: str) -> None:
@@ -490,6 +600,8 @@ class CallService:
         call.state = CallState.ENDED
         if call.ring_timer is not None:
             call.ring_timer.cancel()
+        if call.task is not None and call.task is not asyncio.current_task():
+            call.task.cancel()
         ended = time.time()
         for leg in [call.a, *call.forks]:
             self._legs.pop(leg.key, None)
@@ -545,6 +657,23 @@ def _challenge(txn: ServerTransaction, challenges: list[str]) -> SipResponse:
     for value in challenges:
         response.headers.append("WWW-Authenticate", value)
     return response
+
+
+def _info_key(request: SipRequest) -> str | None:
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    text = request.text.strip()
+    if content_type == "application/dtmf-relay":
+        for line in text.splitlines():
+            name, _, value = line.partition("=")
+            if name.strip().lower() == "signal":
+                text = value.strip()
+                break
+        else:
+            return None
+    elif content_type != "application/dtmf":
+        return None
+    key = {"10": "*", "11": "#"}.get(text, text)
+    return key if len(key) == 1 and key in "0123456789*#ABCD" else None
 
 
 def _codec(codec: SdpCodec) -> Codec:

@@ -66,3 +66,20 @@ def write_tone(path: str | Path, freq: float, seconds: float, rate: int = 8000, 
         wav.setsampwidth(2)
         wav.setframerate(rate)
         wav.writeframes(samples.tobytes())
+
+
+def sound_spans(path: str | Path, *, threshold: float = 0.01, gap: float = 0.7) -> list[tuple[float, float]]:
+    """(start, end) seconds of each stretch of sound, by 20 ms RMS above ``threshold``;
+    quiet gaps shorter than ``gap`` seconds (pauses between words) do not split a stretch."""
+    samples, rate = read_samples(path)
+    frame = rate // 50
+    frames = samples[: samples.size // frame * frame].reshape(-1, frame)
+    loud = np.sqrt(np.mean(frames**2, axis=1)) > threshold
+    spans: list[tuple[float, float]] = []
+    for index in np.flatnonzero(loud):
+        start, end = index / 50, (index + 1) / 50
+        if spans and start - spans[-1][1] < gap:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return spans

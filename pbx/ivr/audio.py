@@ -1,0 +1,66 @@
+"""The caller of an IVR session on a real call: prompts out through the caller's
+relay side, keys in from RFC 4733 events or SIP INFO."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pbx.media.prompts import PromptLibrary, PromptNotFound
+from pbx.media.relay import RelaySide
+
+logger = logging.getLogger(__name__)
+
+
+class CallAudio:
+    """Implements :class:`pbx.ivr.engine.Caller` for one call leg."""
+
+    def __init__(self, side: RelaySide, prompts: PromptLibrary, codec: str) -> None:
+        self.side = side
+        self.prompts = prompts
+        self.codec = codec
+        self._keys: asyncio.Queue[str] = asyncio.Queue()
+        side.on_dtmf = self.press
+
+    def press(self, key: str) -> None:
+        """A key the caller pressed (from RTP or a SIP INFO)."""
+        self._keys.put_nowait(key)
+
+    async def play(self, parts: Sequence[str], *, interruptible: bool) -> str | None:
+        for part in parts:
+            try:
+                frames = await self.prompts.frames(part, self.codec)
+            except PromptNotFound as exc:
+                logger.error("prompt %s: %s", part, exc)
+                continue
+            if interruptible and not self._keys.empty():
+                return self._keys.get_nowait()
+            playback = self.side.play(frames)
+            if not interruptible:
+                await playback.done
+                continue
+            key = asyncio.ensure_future(self._keys.get())
+            waiting: list[asyncio.Future[Any]] = [playback.done, key]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if key.done():
+                playback.stop()
+                return key.result()
+            key.cancel()
+        return None
+
+    async def digit(self, timeout: float) -> str | None:
+        try:
+            return await asyncio.wait_for(self._keys.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def flush(self) -> None:
+        while not self._keys.empty():
+            self._keys.get_nowait()
+
+    def stop(self) -> None:
+        """The call leaves the IVR: silence our stream and stop listening for keys."""
+        self.side.stop_playback()
+        self.side.on_dtmf = None
