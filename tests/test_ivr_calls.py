@@ -244,7 +244,9 @@ async def test_sipp_dtmf_pcap_routes_the_call(tmp_path: Path, phones: tuple[Phon
     try:
         await register_all(server, phones)
         caller = asyncio.create_task(
-            run_sipp(SIPP / "ivr_dtmf.xml", server.sip, local_ip="127.0.0.2", service="8000")
+            run_sipp(
+                SIPP / "ivr_dtmf.xml", server.sip, local_ip="127.0.0.2", service="8000", extra=("-set", "wait", "1000")
+            )
         )
         incoming = await bob.wait_event("incoming", timeout=15)
         await bob.answer(incoming["call"])
@@ -252,5 +254,21 @@ async def test_sipp_dtmf_pcap_routes_the_call(tmp_path: Path, phones: tuple[Phon
         await bob.hangup(incoming["call"])
         result = await caller
         assert result.returncode == 0, result.report()
+    finally:
+        assert await server.stop() == 0
+
+
+async def test_g722_caller_hears_the_wideband_prompt(tmp_path: Path) -> None:
+    server = await ivr_server(tmp_path, flow=MENU_FIRST)
+    try:
+        async with await Phone.start(name="wide", codecs=("G722",)) as wide:
+            await wide.register(server.sip, "1001", PASSWORDS["1001"])
+            call = await dial_ivr(wide)
+            await wide.record(call, tmp_path / "g722.wav")
+            await asyncio.sleep(duration(SOUNDS / "menu.wav") + 1.0)  # the recording's length
+            await wide.stop_record(call)
+        spans = sound_spans(tmp_path / "g722.wav")
+        assert spans, "nothing was heard"
+        assert spans[0][1] - spans[0][0] == pytest.approx(duration(SOUNDS / "menu.wav"), abs=0.5)
     finally:
         assert await server.stop() == 0

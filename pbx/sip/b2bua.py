@@ -411,7 +411,7 @@ class CallService:
     def _info(self, leg: Leg, request: SipRequest) -> None:
         """DTMF by SIP INFO (application/dtmf-relay or application/dtmf) for the IVR."""
         call = self._call_of(leg)
-        key = _info_key(request)
+        key = info_key(request)
         if call is not None and call.audio is not None and key is not None:
             call.audio.press(key)
 
@@ -659,7 +659,8 @@ def _challenge(txn: ServerTransaction, challenges: list[str]) -> SipResponse:
     return response
 
 
-def _info_key(request: SipRequest) -> str | None:
+def info_key(request: SipRequest) -> str | None:
+    """The key a SIP INFO carries (application/dtmf-relay or application/dtmf), if any."""
     content_type = (request.content_type or "").split(";")[0].strip().lower()
     text = request.text.strip()
     if content_type == "application/dtmf-relay":
