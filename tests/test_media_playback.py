@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -22,31 +20,13 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, Codec
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import NoMediaClock, RtpRelay
+from tests.test_media import free_range
 
 HOST = "127.0.0.1"
 PHONE_SSRC = 0x1234
 
 
 # --- helpers ---
-
-
-def free_range(pairs: int) -> tuple[int, int]:
-    """An even-based port range of ``pairs`` RTP/RTCP pairs that is free right now."""
-    for _ in range(50):
-        base = random.randrange(30000, 60000, 2)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + 2 * pairs):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base, base + 2 * pairs - 1
-    raise RuntimeError("no free port range found")
 
 
 class Phone(asyncio.DatagramProtocol):

@@ -30,7 +30,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec
 from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
-from pbx.media.relay import RtpRelay
+from pbx.media.relay import RelaySide, RtpRelay
 from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
 from pbx.sip.dialog import InboundLeg, Leg, LegEvents, LegState, OutboundLeg
 from pbx.sip.messages import make_response
@@ -551,15 +551,9 @@ class CallService:
         this_dtmf = call.a_media.dtmf_pt if from_a else call.b_dtmf_pt
         other_dtmf = call.b_dtmf_pt if from_a else call.a_media.dtmf_pt
         other = call.b if from_a else call.a
-        direction = "sendrecv"
-        if request.body:
-            try:
-                offer = parse_media(request.text, self.config().rtp.codecs)
-            except SdpNegotiationError:
-                txn.reply(488)
-                return
-            direction = offer.direction
-            this_side.set_remote(offer.addr, _codec(this_codec), this_dtmf)
+        direction = self._take_offer(request, txn, this_side, this_codec, this_dtmf)
+        if direction is None:
+            return
 
         def answered(resp: SipResponse) -> None:
             if resp.status_code >= 300:
@@ -577,18 +571,28 @@ class CallService:
 
         other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction), answered)
 
+    def _take_offer(
+        self, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
+    ) -> str | None:
+        """Point ``side`` at a re-INVITE's offer and return the offered direction
+        ("sendrecv" without SDP); None once an unusable offer got 488."""
+        if not request.body:
+            return "sendrecv"
+        try:
+            offer = parse_media(request.text, self.config().rtp.codecs)
+        except SdpNegotiationError:
+            txn.reply(488)
+            return None
+        side.set_remote(offer.addr, _codec(codec), dtmf_pt)
+        return offer.direction
+
     def _reinvite_to_us(self, call: Call, request: SipRequest, txn: ServerTransaction) -> None:
         """A re-INVITE from a caller talking to the server itself (the IVR)."""
         assert call.relay is not None and call.a_codec is not None
-        direction = "sendrecv"
-        if request.body:
-            try:
-                offer = parse_media(request.text, self.config().rtp.codecs)
-            except SdpNegotiationError:
-                txn.reply(488)
-                return
-            direction = reverse_direction(offer.direction)
-            call.relay.a.set_remote(offer.addr, _codec(call.a_codec), call.a_media.dtmf_pt)
+        offered = self._take_offer(request, txn, call.relay.a, call.a_codec, call.a_media.dtmf_pt)
+        if offered is None:
+            return
+        direction = reverse_direction(offered)
         body = build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt, direction)
         call.a.answer_reinvite(txn, body)
 
