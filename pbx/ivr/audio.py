@@ -43,11 +43,14 @@ class CallAudio:
                 continue
             key = asyncio.ensure_future(self._keys.get())
             waiting: list[asyncio.Future[Any]] = [playback.done, key]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if key.done():
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not key.done():  # also when the call hangs up and cancels us
+                    key.cancel()
+            if not key.cancelled():
                 playback.stop()
                 return key.result()
-            key.cancel()
         return None
 
     async def digit(self, timeout: float) -> str | None:
