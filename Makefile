@@ -46,8 +46,11 @@ bench-deps:
 	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends kamailio rtpengine-daemon \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now kamailio rtpengine-daemon; }; }
 
+	@command -v dumpcap >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
+
 bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/bridge.py
+	$(PY) bench/ivr.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,699 @@
+"""Benchmark: IVR playback with DTMF, against pjsua2's C engine (ENGINE.md, "Targets").
+
+For each N in --calls, two runs with the same SIPp caller
+(bench/scenarios/ivr_dtmf.xml: PCMU with telephone-event 101; it presses a
+key every --interval seconds, 1, 2, 3, ... from SIPp's RFC 4733 pcaps, and
+hangs up --duration seconds after the answer):
+
+- pbx: `pbx serve` on a temporary folder answers N calls to 8000, routed
+  `ivr:bench`, a looping menu written by this script: the prompt
+  [welcome, menu] and every key back into the menu, so each key cuts the
+  prompt short and starts it again. SIPp calls from 127.0.0.2, the address of
+  a trunk in the config, so no authentication. N calls at up to --rate new
+  calls per second, up to N at once.
+- baseline: bench/pjsua_baseline.py, pjsua2's C engine (one process, at most 4
+  calls, null sound device) answering 4 such calls and playing the same
+  prompt (welcome + menu from config/sounds, as one 8 kHz 16-bit mono WAV) in a
+  loop to each through its own AudioMediaPlayer, decoding the same keys.
+
+Measured, over the call phase (SIPp start to SIPp exit):
+- CPU seconds (utime + stime, read in nanoseconds from the process's CPU
+  clock) of the server's process, or of the pjsua2 process, minus its idle CPU: each is first measured idle for
+  as long as its call phase should last (after, for the PBX, one short call
+  that loads the prompt), and that idle rate times the phase's length is
+  subtracted. The per-call figures are these net seconds / calls that
+  succeeded; "ratio" is pbx / baseline (target <= 1.5, stretch 1.0).
+- failed calls: the calls SIPp did not complete (its FailedCall counter, and
+  any never finished), and the peak of calls at once (SIPp's CurrentCall,
+  sampled every second).
+- keys: pressed by SIPp (per call: ceil(duration / interval) - 1), and heard:
+  for the PBX the menu's visits (pbx_ivr_node_visits_total) beyond one per
+  call, for pjsua2 its onDtmfDigit count.
+- RTP send intervals: dumpcap captures, on `lo`, the UDP packets the system
+  under test sends from its RTP ports to SIPp (headers only, to a file in the
+  run's temporary folder, bounded in time, packets and size); per stream
+  (source port and SSRC) the time between consecutive RTP packets, and the
+  p50/p99/max over all streams' intervals. Intervals longer than 1 s are
+  pauses in which nothing plays (a prompt over and no key yet), counted apart;
+  with a key every 5 s and a 5.8 s prompt there are none.
+
+    .venv/bin/python bench/ivr.py                       # --calls 100 200 400 --duration 20
+    .venv/bin/python bench/ivr.py --calls 250 --duration 30 --interval 4 --rate 50
+
+Everything runs on loopback (127.0.0.1 and 127.0.0.2), every subprocess has a
+time limit and is ended at the end of its run, and the script ends by itself.
+Needs sipp (Debian sip-tester) and dumpcap (Debian tshark, which `make bench`
+installs); play_pcap_audio and dumpcap need root (or CAP_NET_RAW). The server
+runs at --log-level INFO, like bench/bridge.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+import warnings
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: audioop leaves the stdlib in 3.13
+    import audioop
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.server import Server, free_port, start_server  # noqa: E402
+from tests.support.sipp import SIPP, SippResult, run_sipp  # noqa: E402
+
+SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
+BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
+SOUNDS = ROOT / "config" / "sounds"
+PROMPT = ("welcome", "menu")
+PCAP_DIR = Path("/usr/share/sip-tester")
+CALLER_IP = "127.0.0.2"  # SIPp's address: a trunk's, for the PBX
+SERVICE = "8000"
+FLOW_NAME = "bench"
+KEYS = "123456789*#"  # what the scenario presses, in this order
+FLOW = f"""\
+# bench/ivr.py's looping menu: every key the caller presses plays the menu again.
+start: menu
+nodes:
+  menu:
+    type: menu
+    prompt: [{", ".join(PROMPT)}]
+    options: {{{", ".join(f'"{k}": menu' for k in KEYS)}}}
+    timeout: 10
+    retries: 20
+    on_fail: menu
+"""
+# RTP ports of the PBX: below Linux's ephemeral range (32768-60999), where
+# SIPp's media port is; pjsua2's come from BASELINE_RTP.
+RTP_PORTS = (20000, 31998)
+BASELINE_RTP = (40000, 40040)
+BASELINE_CALLS = 4  # pjsua2's PJSUA_MAX_CALLS in the only builds there are
+PAUSE_SECONDS = 1.0  # a longer gap between two packets of a stream is a pause, not a late packet
+CAPTURE_SNAPLEN = 96  # Ethernet + IPv4 + UDP + RTP headers, with room for IP options and CSRCs
+CAPTURE_MAX_KB = 400_000
+START_LIMIT = 15.0  # seconds for dumpcap or pjsua2 to come up
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- measurements -------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` so far: all its threads, also ended ones.
+
+    Read from the process's CPU-time clock (clock_getcpuclockid(3): what
+    utime + stime of /proc/PID/stat add up to, in nanoseconds rather than
+    clock ticks, which matters for pjsua2's 4 calls); /proc/PID/stat where
+    that clock cannot be read."""
+    with contextlib.suppress(OSError):
+        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Intervals:
+    """Times between consecutive RTP packets of each stream a capture holds."""
+
+    packets: int = 0
+    streams: int = 0
+    deltas_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
+    pauses: int = 0  # gaps above PAUSE_SECONDS, left out of deltas_ms
+    dropped: int | None = None  # packets the capture lost, as dumpcap reports it
+    error: str = ""
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.deltas_ms, q)) if self.deltas_ms.size else None
+
+    @property
+    def max(self) -> float | None:
+        return float(self.deltas_ms.max()) if self.deltas_ms.size else None
+
+    def within(self, low: float, high: float) -> float | None:
+        """Share of the intervals in [low, high] ms."""
+        if not self.deltas_ms.size:
+            return None
+        return float(np.count_nonzero((self.deltas_ms >= low) & (self.deltas_ms <= high)) / self.deltas_ms.size)
+
+    def summary(self) -> str:
+        if self.error:
+            return f"RTP intervals n/a ({self.error})"
+        share = self.within(15, 25)
+        text = (
+            f"RTP sent {self.packets} packets in {self.streams} streams, interval p50 {_num(self.percentile(50), '.2f')} "
+            f"p99 {_num(self.percentile(99), '.2f')} max {_num(self.max, '.1f')} ms, "
+            f"{_num(share * 100 if share is not None else None, '.2f')}% within 20 +- 5 ms"
+        )
+        if self.pauses:
+            text += f", {self.pauses} pauses > {PAUSE_SECONDS:g} s left out"
+        if self.dropped is not None:
+            text += f", capture lost {self.dropped}"
+        return text
+
+
+def pcap_packets(path: Path) -> Iterator[tuple[float, bytes]]:
+    """(time, bytes from the link header on) of each packet of a libpcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return
+    magic = data[:4]
+    formats = {
+        b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+        b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+    }  # fmt: skip
+    if magic not in formats:
+        raise ValueError(f"{path} is not a libpcap file (magic {magic.hex()})")
+    endian, unit = formats[magic]
+    record = struct.Struct(endian + "IIII")
+    offset = 24
+    while offset + 16 <= len(data):
+        sec, frac, captured, _ = record.unpack_from(data, offset)
+        offset += 16
+        yield sec + frac * unit, data[offset : offset + captured]
+        offset += captured
+
+
+def pcap_linktype(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    endian = "<" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    return int(struct.unpack_from(endian + "I", head, 20)[0])
+
+
+# Where the IPv4 header starts, by link type: Ethernet (lo), Linux cooked v1 and v2, BSD loopback.
+IP_OFFSET = {1: 14, 113: 16, 276: 20, 0: 4}
+
+
+def rtp_intervals(path: Path) -> Intervals:
+    """Per stream (source port, SSRC) the intervals between RTP packets (not RTCP)."""
+    linktype = pcap_linktype(path)
+    if linktype not in IP_OFFSET:
+        return Intervals(error=f"link type {linktype} not understood")
+    ip_at = IP_OFFSET[linktype]
+    times: dict[tuple[int, int], list[float]] = defaultdict(list)
+    packets = 0
+    for stamp, frame in pcap_packets(path):
+        ip = frame[ip_at:]
+        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 17:
+            continue
+        udp = ip[(ip[0] & 0x0F) * 4 :]
+        rtp = udp[8:]
+        if len(rtp) < 12 or rtp[0] >> 6 != 2 or 72 <= (rtp[1] & 0x7F) <= 76:  # not RTP v2, or RTCP
+            continue
+        src_port = (udp[0] << 8) | udp[1]
+        ssrc = int.from_bytes(rtp[8:12], "big")
+        times[(src_port, ssrc)].append(stamp)
+        packets += 1
+    chunks = [np.diff(np.asarray(stamps)) * 1000 for stamps in times.values() if len(stamps) > 1]
+    deltas = np.concatenate(chunks) if chunks else np.empty(0)
+    pauses = int(np.count_nonzero(deltas > PAUSE_SECONDS * 1000))
+    return Intervals(packets, len(times), deltas[deltas <= PAUSE_SECONDS * 1000], pauses)
+
+
+class Capture:
+    """dumpcap on `lo`, writing the UDP packets a filter picks to a libpcap file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, path: Path, log: Path) -> None:
+        self.proc = proc
+        self.path = path
+        self.log = log
+
+    @classmethod
+    async def start(cls, path: Path, bpf: str, seconds: float, max_packets: int) -> Capture:
+        log = path.with_suffix(".log")
+        with open(log, "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                shutil.which("dumpcap") or "dumpcap",
+                "-i", "lo", "-f", bpf, "-s", str(CAPTURE_SNAPLEN), "-P", "-B", "64",
+                "-a", f"duration:{math.ceil(seconds)}", "-a", f"filesize:{CAPTURE_MAX_KB}", "-c", str(max_packets),
+                "-w", str(path),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        capture = cls(proc, path, log)
+        deadline = time.monotonic() + START_LIMIT
+        while time.monotonic() < deadline and proc.returncode is None:
+            if "Capturing on" in log.read_text(errors="replace"):
+                return capture
+            await asyncio.sleep(0.05)
+        await capture.stop()
+        raise RuntimeError(f"dumpcap did not start capturing: {log.read_text(errors='replace').strip()[-500:]}")
+
+    async def stop(self) -> None:
+        """SIGINT (it writes its statistics and ends), then SIGKILL after 10 s."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+    def dropped(self) -> int | None:
+        found = re.findall(r"Packets received/dropped on interface '[^']*': (\d+)/(\d+)", self.log.read_text(errors="replace"))
+        return sum(int(d) for _, d in found) if found else None
+
+    async def intervals(self) -> Intervals:
+        await self.stop()
+        if not self.path.exists():
+            return Intervals(error="no capture file")
+        result = await asyncio.to_thread(rtp_intervals, self.path)
+        result.dropped = self.dropped()
+        return result
+
+
+def capture_filter(ports: tuple[int, int]) -> str:
+    """What the system under test sends from its RTP (and RTCP) ports to SIPp."""
+    return f"udp and src host 127.0.0.1 and dst host {CALLER_IP} and src portrange {ports[0]}-{ports[1] + 1}"
+
+
+# --- runs ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    system: str  # "pbx" or "baseline"
+    calls: int
+    duration: float
+    interval: float
+    rate: float
+    successful: int = 0
+    failed: int = 0
+    peak: int | None = None  # most calls at once, as SIPp counted them
+    cpu_seconds: float = 0.0  # over the call phase
+    idle_cpu: float = 0.0  # idle rate x the phase's length
+    wall_seconds: float = 0.0
+    keys_heard: int | None = None
+    log_problems: dict[str, int] = field(default_factory=dict)  # server log lines by level (WARNING, ERROR)
+    rtp: Intervals = field(default_factory=Intervals)
+    error: str = ""
+
+    @property
+    def keys_pressed(self) -> int:
+        return self.successful * keys_per_call(self.duration, self.interval)
+
+    @property
+    def net_cpu(self) -> float:
+        return self.cpu_seconds - self.idle_cpu
+
+    @property
+    def cpu_per_call(self) -> float | None:
+        return self.net_cpu / self.successful if self.successful else None
+
+    def summary(self, index: int) -> str:
+        text = (
+            f"run {index} {self.system}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s, a key every "
+            f"{self.interval:g} s: {self.failed} failed, peak {_num(self.peak, 'd')} at once, keys heard "
+            f"{_num(self.keys_heard, 'd')}/{self.keys_pressed}; CPU {self.cpu_seconds:.2f} s - idle {self.idle_cpu:.2f} s "
+            f"= {_num(self.cpu_per_call)} s/call over a {self.wall_seconds:.1f} s call phase; {self.rtp.summary()}"
+        )
+        if self.log_problems:
+            text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
+        return text + (f" [{self.error}]" if self.error else "")
+
+
+def keys_per_call(duration: float, interval: float) -> int:
+    """How many keys ivr_dtmf.xml presses in a call: one after every interval
+    while more than an interval is left."""
+    d, i = round(duration * 1000), round(interval * 1000)
+    return max(0, -(-d // i) - 1)
+
+
+def show_failure(what: str, result: SippResult) -> None:
+    print(f"--- {what} failed ---", file=sys.stderr)
+    print(result.report(lines=30), file=sys.stderr)
+
+
+def peak_calls(stat_csv: Path) -> int | None:
+    """The largest CurrentCall of a SIPp -trace_stat file."""
+    try:
+        rows = list(csv.DictReader(stat_csv.read_text(errors="replace").splitlines(), delimiter=";"))
+    except OSError:
+        return None
+    values = [int(r["CurrentCall"]) for r in rows if (r.get("CurrentCall") or "").strip().isdigit()]
+    return max(values) if values else None
+
+
+async def measure_idle(pid: int, seconds: float) -> float:
+    """CPU seconds per second of process ``pid`` while nothing happens."""
+    before, t0 = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - t0)
+
+
+async def place_calls(
+    run: Run,
+    work: Path,
+    target: str,
+    pid: int,
+    rtp_ports: tuple[int, int],
+    keys_heard: Callable[[], Awaitable[int | None]],
+) -> None:
+    """Measure ``pid`` idle, then place the run's calls to ``target`` while
+    capturing its RTP, and fill in ``run``."""
+    phase = run.calls / run.rate + run.duration
+    idle_rate = await measure_idle(pid, phase)
+    limit = phase + 60
+    capture = await Capture.start(
+        work / "rtp.pcap",
+        capture_filter(rtp_ports),
+        seconds=limit + 10,
+        max_packets=int(run.calls * 50 * (phase + 10) * 1.5) + 1000,
+    )
+    try:
+        heard_before = await keys_heard()
+        cpu_before, t0 = cpu_seconds(pid), time.monotonic()
+        uac = await run_sipp(
+            SCENARIO,
+            target,
+            local_ip=CALLER_IP,
+            service=SERVICE,
+            calls=run.calls,
+            extra=[
+                "-set", "duration", str(round(run.duration * 1000)),
+                "-set", "interval", str(round(run.interval * 1000)),
+                "-l", str(run.calls), "-r", str(run.rate), "-fd", "1",
+            ],  # fmt: skip
+            timeout=limit,
+            trace_messages=False,
+            log_dir=work / "uac",
+        )
+        cpu_after, t1 = cpu_seconds(pid), time.monotonic()
+        heard_after = await keys_heard()
+    finally:
+        run.rtp = await capture.intervals()
+    with contextlib.suppress(OSError):
+        (work / "rtp.pcap").unlink()  # it can be large; the intervals are what counts
+    run.cpu_seconds, run.wall_seconds = cpu_after - cpu_before, t1 - t0
+    run.idle_cpu = idle_rate * run.wall_seconds
+    run.successful = uac.successful_calls or 0
+    run.failed = max(run.calls - run.successful, uac.failed_calls or 0)
+    run.peak = peak_calls(work / "uac" / f"{SCENARIO.stem}_stat.csv")
+    if heard_before is not None and heard_after is not None:
+        run.keys_heard = heard_after - heard_before
+    if not uac.ok or run.failed:
+        run.error = f"SIPp exit code {uac.returncode}"
+        show_failure(f"{run.system}: UAC ({SCENARIO.name})", uac)
+
+
+async def pbx_run(run: Run, work: Path, log_level: str) -> None:
+    """The calls to `pbx serve`'s IVR; its one process's CPU."""
+    flows = work / "pbx" / "ivr_flows"
+    flows.mkdir(parents=True)
+    (flows / f"{FLOW_NAME}.yaml").write_text(FLOW)
+    server = await start_server(
+        work / "pbx",
+        log_level=log_level,
+        rtp={"ip": "127.0.0.1", "ports": list(RTP_PORTS)},
+        ivr={"dir": str(flows)},
+        sounds={"dir": str(SOUNDS)},
+        inbound={SERVICE: f"ivr:{FLOW_NAME}"},
+        trunks={"sipp": {"host": f"{CALLER_IP}:5060", "inbound_from": [f"{CALLER_IP}/32"]}},
+    )
+    try:
+
+        async def menu_visits() -> int | None:
+            try:
+                async with asyncio.timeout(5):
+                    return round(await server.metric("pbx_ivr_node_visits_total", flow=FLOW_NAME, node="menu"))
+            except (OSError, TimeoutError, ValueError, IndexError):
+                return None
+
+        await warm_up(server, work)
+        await place_calls(run, work, server.sip, server.proc.pid, RTP_PORTS, menu_visits)
+        # Every call enters the menu once on answering, and once more for each key.
+        if run.keys_heard is not None:
+            run.keys_heard -= run.successful
+    finally:
+        code = await server.stop()
+        (work / "pbx.log").write_text("\n".join(server.log) + "\n")
+        for line in server.log:
+            level = next((lv for lv in ("WARNING", "ERROR", "CRITICAL") if f" {lv} " in line), None)
+            if level is not None:
+                run.log_problems[level] = run.log_problems.get(level, 0) + 1
+        if code:
+            print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
+            print("\n".join(server.log[-20:]), file=sys.stderr)
+
+
+async def warm_up(server: Server, work: Path) -> None:
+    """One short call, so that the prompt is decoded and cached before anything is measured."""
+    result = await run_sipp(
+        SCENARIO,
+        server.sip,
+        local_ip=CALLER_IP,
+        service=SERVICE,
+        extra=["-set", "duration", "1500", "-set", "interval", "1000"],
+        timeout=20,
+        trace_messages=True,
+        log_dir=work / "warm-up",
+    )
+    if not result.ok:
+        show_failure("pbx: warm-up call", result)
+        raise RuntimeError("the warm-up call to the IVR failed")
+
+
+class Baseline:
+    """bench/pjsua_baseline.py in a subprocess, driven over its stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, sip_port: int) -> None:
+        self.proc = proc
+        self.sip_port = sip_port
+        self.stats: dict[str, int] = {}
+
+    @classmethod
+    async def start(cls, wav: Path, log: Path, max_seconds: float) -> Baseline:
+        with open(log, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(BASELINE_PROGRAM),
+                "--wav", str(wav), "--sip-port", str(free_port()),
+                "--rtp-port", str(BASELINE_RTP[0]), "--rtp-range", str(BASELINE_RTP[1] - BASELINE_RTP[0]),
+                "--max-seconds", str(math.ceil(max_seconds)),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+            )  # fmt: skip
+        try:
+            async with asyncio.timeout(START_LIMIT):
+                ready = await cls._event(proc)
+        except (TimeoutError, ValueError) as exc:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"pjsua_baseline.py did not start ({exc!r}); see {log}") from None
+        return cls(proc, int(ready["sip_port"]))
+
+    @staticmethod
+    async def _event(proc: asyncio.subprocess.Process) -> dict[str, int]:
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if not line:
+            raise ValueError("it exited")
+        event: dict[str, int] = json.loads(line)
+        return event
+
+    async def stop(self) -> None:
+        """``quit``, 15 s to hang up and report; then SIGKILL."""
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(b"quit\n")
+                await self.proc.stdin.drain()
+            try:
+                async with asyncio.timeout(15):
+                    self.stats = await self._event(self.proc)
+                    await self.proc.wait()
+            except (TimeoutError, ValueError):
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def baseline_run(run: Run, work: Path, wav: Path) -> None:
+    """The calls to pjsua2 playing the prompt; its process's CPU."""
+    phase = run.calls / run.rate + run.duration
+    baseline = await Baseline.start(wav, work / "pjsua.log", max_seconds=2 * phase + 120)
+    try:
+
+        async def no_count() -> int | None:
+            return 0
+
+        await place_calls(run, work, f"127.0.0.1:{baseline.sip_port}", baseline.proc.pid, BASELINE_RTP, no_count)
+    finally:
+        await baseline.stop()
+    run.keys_heard = baseline.stats.get("digits")
+    if baseline.stats.get("players", run.successful) < run.successful:
+        run.error = (run.error + "; " if run.error else "") + f"only {baseline.stats['players']} players started"
+
+
+def make_prompt_wav(path: Path) -> Path:
+    """welcome + menu from config/sounds as one 8 kHz 16-bit mono WAV, which pjmedia reads."""
+    pcm = b""
+    for name in PROMPT:
+        with wave.open(str(SOUNDS / f"{name}.wav"), "rb") as w:
+            frames = w.readframes(w.getnframes())
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+        if width != 2:
+            frames, width = audioop.lin2lin(frames, width, 2), 2
+        if channels == 2:
+            frames = audioop.tomono(frames, 2, 0.5, 0.5)
+        elif channels != 1:
+            raise ValueError(f"{name}.wav has {channels} channels")
+        if rate != 8000:
+            frames, _ = audioop.ratecv(frames, 2, 1, rate, 8000, None)
+        pcm += frames
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(pcm)
+    return path
+
+
+# --- report -------------------------------------------------------------------
+
+
+def table(pairs: list[tuple[Run, Run]]) -> str:
+    head = [
+        "calls", "peak", "failed", "keys heard/sent", "CPU s/call pbx", "RTP p50 ms", "RTP p99 ms", "RTP max ms",
+        "CPU s/call base", "base failed", "ratio",
+    ]  # fmt: skip
+    rows = [head]
+    for pbx, base in pairs:
+        ratio = None
+        if pbx.cpu_per_call is not None and base.cpu_per_call:
+            ratio = pbx.cpu_per_call / base.cpu_per_call
+        rows.append(
+            [
+                str(pbx.calls),
+                _num(pbx.peak, "d"),
+                str(pbx.failed),
+                f"{_num(pbx.keys_heard, 'd')}/{pbx.keys_pressed}",
+                _num(pbx.cpu_per_call),
+                _num(pbx.rtp.percentile(50), ".2f"),
+                _num(pbx.rtp.percentile(99), ".2f"),
+                _num(pbx.rtp.max, ".1f"),
+                _num(base.cpu_per_call),
+                str(base.failed),
+                _num(ratio, ".2f"),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return format(value, fmt) if value is not None else "n/a"
+
+
+async def main(args: argparse.Namespace) -> int:
+    missing = [p for p in ("sipp", "dumpcap") if shutil.which(SIPP if p == "sipp" else p) is None]
+    if missing:
+        print(f"{' and '.join(missing)} not installed (Debian: sip-tester, tshark; make bench installs them)", file=sys.stderr)
+        return 2
+    pcaps = [PCAP_DIR / f"dtmf_2833_{k}.pcap" for k in ("1", "9", "star", "pound")]
+    if not all(p.exists() for p in pcaps):
+        print(f"SIPp's DTMF pcaps are missing from {PCAP_DIR} (they come with sip-tester)", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("warning: not root; SIPp's play_pcap_audio and dumpcap need CAP_NET_RAW", file=sys.stderr)
+    shared = Path(tempfile.mkdtemp(prefix="pbx-bench-ivr-"))
+    try:
+        wav = make_prompt_wav(shared / "prompt.wav")
+        pairs: list[tuple[Run, Run]] = []
+        for index, calls in enumerate(args.calls, 1):
+            runs = []
+            runners: dict[str, tuple[int, Callable[[Run, Path], Awaitable[None]]]] = {
+                "pbx": (calls, lambda run, work: pbx_run(run, work, args.log_level)),
+                "baseline": (BASELINE_CALLS, lambda run, work: baseline_run(run, work, wav)),
+            }
+            for system, (n, runner) in runners.items():
+                run = Run(system, n, args.duration, args.interval, args.rate)
+                work = Path(tempfile.mkdtemp(prefix=f"pbx-bench-ivr-{system}-"))
+                limit = 2 * (n / args.rate + args.duration) + 180
+                try:
+                    async with asyncio.timeout(limit):
+                        await runner(run, work)
+                except TimeoutError:
+                    run.failed, run.error = n, f"run exceeded {limit:.0f} s"
+                except Exception as exc:  # a server did not start, a port was taken, ...
+                    print(f"run {index} {system} broke off: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    run.failed, run.error = n, type(exc).__name__
+                runs.append(run)
+                print(run.summary(index), flush=True)
+                if run.error or args.keep:
+                    print(f"  logs kept in {work}", flush=True)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+            pairs.append((runs[0], runs[1]))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    print()
+    print(table(pairs))
+    base = [b.cpu_per_call for _, b in pairs if b.cpu_per_call]
+    pbx = [p.cpu_per_call for p, _ in pairs if p.cpu_per_call is not None]
+    if len(base) > 1 and pbx:
+        mean = sum(base) / len(base)
+        print(
+            f"\nbaseline over its {len(base)} runs: {mean:.4f} s/call (from {min(base):.4f} to {max(base):.4f}); "
+            "pbx against that mean: " + ", ".join(f"{p.calls} calls {p.cpu_per_call / mean:.2f}" for p, _ in pairs if p.cpu_per_call is not None)
+        )
+    print(
+        f"\nEach call {args.duration:g} s, a key every {args.interval:g} s, up to {args.rate:g} new calls/s. CPU s/call: "
+        "CPU of the process over the call phase minus its idle rate over as long, per completed call. "
+        f"base: pjsua2 {pjsua_version()} (C engine, one AudioMediaPlayer per call, null sound device) answering "
+        f"{BASELINE_CALLS} calls in the same run. ratio: pbx / base, target <= 1.5 (stretch 1.0). RTP: intervals "
+        "between the packets of each stream the PBX sent, captured on lo; target p99 within 20 +- 5 ms."
+    )
+    return 0 if all(r.failed == 0 and not r.error for pair in pairs for r in pair) else 1
+
+
+def pjsua_version() -> str:
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import pjsua2; print(pjsua2.__version__)"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, nargs="+", default=[100, 200, 400], help="calls per run; several values make several runs (default 100 200 400)")
+    parser.add_argument("--duration", type=float, default=20, help="seconds each call lasts once answered (default 20)")
+    parser.add_argument("--interval", type=float, default=5, help="seconds between the keys a caller presses (default 5)")
+    parser.add_argument("--rate", type=float, default=50, help="new calls per second (default 50)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO"], help="the server's log level (default INFO)")
+    parser.add_argument("--keep", action="store_true", help="keep each run's folder (config, logs) even when it passed")
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.calls) or args.duration <= 0 or args.rate <= 0 or args.interval <= 0:
+        parser.error("--calls, --duration, --interval and --rate must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
