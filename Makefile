@@ -38,14 +38,14 @@ test: $(VENV)/.installed test-deps
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-# The bridge benchmark's baseline: Kamailio + rtpengine, started by the
-# benchmark itself. Where systemd runs, the services the packages enable at
+# The bridge benchmark's baseline is Kamailio + rtpengine, started by the
+# benchmark itself: where systemd runs, the services the packages enable at
 # install are disabled again, so that nothing stays listening (on 5060, say).
+# The IVR benchmark captures RTP with tshark's dumpcap.
 bench-deps:
 	@test -x /usr/sbin/kamailio && command -v rtpengine >/dev/null || { \
 	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends kamailio rtpengine-daemon \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now kamailio rtpengine-daemon; }; }
-
 	@command -v dumpcap >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
 
 bench: $(VENV)/.installed test-deps bench-deps
