@@ -77,3 +77,11 @@ async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
             await alice.wait_event("call_state", call=call, state="confirmed")
         finally:
             assert await second.stop() == 0
+
+
+def test_check_warns_when_the_tts_program_is_missing(tmp_path: Path) -> None:
+    config = tmp_path / "pbx.yaml"
+    config.write_text("sounds: {tts: no-such-tts-program}\n")
+    result = pbx("check", "--config", str(config))
+    assert result.returncode == 0
+    assert "warning: sounds.tts is no-such-tts-program, which is not installed" in result.stderr
