@@ -114,7 +114,7 @@ class RelaySide(asyncio.DatagramProtocol):
     count as dropped there.
     """
 
-    def __init__(self, name: str, clock: Callable[[], float], media_clock: MediaClock | None = None) -> None:
+    def __init__(self, name: str, media_clock: MediaClock | None = None) -> None:
         self.name = name
         self.port = 0
         self.other: RelaySide  # set by RtpRelay once both sides exist
@@ -128,16 +128,12 @@ class RelaySide(asyncio.DatagramProtocol):
         self.dest: Address | None = None  # where RTP for the peer goes, None: nowhere
         self.rules: PayloadRules = {}  # for packets received here
         self.counters = RelayCounters()
-        self.first_packet_at: float | None = None
-        self.last_packet_at: float | None = None
-        self.on_first_packet: Callable[[], None] | None = None
         # Each RFC 4733 key press once, as "0"-"9", "*", "#", "A"-"D".
         self.on_dtmf: Callable[[str], None] | None = None
         # (payload, payload type) of every other RTP packet the peer sends us.
         self.on_audio: Callable[[bytes, int], None] | None = None
         self.played = 0  # frames of our own sent to the peer
         self.closed = False  # set by RtpRelay.close()
-        self._clock = clock
         self._media_clock = media_clock
         self._dtmf_timestamp: int | None = None  # of the last event reported
         # Our own outgoing stream, used once this side has played something.
@@ -212,7 +208,6 @@ class RelaySide(asyncio.DatagramProtocol):
         elif addr != source:
             counters.dropped += 1
             return
-        self.last_packet_at = self._clock()
         if self.on_dtmf is not None or self.on_audio is not None:
             try:
                 self._hear(data)
@@ -246,10 +241,6 @@ class RelaySide(asyncio.DatagramProtocol):
                     counters.transcoded += 1
             counters.relayed += 1
             counters.bytes += len(data)
-        if self.first_packet_at is None:
-            self.first_packet_at = self.last_packet_at
-            if self.on_first_packet is not None:
-                self.on_first_packet()
 
     def error_received(self, exc: Exception) -> None:
         # sendto() failures (unreachable peer, ICMP errors) land here; a lost
@@ -442,10 +433,10 @@ class _RtcpForwarder(asyncio.DatagramProtocol):
 class RtpRelay:
     """Relays the media of one bridged call between side ``a`` and side ``b``."""
 
-    def __init__(self, clock: Callable[[], float], media_clock: MediaClock | None = None) -> None:
+    def __init__(self, media_clock: MediaClock | None = None) -> None:
         """Use ``await RtpRelay.create(pool)``, which also binds the sockets."""
-        self.a = RelaySide("a", clock, media_clock)
-        self.b = RelaySide("b", clock, media_clock)
+        self.a = RelaySide("a", media_clock)
+        self.b = RelaySide("b", media_clock)
         self.a.other = self.b
         self.b.other = self.a
         self._pairs: list[RtpSocketPair[RelaySide, _RtcpForwarder]] = []
@@ -458,7 +449,7 @@ class RtpRelay:
         a relay without one only relays. Raises what the pool raises
         (RtpPortsExhausted, an OSError) and then holds no port.
         """
-        relay = cls(asyncio.get_running_loop().time, clock)
+        relay = cls(clock)
         try:
             await relay._bind(relay.a, pool)
             await relay._bind(relay.b, pool)
