@@ -46,9 +46,10 @@ class CallAudio:
             try:
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not key.done():  # also when the call hangs up and cancels us
+                pressed = key.done()
+                if not pressed:  # also when the call hangs up and cancels us
                     key.cancel()
-            if not key.cancelled():
+            if pressed:
                 playback.stop()
                 return key.result()
         return None

@@ -77,8 +77,7 @@ class Server:
         assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
-            if os.environ.get("PBX_TEST_LOG"):
-                print(f"[pbx] {text}", file=sys.stderr)
+            print(f"[pbx] {text}", file=sys.stderr)  # pytest shows it when the test fails
             async with self._changed:
                 self.log.append(text)
                 self._changed.notify_all()
