@@ -51,7 +51,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +62,8 @@ if str(ROOT) not in sys.path:
 
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
+
+from bench.measure import run_bounded  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
@@ -497,22 +498,9 @@ async def main(args: argparse.Namespace) -> int:
         runs = []
         for system, runner in runners.items():
             run = Run(system, calls, args.duration, args.rate)
-            work = Path(tempfile.mkdtemp(prefix=f"pbx-bench-{system}-"))
             limit = calls / args.rate + args.duration + 120
-            try:
-                async with asyncio.timeout(limit):
-                    await runner(run, work)
-            except TimeoutError:
-                run.failed, run.error = calls, f"run exceeded {limit:.0f} s"
-            except Exception as exc:  # a server did not start, a port was taken, ...
-                print(f"run {index} {system} broke off: {type(exc).__name__}: {exc}", file=sys.stderr)
-                run.failed, run.error = calls, type(exc).__name__
+            await run_bounded(index, run, runner, limit=limit, keep=args.keep, prefix=f"pbx-bench-{system}-")
             runs.append(run)
-            print(run.summary(index), flush=True)
-            if run.error or args.keep:
-                print(f"  logs kept in {work}", flush=True)
-            else:
-                shutil.rmtree(work, ignore_errors=True)
         pairs.append((runs[0], runs[1]))
     print()
     print(table(pairs))

@@ -84,6 +84,8 @@ if str(ROOT) not in sys.path:
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp  # noqa: E402
 
+from bench.measure import run_bounded  # noqa: E402
+
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
 BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
 SOUNDS = ROOT / "config" / "sounds"
@@ -632,22 +634,9 @@ async def main(args: argparse.Namespace) -> int:
             }
             for system, (n, runner) in runners.items():
                 run = Run(system, n, args.duration, args.interval, args.rate)
-                work = Path(tempfile.mkdtemp(prefix=f"pbx-bench-ivr-{system}-"))
                 limit = 2 * (n / args.rate + args.duration) + 180
-                try:
-                    async with asyncio.timeout(limit):
-                        await runner(run, work)
-                except TimeoutError:
-                    run.failed, run.error = n, f"run exceeded {limit:.0f} s"
-                except Exception as exc:  # a server did not start, a port was taken, ...
-                    print(f"run {index} {system} broke off: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    run.failed, run.error = n, type(exc).__name__
+                await run_bounded(index, run, runner, limit=limit, keep=args.keep, prefix=f"pbx-bench-ivr-{system}-")
                 runs.append(run)
-                print(run.summary(index), flush=True)
-                if run.error or args.keep:
-                    print(f"  logs kept in {work}", flush=True)
-                else:
-                    shutil.rmtree(work, ignore_errors=True)
             pairs.append((runs[0], runs[1]))
     finally:
         shutil.rmtree(shared, ignore_errors=True)

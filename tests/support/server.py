@@ -77,7 +77,8 @@ class Server:
         assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
-            print(f"[pbx] {text}", file=sys.stderr)  # pytest shows it when the test fails
+            if "PYTEST_CURRENT_TEST" in os.environ:  # captured: pytest shows it when the test fails
+                print(f"[pbx] {text}", file=sys.stderr)
             async with self._changed:
                 self.log.append(text)
                 self._changed.notify_all()
