@@ -32,7 +32,7 @@ from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RelaySide, RtpRelay
 from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
-from pbx.sip.dialog import InboundLeg, Leg, LegEvents, LegState, OutboundLeg
+from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
 from pbx.sip.messages import make_response
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import (
@@ -49,6 +49,8 @@ from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.store.db import Store
 
 logger = logging.getLogger(__name__)
+
+ALLOW_OUT_OF_DIALOG = f"{ALLOW}, REGISTER"
 
 
 class CallState(enum.Enum):
@@ -139,13 +141,13 @@ class CallService:
         elif method == "INVITE":
             self._new_call(request, flow, txn)
         elif method == "OPTIONS":
-            txn.reply(200, headers={"Allow": "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER", "Accept": "application/sdp"})
+            txn.reply(200, headers={"Allow": ALLOW_OUT_OF_DIALOG, "Accept": "application/sdp"})
         elif method == "SUBSCRIBE":
             txn.reply(489, "Bad Event")
         elif method in ("BYE", "INFO", "UPDATE", "PRACK", "NOTIFY"):
             txn.reply(481)
         elif method != "ACK":
-            txn.reply(405, headers={"Allow": "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REGISTER"})
+            txn.reply(405, headers={"Allow": ALLOW_OUT_OF_DIALOG})
 
     def handle_stray_response(self, response: SipResponse) -> None:
         """A 2xx retransmitted after its transaction ended: ACK it again."""
@@ -254,6 +256,7 @@ class CallService:
             self._fail_caller(call, 503, "failed")
             return
         if call.state is CallState.ENDED:  # the caller cancelled meanwhile
+            call.relay.close()
             return
         await self._go(call, destination)
 
