@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import run_bounded  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
@@ -75,7 +75,6 @@ RELAYED_METRIC = "pbx_rtp_packets_relayed_total"
 RTP_PORTS = [20000, 31998]
 KAMAILIO_WORKERS = 2  # UDP receiver processes (-n): a small number, for 2 cores
 DAEMON_START_LIMIT = 10.0  # seconds for Kamailio or rtpengine to answer a probe
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -105,8 +104,8 @@ class Run:
         text = (
             f"run {index} {self.system}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s: "
             f"{self.failed} failed, CPU {self.cpu_seconds:.2f} s "
-            f"({_num(self.cpu_per_call)} s/call, {_num(self.cpu_per_call_minute)} s per call-minute), "
-            f"RTP relayed {_num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s"
+            f"({num(self.cpu_per_call)} s/call, {num(self.cpu_per_call_minute)} s per call-minute), "
+            f"RTP relayed {num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s"
         )
         text += f" ({self.detail})" if self.detail else ""
         return text + (f" [{self.error}]" if self.error else "")
@@ -120,21 +119,6 @@ class System:
     sip: str
     cpu_seconds: Callable[[], float]
     relayed: Callable[[], Awaitable[float | None]]
-
-
-def proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after "pid (comm)": [0] is field 3 of
-    proc(5) (state), [3] field 6 (session), [11] and [12] fields 14 and 15
-    (utime, stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far."""
-    fields = proc_stat(pid)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def session_pids(sid: int) -> list[int]:
@@ -458,23 +442,16 @@ def table(pairs: list[tuple[Run, Run]]) -> str:
                 str(pbx.calls),
                 str(pbx.failed),
                 str(base.failed),
-                _num(pbx.cpu_per_call),
-                _num(base.cpu_per_call),
-                _num(ratio, ".2f"),
-                _num(pbx.cpu_per_call_minute),
-                _num(base.cpu_per_call_minute),
-                _num(pbx.relayed, ".0f"),
-                _num(base.relayed, ".0f"),
+                num(pbx.cpu_per_call),
+                num(base.cpu_per_call),
+                num(ratio, ".2f"),
+                num(pbx.cpu_per_call_minute),
+                num(base.cpu_per_call_minute),
+                num(pbx.relayed, ".0f"),
+                num(base.relayed, ".0f"),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _num(value: float | None, fmt: str = ".4f") -> str:
-    return format(value, fmt) if value is not None else "n/a"
+    return aligned(rows)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -84,7 +84,7 @@ if str(ROOT) not in sys.path:
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp  # noqa: E402
 
-from bench.measure import run_bounded  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
 BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
@@ -116,25 +116,9 @@ PAUSE_SECONDS = 1.0  # a longer gap between two packets of a stream is a pause, 
 CAPTURE_SNAPLEN = 96  # Ethernet + IPv4 + UDP + RTP headers, with room for IP options and CSRCs
 CAPTURE_MAX_KB = 400_000
 START_LIMIT = 15.0  # seconds for dumpcap or pjsua2 to come up
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- measurements -------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of process ``pid`` so far: all its threads, also ended ones.
-
-    Read from the process's CPU-time clock (clock_getcpuclockid(3): what
-    utime + stime of /proc/PID/stat add up to, in nanoseconds rather than
-    clock ticks, which matters for pjsua2's 4 calls); /proc/PID/stat where
-    that clock cannot be read."""
-    with contextlib.suppress(OSError):
-        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @dataclass
@@ -166,9 +150,9 @@ class Intervals:
             return f"RTP intervals n/a ({self.error})"
         share = self.within(15, 25)
         text = (
-            f"RTP sent {self.packets} packets in {self.streams} streams, interval p50 {_num(self.percentile(50), '.2f')} "
-            f"p99 {_num(self.percentile(99), '.2f')} max {_num(self.max, '.1f')} ms, "
-            f"{_num(share * 100 if share is not None else None, '.2f')}% within 20 +- 5 ms"
+            f"RTP sent {self.packets} packets in {self.streams} streams, interval p50 {num(self.percentile(50), '.2f')} "
+            f"p99 {num(self.percentile(99), '.2f')} max {num(self.max, '.1f')} ms, "
+            f"{num(share * 100 if share is not None else None, '.2f')}% within 20 +- 5 ms"
         )
         if self.pauses:
             text += f", {self.pauses} pauses > {PAUSE_SECONDS:g} s left out"
@@ -330,9 +314,9 @@ class Run:
     def summary(self, index: int) -> str:
         text = (
             f"run {index} {self.system}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s, a key every "
-            f"{self.interval:g} s: {self.failed} failed, peak {_num(self.peak, 'd')} at once, keys heard "
-            f"{_num(self.keys_heard, 'd')}/{self.keys_pressed}; CPU {self.cpu_seconds:.2f} s - idle {self.idle_cpu:.2f} s "
-            f"= {_num(self.cpu_per_call)} s/call over a {self.wall_seconds:.1f} s call phase; {self.rtp.summary()}"
+            f"{self.interval:g} s: {self.failed} failed, peak {num(self.peak, 'd')} at once, keys heard "
+            f"{num(self.keys_heard, 'd')}/{self.keys_pressed}; CPU {self.cpu_seconds:.2f} s - idle {self.idle_cpu:.2f} s "
+            f"= {num(self.cpu_per_call)} s/call over a {self.wall_seconds:.1f} s call phase; {self.rtp.summary()}"
         )
         if self.log_problems:
             text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
@@ -589,26 +573,19 @@ def table(pairs: list[tuple[Run, Run]]) -> str:
         rows.append(
             [
                 str(pbx.calls),
-                _num(pbx.peak, "d"),
+                num(pbx.peak, "d"),
                 str(pbx.failed),
-                f"{_num(pbx.keys_heard, 'd')}/{pbx.keys_pressed}",
-                _num(pbx.cpu_per_call),
-                _num(pbx.rtp.percentile(50), ".2f"),
-                _num(pbx.rtp.percentile(99), ".2f"),
-                _num(pbx.rtp.max, ".1f"),
-                _num(base.cpu_per_call),
+                f"{num(pbx.keys_heard, 'd')}/{pbx.keys_pressed}",
+                num(pbx.cpu_per_call),
+                num(pbx.rtp.percentile(50), ".2f"),
+                num(pbx.rtp.percentile(99), ".2f"),
+                num(pbx.rtp.max, ".1f"),
+                num(base.cpu_per_call),
                 str(base.failed),
-                _num(ratio, ".2f"),
+                num(ratio, ".2f"),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _num(value: float | None, fmt: str = ".4f") -> str:
-    return format(value, fmt) if value is not None else "n/a"
+    return aligned(rows)
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -42,3 +45,41 @@ async def run_bounded(
         print(f"  logs kept in {work}", flush=True)
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after "pid (comm)": [0] is field 3 of
+    proc(5) (state), [3] field 6 (session), [11] and [12] fields 14 and 15
+    (utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` so far: all its threads, also ended ones.
+
+    Read from the process's CPU-time clock (clock_getcpuclockid(3): what
+    utime + stime of /proc/PID/stat add up to, in nanoseconds rather than
+    clock ticks, which matters for small figures); /proc/PID/stat where that
+    clock cannot be read."""
+    with contextlib.suppress(OSError):
+        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def num(value: float | None, fmt: str = ".4f") -> str:
+    """A figure for a table, "n/a" when it was not measured."""
+    return format(value, fmt) if value is not None else "n/a"
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """Rows of cells right-aligned in columns, the first row the heading."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -9,7 +9,6 @@ is not installed; the other TTS tests use a stand-in program written here.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import shutil
 import stat
