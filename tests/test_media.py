@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, UnsupportedCodec, alaw_to_ulaw, decode_to_pcm16, ulaw_to_alaw
 from pbx.media.ports import RtpPortPool, RtpPortsExhausted
 from pbx.media.relay import RtpRelay
+from tests.support.server import free_udp_block
 
 HOST = "127.0.0.1"
 RATE = 8000
@@ -32,21 +32,8 @@ RATE = 8000
 
 def free_range(pairs: int) -> tuple[int, int]:
     """An even-based port range of ``pairs`` RTP/RTCP pairs that is free right now."""
-    for _ in range(50):
-        base = random.randrange(30000, 60000, 2)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + 2 * pairs):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base, base + 2 * pairs - 1
-    raise RuntimeError("no free port range found")
+    base = free_udp_block(2 * pairs, HOST)
+    return base, base + 2 * pairs - 1
 
 
 class Peer(asyncio.DatagramProtocol):

@@ -38,6 +38,29 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_udp_block(count: int, host: str = "127.0.0.1") -> int:
+    """An even UDP port that is free on ``host`` together with the ``count - 1`` above it."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            base = int(s.getsockname()[1]) & ~1
+        if base + count - 1 > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no {count} free UDP ports in a row on {host}")
+
+
 def base_config(sip_port: int, http_port: int, data_dir: Path) -> dict[str, Any]:
     rtp = next(_next_rtp_base)
     return {

@@ -20,13 +20,12 @@ import csv
 import math
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.server import free_port
+from tests.support.server import free_port, free_udp_block
 
 SIPP = shutil.which("sipp") or "sipp"
 SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
@@ -93,25 +92,7 @@ class SippResult:
 def free_media_port(host: str = "127.0.0.1") -> int:
     """An even UDP port that is free on ``host`` with the three above it
     (SIPp uses -mp for audio, -mp+2 for video, and RTCP may take the odd ones)."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((host, 0))
-            base = int(s.getsockname()[1]) & ~1
-        if base + 3 > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + 4):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base
-    raise RuntimeError("no free media port range found")
+    return free_udp_block(4, host)
 
 
 def sipp_command(
