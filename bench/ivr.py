@@ -81,7 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support.server import Server, free_port, start_server  # noqa: E402
+from tests.support.server import Server, free_port, start_server, stop_process  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp  # noqa: E402
 
 from bench.measure import aligned, cpu_seconds, num, run_bounded  # noqa: E402
@@ -250,15 +250,7 @@ class Capture:
 
     async def stop(self) -> None:
         """SIGINT (it writes its statistics and ends), then SIGKILL after 10 s."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await stop_process(self.proc, (signal.SIGINT, 10))
 
     def dropped(self) -> int | None:
         found = re.findall(r"Packets received/dropped on interface '[^']*': (\d+)/(\d+)", self.log.read_text(errors="replace"))

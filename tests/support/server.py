@@ -38,6 +38,23 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
         return port
 
 
+async def stop_process(proc: asyncio.subprocess.Process, *steps: tuple[int, float]) -> None:
+    """Send each step's signal and wait up to its seconds, until the process
+    has exited; SIGKILL whatever is still running after the last step."""
+    for sig, seconds in steps:
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await proc.wait()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 def free_udp_block(count: int, host: str = "127.0.0.1") -> int:
     """An even UDP port that is free on ``host`` together with the ``count - 1`` above it."""
     for _ in range(200):
@@ -147,14 +164,7 @@ class Server:
         return 0.0
 
     async def stop(self) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await stop_process(self.proc, (signal.SIGTERM, 10))
         if self._reader is not None:
             await self._reader
         return self.proc.returncode or 0

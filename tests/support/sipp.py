@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.server import free_port, free_udp_block
+from tests.support.server import free_port, free_udp_block, stop_process
 
 SIPP = shutil.which("sipp") or "sipp"
 SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
@@ -172,10 +172,7 @@ class SippProcess:
             async with asyncio.timeout(timeout):
                 await self.proc.wait()
         except TimeoutError:
-            await self._signal_and_wait(signal.SIGINT, 3)
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
+            await stop_process(self.proc, (signal.SIGINT, 3))
         return self.result()
 
     async def stop(self, grace: float = 2.0, *, keep_logs: bool = False) -> SippResult:
@@ -183,27 +180,13 @@ class SippProcess:
         ``grace`` seconds, then SIGINT ends it at once (still writing its
         logs and final statistics), then SIGKILL. The result holds the logs'
         text; a log folder this object made is removed unless ``keep_logs``."""
-        if self.proc.returncode is None:
-            if grace > 0:
-                await self._signal_and_wait(signal.SIGUSR1, grace)
-            await self._signal_and_wait(signal.SIGINT, 5)
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
+        graceful = [(signal.SIGUSR1, grace)] if grace > 0 else []
+        await stop_process(self.proc, *graceful, (signal.SIGINT, 5))
         result = self.result()
         if not keep_logs and self._owns_log_dir:
             self.cleanup()
             result.log_dir = None
         return result
-
-    async def _signal_and_wait(self, sig: int, seconds: float) -> None:
-        if self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self.proc.wait()
 
     def result(self) -> SippResult:
         """What SIPp has written so far (its exit code once it ended; -1 before)."""
