@@ -68,7 +68,7 @@ class Pbx:
             media_ip=media_ip,
             clock=self.clock,
             flows=lambda: self.flows,
-            prompts=self.prompts,
+            prompts=lambda: self.prompts,
             http=self.http,
         )
         self.stack.on_request = self._on_request
@@ -140,7 +140,7 @@ class Pbx:
             logger.warning("sip.listen and rtp changes take effect at the next restart")
         self.config = new
         self.flows = flows
-        self.prompts = self.calls.prompts = prompts
+        self.prompts = prompts
         self.authenticator.realm = new.sip.domain
         self.authenticator.algorithms = new.sip.auth_algorithms
         for trunk in self.trunks:

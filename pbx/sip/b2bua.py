@@ -104,7 +104,7 @@ class CallService:
         media_ip: str,
         clock: MediaClock,
         flows: Callable[[], Mapping[str, IvrFlow]],
-        prompts: PromptLibrary,
+        prompts: Callable[[], PromptLibrary],
         http: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self.config = config
@@ -310,7 +310,7 @@ class CallService:
             call.answered_at = time.time()
             self.events.emit("call_answered", call_id=call.id)
         call.state = CallState.IVR
-        call.audio = CallAudio(call.relay.a, self.prompts, codec.name)
+        call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
         session = IvrSession(
             self.flows(),
             flow,

@@ -81,9 +81,6 @@ class Leg:
         self.dialog = dialog
         self.events = events
         self.state = LegState.CALLING
-        self.remote_sdp: str | None = None
-        self.local_sdp: str | None = None
-        self.user_agent = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -127,7 +124,6 @@ class Leg:
         """200 OK with our new SDP to a re-INVITE this leg received."""
         response = make_response(txn.request, 200, to_tag=self.dialog.local_tag)
         self._stamp(response, body, contact=True)
-        self.local_sdp = body
         txn.respond(response)
 
     def send(self, method: str, body: str | None = None, on_response: Callable[[SipResponse], None] | None = None) -> ClientTransaction:
@@ -212,8 +208,6 @@ class InboundLeg(Leg):
         self.invite = invite
         self.txn = txn
         txn.to_tag = self.dialog.local_tag
-        self.remote_sdp = invite.text if invite.body else None
-        self.user_agent = invite.get_header("user-agent") or ""
         self._ok: SipResponse | None = None
         self._ok_timer: asyncio.TimerHandle | None = None
         self.on_ack_timeout: Callable[[InboundLeg], None] = lambda leg: None
@@ -233,7 +227,6 @@ class InboundLeg(Leg):
     def answer(self, body: str) -> None:
         """200 OK with our SDP answer, retransmitted over UDP until the ACK."""
         self._enter(LegState.ANSWERED)
-        self.local_sdp = body
         self._ok = self._response(200, body=body)
         self.dialog.confirm()
         self.txn.respond(self._ok)
@@ -302,7 +295,7 @@ class OutboundLeg(Leg):
             state=DialogState.EARLY,
         )
         super().__init__(stack, flow, dialog, events)
-        self.local_sdp = body
+        self.offer = body  # sent again when the INVITE is retried with credentials
         self.from_name = from_name
         self.auth = auth
         self._auth_tries = 0
@@ -313,7 +306,7 @@ class OutboundLeg(Leg):
         self._send_invite(None)
 
     def _send_invite(self, credentials: tuple[str, str] | None) -> None:
-        request = self.new_request("INVITE", self.local_sdp)
+        request = self.new_request("INVITE", self.offer)
         if self.from_name:
             request.headers.set_single("From", f'"{self.from_name}" <{self.dialog.local_uri}>;tag={self.dialog.local_tag}')
         if credentials is not None:
@@ -389,8 +382,6 @@ class OutboundLeg(Leg):
             self.bye()
             return
         self._enter(LegState.ANSWERED)
-        self.remote_sdp = resp.text if resp.body else None
-        self.user_agent = resp.get_header("server") or resp.get_header("user-agent") or ""
         self.events.answered(self, resp)
 
     def _answer_challenge(self, resp: SipResponse, status: int) -> tuple[str, str] | None:
