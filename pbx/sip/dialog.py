@@ -31,7 +31,7 @@ from aiosipua import (
 from aiosipua.auth import build_credentials
 
 from pbx.sip.messages import make_response
-from pbx.sip.stack import T1, T2, TIMER_B, ClientTransaction, Flow, ServerTransaction, SipStack
+from pbx.sip.stack import T1, T2, TIMER_B, ClientTransaction, Flow, ServerTransaction, SipStack, invite_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -325,16 +325,7 @@ class OutboundLeg(Leg):
             self._finish()
 
     def _send_cancel(self) -> None:
-        invite = self._invite
-        cancel = SipRequest(method="CANCEL", uri=invite.uri)
-        cancel.headers.append("Via", invite.headers.get("via")[0])
-        for name in ("From", "To", "Call-ID", "Route"):
-            for value in invite.headers.get(name):
-                cancel.headers.append(name, value)
-        cseq = invite.cseq
-        cancel.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} CANCEL")
-        cancel.headers.set_single("Max-Forwards", "70")
-        self.stack.request(cancel, self.flow, lambda r: None)
+        self.stack.request(invite_sibling(self._invite, "CANCEL"), self.flow, lambda r: None)
 
     def _on_response(self, resp: SipResponse) -> None:
         status = resp.status_code

@@ -192,16 +192,24 @@ class ClientTransaction:
 
     def _send_ack(self, response: SipResponse) -> None:
         """ACK for a non-2xx final response: same branch, To from the response (§17.1.1.3)."""
-        ack = SipRequest(method="ACK", uri=self.request.uri)
-        ack.headers.append("Via", self.request.headers.get("via")[0])
-        for name in ("From", "Call-ID", "Route"):
-            for value in self.request.headers.get(name):
-                ack.headers.append(name, value)
-        ack.headers.set_single("To", response.headers.get_first("to") or "")
-        cseq = self.request.cseq
-        ack.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} ACK")
-        ack.headers.set_single("Max-Forwards", "70")
+        ack = invite_sibling(self.request, "ACK", to=response.headers.get_first("to") or "")
         self.stack.send_request(ack, self.flow)
+
+
+def invite_sibling(invite: SipRequest, method: str, *, to: str | None = None) -> SipRequest:
+    """A CANCEL, or the ACK of a non-2xx answer, for ``invite`` (RFC 3261
+    §9.1, §17.1.1.3): its Request-URI, top Via, From, Call-ID, Route and CSeq
+    number; To as the INVITE's, or ``to`` (the answer's, with its tag)."""
+    request = SipRequest(method=method, uri=invite.uri)
+    request.headers.append("Via", invite.headers.get("via")[0])
+    for name in ("From", "Call-ID", "Route"):
+        for value in invite.headers.get(name):
+            request.headers.append(name, value)
+    request.headers.set_single("To", to if to is not None else invite.headers.get_first("to") or "")
+    cseq = invite.cseq
+    request.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} {method}")
+    request.headers.set_single("Max-Forwards", "70")
+    return request
 
 
 @dataclass
