@@ -17,7 +17,9 @@ The server can also talk to a side itself (IVR prompts, music on hold, later
 queues) without a re-INVITE, since the peer's SDP already points at the side's
 port: ``side.play(frames)`` sends one pre-encoded 20 ms payload per tick of
 the process's shared ``MediaClock`` (no task per call), while whatever the
-other side relays towards that peer is held back. Received RFC 4733 events are
+other side relays towards that peer is held back. A sender that serves many
+sides from one stream of its own (music on hold) hands each side its frame
+with ``side.send_frame(payload, tick)`` instead. Received RFC 4733 events are
 reported through ``side.on_dtmf`` and received audio through ``side.on_audio``.
 
 What the peer receives stays one continuous RTP stream across the switches
@@ -302,6 +304,45 @@ class RelaySide(asyncio.DatagramProtocol):
                 self._media_clock.unsubscribe(self._subscription)
                 self._subscription = None
 
+    def send_frame(self, payload: bytes, tick: int) -> None:
+        """Send one pre-encoded 20 ms frame of our own stream, stamped for clock tick ``tick``.
+
+        For senders that share one stream among many sides (music on hold),
+        called from their clock callback; ``play()`` uses it too. The frame
+        goes out under the side's codec payload type, SSRC and next sequence
+        number, with a marker and the clock's time when the last packet the
+        peer got was not for ``tick - 1``. Counted in ``played``. Without a
+        destination (no address yet, on hold) or codec nothing is sent.
+        Unlike ``play()`` it does not hold back what the other side relays;
+        packets relayed afterwards continue this stream.
+        """
+        # Called from outside play(), this side may not have taken its stream
+        # over yet; and the next relayed packet must fix new offsets after us.
+        self._rewriting = True
+        self._in_ssrc = None
+        dest = self.dest
+        codec = self.codec
+        if dest is None or codec is None:
+            return
+        if self._position == tick - 1:
+            second = codec.payload_type
+            timestamp = (self._timestamp + self._samples) & 0xFFFFFFFF
+        else:  # a talkspurt starts (or our stream takes over): marker
+            second = codec.payload_type | 0x80
+            timestamp = self._next_timestamp(tick)
+        seq = (self._seq + 1) & 0xFFFF
+        packer = self._packer
+        if packer.size != _RTP_HEADER + len(payload):
+            packer = self._packer = _packet_struct(len(payload))
+            self._packet = bytearray(packer.size)
+        packer.pack_into(self._packet, 0, 0x80, second, seq, timestamp, self._ssrc, payload)
+        # The transport copies the buffer only if the socket would block.
+        self.transport.sendto(self._packet, dest)
+        self._seq = seq
+        self._timestamp = timestamp
+        self._position = tick
+        self.played += 1
+
     def _tick(self, tick: int) -> None:
         """Send the next frame: the per-packet path of every prompt played."""
         playback = self._playback
@@ -309,29 +350,8 @@ class RelaySide(asyncio.DatagramProtocol):
             return
         frames = playback.frames
         index = playback._index
-        payload = frames[index]
+        self.send_frame(frames[index], tick)
         index += 1
-        dest = self.dest
-        codec = self.codec
-        if dest is not None and codec is not None:
-            if self._position == tick - 1:
-                second = codec.payload_type
-                timestamp = (self._timestamp + self._samples) & 0xFFFFFFFF
-            else:  # a talkspurt starts (or our stream takes over): marker
-                second = codec.payload_type | 0x80
-                timestamp = self._next_timestamp(tick)
-            seq = (self._seq + 1) & 0xFFFF
-            packer = self._packer
-            if packer.size != _RTP_HEADER + len(payload):
-                packer = self._packer = _packet_struct(len(payload))
-                self._packet = bytearray(packer.size)
-            packer.pack_into(self._packet, 0, 0x80, second, seq, timestamp, self._ssrc, payload)
-            # The transport copies the buffer only if the socket would block.
-            self.transport.sendto(self._packet, dest)
-            self._seq = seq
-            self._timestamp = timestamp
-            self._position = tick
-            self.played += 1
         if index < len(frames):
             playback._index = index
         elif playback.loop:
