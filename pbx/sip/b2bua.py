@@ -13,10 +13,11 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, parse_address, parse_uri
@@ -56,8 +57,36 @@ ALLOW_OUT_OF_DIALOG = f"{ALLOW}, REGISTER"
 class CallState(enum.Enum):
     RINGING = "ringing"
     IVR = "ivr"
+    QUEUED = "queued"
     ANSWERED = "answered"
     ENDED = "ended"
+
+
+class Unreachable(Exception):
+    """A destination that cannot be rung now, with the status and CDR disposition that say why."""
+
+    def __init__(self, status: int, disposition: str) -> None:
+        super().__init__(f"{status} {disposition}")
+        self.status = status
+        self.disposition = disposition
+
+
+# A dialed leg that answered, and its 200 OK.
+Answered = tuple[OutboundLeg, SipResponse]
+
+
+class Queues(Protocol):
+    """What the call service needs of the queues (wired in by app.py)."""
+
+    def exists(self, name: str) -> bool:
+        """Whether ``queue:NAME`` can take callers."""
+
+    async def wait(self, call: Call, queue: str) -> Destination | None:
+        """Keep ``call`` in ``queue`` until an agent has it (None, also when the
+        caller hung up or asked for a callback) or it must go elsewhere."""
+
+    def feature(self, extension: str, code: str) -> str:
+        """Carry out agent feature ``code`` for ``extension``; the prompt confirming it."""
 
 
 @dataclass
@@ -68,7 +97,7 @@ class Call:
     direction: str  # internal | inbound | outbound
     caller: str
     callee: str
-    a: InboundLeg
+    a: Leg  # an InboundLeg, or for calls the server places (callbacks) the agent's OutboundLeg
     a_media: MediaDescription
     relay: RtpRelay | None = None
     forks: list[OutboundLeg] = field(default_factory=list)
@@ -85,6 +114,14 @@ class Call:
     ringing_sent: bool = False
     task: asyncio.Task[Any] | None = None
     audio: CallAudio | None = None
+    queue: str | None = None
+    agent: str | None = None
+    # Extensions this call occupies: the calling one, the rung or bridged one, the agent.
+    extensions: set[str] = field(default_factory=set)
+    # Resolves with the CDR disposition when the call ends.
+    done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Resolves when the caller is bridged to someone.
+    bridged: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class CallService:
@@ -120,7 +157,9 @@ class CallService:
         self.store = store
         self.events = events
         self.media_ip = media_ip
+        self.queues: Queues | None = None
         self.calls: dict[str, Call] = {}
+        self._ringing: Counter[str] = Counter()  # extensions being dialed outside a call's forks
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -199,15 +238,11 @@ class CallService:
             logger.info("call from %s refused: %s", caller, exc)
             txn.reply(488)
             return
-        call = Call(
-            id=request.call_id or "",
-            direction=direction,
-            caller=caller,
-            callee=called,
-            a=InboundLeg(self.stack, flow, request, txn, self._a_events()),
-            a_media=a_media,
-        )
-        call.a.on_ack_timeout = lambda leg: self._leg_hung_up(leg)
+        a = InboundLeg(self.stack, flow, request, txn, self._a_events())
+        a.on_ack_timeout = self._leg_hung_up
+        call = Call(id=request.call_id or "", direction=direction, caller=caller, callee=called, a=a, a_media=a_media)
+        if direction != "inbound":
+            call.extensions.add(caller)
         self.calls[call.id] = call
         self._legs[call.a.key] = (call, call.a)
         self.events.emit("call_started", call_id=call.id, direction=direction)
@@ -264,7 +299,16 @@ class CallService:
         """Whether this server can take a call to ``destination`` now."""
         if destination.kind == "ivr":
             return destination.target in self.flows()
+        if destination.kind == "queue":
+            return self.queues is not None and self.queues.exists(destination.target)
+        if destination.kind == "feature":
+            features = self.config().features
+            return self.queues is not None and destination.target in (features.agent_login, features.agent_pause)
         return destination.kind in ("extension", "external", "hangup")
+
+    def extension_busy(self, extension: str) -> bool:
+        """Whether ``extension`` is on a call or being rung (queue agents are never rung then)."""
+        return self._ringing[extension] > 0 or any(extension in call.extensions for call in self.calls.values())
 
     async def _go(self, call: Call, destination: Destination) -> None:
         """Send the call where ``destination`` says."""
@@ -280,14 +324,29 @@ class CallService:
         if destination.kind == "ivr":
             await self._run_ivr(call, destination.target)
             return
-        offer = build_sdp(self.media_ip, call.relay.b.port, self._offer_codecs(call), DTMF_PT)
+        if destination.kind == "queue":
+            await self._queue(call, destination.target)
+            return
+        if destination.kind == "feature":
+            await self._feature(call, destination.target)
+            return
+        try:
+            legs = await self._make_legs(call.caller, destination, self.offer_sdp(call), self._b_events())
+        except Unreachable as exc:
+            self._fail_caller(call, exc.status, exc.disposition)
+            return
+        if call.state is CallState.ENDED:
+            return
         if destination.kind == "extension":
-            self._ring_extension(call, cfg, destination.target, offer)
-        else:
-            trunk = cfg.trunks[destination.trunk] if destination.trunk else next(iter(cfg.trunks.values()))
-            await self._dial_trunk(call, cfg, trunk, destination.target, offer)
-        if call.state is CallState.RINGING and call.forks:
-            call.ring_timer = asyncio.get_running_loop().call_later(cfg.sip.ring_timeout, self._no_answer, call)
+            call.extensions.add(destination.target)
+        for leg in legs:
+            self._add_fork(call, leg)
+        call.ring_timer = asyncio.get_running_loop().call_later(cfg.sip.ring_timeout, self._no_answer, call)
+
+    def offer_sdp(self, call: Call) -> str:
+        """The SDP offer for ringing someone on the relay's b side on behalf of ``call``."""
+        assert call.relay is not None
+        return build_sdp(self.media_ip, call.relay.b.port, self._offer_codecs(call), DTMF_PT)
 
     def _offer_codecs(self, call: Call) -> tuple[SdpCodec, ...]:
         """Codecs for the callee: the caller's offer, or once the caller is
@@ -298,17 +357,23 @@ class CallService:
         fixed = MediaDescription(call.a_media.addr, (call.a_codec,), call.a_media.dtmf_pt, "sendrecv")
         return offer_codecs(fixed, supported)
 
+    def answer_here(self, call: Call) -> SdpCodec:
+        """Answer the caller ourselves (IVR, queue, feature codes), once; the codec it talks."""
+        assert call.relay is not None
+        if call.a_codec is None:
+            call.a_codec = call.a_media.codecs[0]
+            call.relay.a.set_remote(call.a_media.addr, _codec(call.a_codec), call.a_media.dtmf_pt)
+        if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
+            call.a.answer(build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt))
+            call.answered_at = time.time()
+            self.events.emit("call_answered", call_id=call.id)
+        return call.a_codec
+
     async def _run_ivr(self, call: Call, flow: str) -> None:
         """Answer the caller ourselves and walk it through ``flow``."""
         assert call.relay is not None
         cfg = self.config()
-        codec = call.a_media.codecs[0]
-        call.a_codec = codec
-        call.relay.a.set_remote(call.a_media.addr, _codec(codec), call.a_media.dtmf_pt)
-        if call.a.state is not LegState.ANSWERED:
-            call.a.answer(build_sdp(self.media_ip, call.relay.a.port, (codec,), call.a_media.dtmf_pt))
-            call.answered_at = time.time()
-            self.events.emit("call_answered", call_id=call.id)
+        codec = self.answer_here(call)
         call.state = CallState.IVR
         call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
         session = IvrSession(
@@ -334,52 +399,221 @@ class CallService:
         call.state = CallState.RINGING
         await self._go(call, destination)
 
-    def _fail_caller(self, call: Call, status: int, disposition: str) -> None:
-        """End the call for the caller: a final error before we answered, BYE after."""
-        if call.a.state is LegState.ANSWERED:
-            call.a.bye()
-        else:
-            call.a.reject(status)
+    async def _queue(self, call: Call, queue: str) -> None:
+        """Wait in ``queue`` until an agent answers, or go where the queue says."""
+        assert self.queues is not None
+        call.state = CallState.QUEUED
+        call.queue = queue
+        destination = await self.queues.wait(call, queue)
+        if destination is not None and call.state is CallState.QUEUED:
+            logger.info("call %s: queue %s sends the caller to %s", call.id, queue, destination)
+            call.state = CallState.RINGING
+            await self._go(call, destination)
+
+    async def _feature(self, call: Call, code: str) -> None:
+        """An agent feature code: do it, say so, hang up."""
+        assert self.queues is not None and call.relay is not None
+        codec = self.answer_here(call)
+        call.state = CallState.IVR
+        prompt = self.queues.feature(call.caller, code)
+        call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
+        await call.audio.play([prompt], interruptible=False)
+        call.a.bye()
+        self._end(call, "answered")
+
+    def hang_up(self, call: Call, disposition: str) -> None:
+        """End ``call`` from the server's side, recording ``disposition``."""
+        self._hang_up_everything(call, ringing_status=480)
         self._end(call, disposition)
 
-    def _ring_extension(self, call: Call, cfg: Config, number: str, offer: str) -> None:
+    def _fail_caller(self, call: Call, status: int, disposition: str) -> None:
+        """End the call for the caller: a final error before we answered, BYE after."""
+        _drop(call.a, status)
+        self._end(call, disposition)
+
+    # --- ringing someone for a call, and calls the server places ---
+
+    async def _make_legs(self, caller: str, destination: Destination, offer: str, events: LegEvents) -> list[OutboundLeg]:
+        """Unstarted legs that ring ``destination`` (every contact of an
+        extension, or the trunk); Unreachable when there is none."""
+        cfg = self.config()
+        if destination.kind == "extension":
+            return self._extension_legs(cfg, caller, destination.target, offer, events)
+        if destination.kind == "external":
+            trunk = cfg.trunks[destination.trunk] if destination.trunk else next(iter(cfg.trunks.values()), None)
+            if trunk is not None:
+                return [await self._trunk_leg(cfg, trunk, caller, destination.target, offer, events)]
+        logger.warning("cannot dial %s", destination)
+        raise Unreachable(503, "failed")
+
+    async def dial(
+        self, targets: Sequence[Destination], *, caller: str, offer: str, timeout: float
+    ) -> Answered | Unreachable:
+        """Ring every target at once for ``timeout`` seconds, on behalf of
+        ``caller``; the first leg to answer wins and the others are cancelled.
+        The answered leg is the caller's to connect (:meth:`connect`) or hang up;
+        otherwise Unreachable says why nobody answered."""
+        won: asyncio.Future[Answered] = asyncio.get_running_loop().create_future()
+        pending: set[OutboundLeg] = set()
+        codes: list[int] = []
+
+        def answered(leg: Leg, resp: SipResponse) -> None:
+            assert isinstance(leg, OutboundLeg)
+            if won.done():
+                leg.bye()
+            else:
+                won.set_result((leg, resp))
+
+        def failed(leg: Leg, code: int, resp: SipResponse | None) -> None:
+            pending.discard(leg)  # type: ignore[arg-type]
+            codes.append(code)
+            if not pending and not won.done():
+                won.set_exception(Unreachable(*_outcome(codes)))
+
+        events = LegEvents(answered=answered, failed=failed)
+        legs: list[OutboundLeg] = []
+        rung = [t.target for t in targets if t.kind == "extension"]
+        self._ringing.update(rung)
+        try:
+            for target in targets:
+                try:
+                    legs += await self._make_legs(caller, target, offer, events)
+                except Unreachable as exc:
+                    codes.append(exc.status)
+            if not legs:
+                return Unreachable(*_outcome(codes))
+            pending.update(legs)
+            for leg in legs:
+                leg.start()
+            return await asyncio.wait_for(won, timeout)
+        except TimeoutError:
+            return Unreachable(480, "no-answer")
+        except Unreachable as exc:
+            return exc
+        finally:
+            self._ringing.subtract(rung)
+            winner = won.result()[0] if won.done() and not won.cancelled() and won.exception() is None else None
+            for leg in legs:
+                if leg is not winner:
+                    leg.cancel()
+
+    def connect(self, call: Call, leg: OutboundLeg, resp: SipResponse) -> bool:
+        """Bridge ``call``'s caller to a leg :meth:`dial` got answered; False
+        (and the leg hung up) when the call ended meanwhile or the media cannot meet."""
+        if call.state is CallState.ENDED:
+            leg.bye()
+            return False
+        try:
+            answer = self._bridge_media(call, resp.text)
+        except SdpNegotiationError as exc:
+            logger.warning("call %s: answer from %s unusable: %s", call.id, leg.dialog.remote_target, exc)
+            leg.bye()
+            return False
+        leg.events = self._b_events()
+        call.b = leg
+        call.forks = [leg]
+        self._legs[leg.key] = (call, leg)
+        call.state = CallState.ANSWERED
+        call.bridged.set_result(None)
+        assert call.relay is not None
+        call.relay.a.stop_playback()
+        if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
+            call.a.answer(answer)
+            call.answered_at = time.time()
+            self.events.emit("call_answered", call_id=call.id)
+        logger.info("call %s connected to %s", call.id, leg.dialog.remote_target)
+        return True
+
+    async def originate(
+        self, extension: str, destination: Destination, *, caller_id: str, timeout: float, direction: str
+    ) -> Call | Unreachable:
+        """A call the server places: ring ``extension`` first (showing
+        ``caller_id``), and once it answers ring ``destination`` for it. The
+        returned call is under way; its ``done`` tells how it ended."""
+        codecs = tuple(SdpCodec(name, pt) for name, pt in (("PCMU", 0), ("PCMA", 8)) if name in self.config().rtp.codecs)
+        try:
+            relay = await RtpRelay.create(self.ports, self.clock)
+        except OSError as exc:
+            logger.error("no RTP port to call %s: %s", extension, exc)
+            return Unreachable(503, "failed")
+        offer = build_sdp(self.media_ip, relay.a.port, codecs, DTMF_PT)
+        result = await self.dial([Destination("extension", extension)], caller=caller_id, offer=offer, timeout=timeout)
+        if isinstance(result, Unreachable):
+            relay.close()
+            return result
+        leg, resp = result
+        try:
+            media = parse_media(resp.text, self.config().rtp.codecs)
+            if not media.codecs:
+                raise SdpNegotiationError("no audio")
+        except SdpNegotiationError as exc:
+            logger.warning("%s answered with unusable media: %s", extension, exc)
+            leg.bye()
+            relay.close()
+            return Unreachable(488, "failed")
+        call = Call(
+            id=leg.dialog.call_id,
+            direction=direction,
+            caller=extension,
+            callee=destination.target,
+            a=leg,
+            a_media=media,
+            relay=relay,
+            a_codec=media.codecs[0],
+            answered_at=time.time(),
+        )
+        relay.a.set_remote(media.addr, _codec(media.codecs[0]), media.dtmf_pt)
+        call.extensions.add(extension)
+        leg.events = self._a_events()
+        self.calls[call.id] = call
+        self._legs[leg.key] = (call, leg)
+        self.events.emit("call_started", call_id=call.id, direction=direction)
+        self.events.emit("call_answered", call_id=call.id)
+        logger.info("call %s: %s answered; calling %s (%s)", call.id, extension, destination, direction)
+        self._spawn(self._go_from_here(call, destination))
+        return call
+
+    async def _go_from_here(self, call: Call, destination: Destination) -> None:
+        call.task = asyncio.current_task()
+        await self._go(call, destination)
+
+    def _extension_legs(self, cfg: Config, caller: str, number: str, offer: str, events: LegEvents) -> list[OutboundLeg]:
         bindings = self.registrar.contacts(number)
         if not bindings:
-            logger.info("call %s: extension %s has no registered contact: 480", call.id, number)
-            self._fail_caller(call, 480, "unavailable")
-            return
-        caller_ext = cfg.extensions.get(call.caller)
+            logger.info("extension %s has no registered contact", number)
+            raise Unreachable(480, "unavailable")
+        caller_ext = cfg.extensions.get(caller)
         from_name = caller_ext.name if caller_ext else None
+        legs = []
         for binding in bindings:
             try:
                 transport = self.stack.transport(binding.transport)
             except LookupError:
                 continue
-            leg = OutboundLeg(
-                self.stack,
-                Flow(transport, binding.source),
-                request_uri=binding.contact,
-                from_uri=f"sip:{call.caller}@{cfg.sip.domain}",
-                to_uri=f"sip:{number}@{cfg.sip.domain}",
-                from_name=from_name,
-                body=offer,
-                events=self._b_events(),
+            legs.append(
+                OutboundLeg(
+                    self.stack,
+                    Flow(transport, binding.source),
+                    request_uri=binding.contact,
+                    from_uri=f"sip:{caller}@{cfg.sip.domain}",
+                    to_uri=f"sip:{number}@{cfg.sip.domain}",
+                    from_name=from_name,
+                    body=offer,
+                    events=events,
+                )
             )
-            self._add_fork(call, leg)
+        return legs
 
-    async def _dial_trunk(self, call: Call, cfg: Config, trunk: Trunk, number: str, offer: str) -> None:
+    async def _trunk_leg(self, cfg: Config, trunk: Trunk, caller: str, number: str, offer: str, events: LegEvents) -> OutboundLeg:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(trunk.host, trunk.port, type=socket.SOCK_DGRAM)
             addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError as exc:
-            logger.warning("call %s: trunk %s host %s does not resolve: %s", call.id, trunk.name, trunk.host, exc)
-            self._fail_caller(call, 503, "failed")
-            return
-        if call.state is CallState.ENDED:
-            return
+            logger.warning("trunk %s host %s does not resolve: %s", trunk.name, trunk.host, exc)
+            raise Unreachable(503, "failed") from exc
         auth = SipDigestAuth(trunk.register.username, trunk.register.password) if trunk.register else None
-        caller_id = trunk.caller_id or call.caller
-        leg = OutboundLeg(
+        caller_id = trunk.caller_id or caller
+        return OutboundLeg(
             self.stack,
             Flow(self.stack.transport("udp"), addr),
             request_uri=f"sip:{number}@{trunk.host}:{trunk.port}",
@@ -387,10 +621,9 @@ class CallService:
             to_uri=f"sip:{number}@{trunk.host}",
             from_name=None,
             body=offer,
-            events=self._b_events(),
+            events=events,
             auth=auth,
         )
-        self._add_fork(call, leg)
 
     def _add_fork(self, call: Call, leg: OutboundLeg) -> None:
         call.forks.append(leg)
@@ -431,6 +664,8 @@ class CallService:
                 call.early_sdp = self._bridge_media(call, resp.text)
             except SdpNegotiationError as exc:
                 logger.info("call %s: ignoring early media: %s", call.id, exc)
+        if not isinstance(call.a, InboundLeg):
+            return
         if call.early_sdp is not None:
             call.a.ring(call.early_sdp)
         elif not call.ringing_sent:
@@ -452,6 +687,7 @@ class CallService:
             return
         call.b = leg
         call.state = CallState.ANSWERED
+        call.bridged.set_result(None)
         call.answered_at = call.answered_at or time.time()
         if call.ring_timer is not None:
             call.ring_timer.cancel()
@@ -460,7 +696,7 @@ class CallService:
                 other.cancel()
                 self._legs.pop(other.key, None)
         call.forks = [leg]
-        if call.a.state is LegState.ANSWERED:
+        if not isinstance(call.a, InboundLeg) or call.a.state is LegState.ANSWERED:
             call.relay.a.stop_playback()  # type: ignore[union-attr]
         else:
             call.a.answer(answer)
@@ -510,7 +746,7 @@ class CallService:
         branch = request.via[0].branch or ""
         invite_txn = self.stack.server_transaction(branch, "INVITE")
         call = self.calls.get(request.call_id or "")
-        if invite_txn is None or call is None or call.a.txn is not invite_txn:
+        if invite_txn is None or call is None or not isinstance(call.a, InboundLeg) or call.a.txn is not invite_txn:
             txn.reply(481)
             return
         txn.reply(200)
@@ -527,14 +763,15 @@ class CallService:
         if call is None:
             return
         logger.info("call %s: %s hung up", call.id, "caller" if leg is call.a else "callee")
+        queued = call.state is CallState.QUEUED
         self._hang_up_everything(call)
-        self._end(call, "answered" if call.answered_at else "cancelled")
+        self._end(call, "abandoned" if queued else "answered" if call.answered_at else "cancelled")
 
     def _hang_up_everything(self, call: Call, ringing_status: int = 487) -> None:
         if call.state is CallState.RINGING:
             for fork in call.forks:
                 fork.cancel()
-            call.a.reject(ringing_status)
+            _drop(call.a, ringing_status)
         for leg in (call.a, call.b):
             if leg is not None and not leg.ended:
                 leg.bye()
@@ -613,6 +850,8 @@ class CallService:
         for leg in [call.a, *call.forks]:
             self._legs.pop(leg.key, None)
         self.calls.pop(call.id, None)
+        if not call.done.done():
+            call.done.set_result(disposition)
         if call.relay is not None:
             call.relay.close()
             self.events.emit("rtp_relayed", packets=call.relay.total().relayed)
@@ -646,6 +885,17 @@ class CallService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("call task failed", exc_info=task.exception())
+
+
+def _drop(leg: Leg, status: int) -> None:
+    """Hang up a leg whatever its state: BYE once answered, else a final
+    ``status`` (a caller's INVITE) or CANCEL (a leg we are ringing)."""
+    if leg.state is LegState.ANSWERED:
+        leg.bye()
+    elif isinstance(leg, InboundLeg):
+        leg.reject(status)
+    elif isinstance(leg, OutboundLeg):
+        leg.cancel()
 
 
 def _outcome(codes: list[int]) -> tuple[int, str]:

@@ -46,6 +46,25 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         },
         "call_id",
     ),
+    "callbacks": (
+        {
+            "id": str,
+            "queue": str,
+            "number": str,
+            "entered": float,  # the caller's arrival in the queue: the callback's place in line
+            "requested": str,
+            "status": str,  # pending | completed | failed | cancelled
+            "attempts": int,
+            "next_attempt": float,
+            "call_id": str,
+            "ended": str,
+        },
+        "id",
+    ),
+    "queue_log": (
+        {"id": int, "time": str, "queue": str, "call_id": str, "agent": str, "event": str, "data": str},
+        "id",
+    ),
 }
 
 
@@ -96,6 +115,12 @@ class Store:
     async def upsert(self, table: str, row: dict[str, Any]) -> None:
         pk = SCHEMA[table][1]
         await self.run(lambda: self.db.table(table).upsert(row, pk=pk))
+
+    async def insert(self, table: str, row: dict[str, Any]) -> None:
+        await self.run(lambda: self.db.table(table).insert(row))
+
+    async def update(self, table: str, pk: str, values: dict[str, Any]) -> None:
+        await self.run(lambda: self.db.table(table).update(pk, values, alter=True))
 
     async def delete_where(self, table: str, where: str, args: list[Any]) -> None:
         await self.run(lambda: self.db.table(table).delete_where(where, args))
