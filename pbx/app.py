@@ -25,8 +25,10 @@ from pbx.ivr.schema import Flow as IvrFlow
 from pbx.ivr.schema import load_flows
 from pbx.media.prompts import PromptLibrary
 from pbx.media.clock import MediaClock
+from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.metrics import Metrics
+from pbx.queues.service import QueueService
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.sip.b2bua import CallService
 from pbx.sip.registrar import Registrar
@@ -71,6 +73,17 @@ class Pbx:
             prompts=lambda: self.prompts,
             http=self.http,
         )
+        self.queues = QueueService(
+            config=lambda: self.config,
+            calls=self.calls,
+            registrar=self.registrar,
+            store=self.store,
+            events=self.events,
+            moh=MusicOnHold(self.clock, lambda: self.prompts),
+            prompts=lambda: self.prompts,
+        )
+        self.calls.queues = self.queues
+        self.metrics.watch_queues(self.queues.snapshot)
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.handle_stray_response
         self.trunks: list[TrunkRegistration] = []
@@ -105,10 +118,12 @@ class Pbx:
         self.clock.start()
         self._start_trunks()
         self.registrar.start()
+        await self.queues.start()
         logger.info("pbx is up: %d extensions, %d trunks", len(self.config.extensions), len(self.config.trunks))
 
     async def stop(self) -> None:
         await self.calls.stop()
+        await self.queues.stop()
         await self.registrar.stop()
         for trunk in self.trunks:
             await trunk.stop()

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pbx.events import EventBus
+
+# Seconds callers wait in a queue: from instant pick-ups to the default 15 min max_wait.
+WAIT_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
+
+
+class QueueView(Protocol):
+    """What the queue gauges read at scrape time (a pbx.queues.service.QueueSnapshot)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def callers(self) -> int: ...
+    @property
+    def longest_wait(self) -> float: ...
+    @property
+    def agents(self) -> dict[str, int]: ...
+    @property
+    def callbacks_pending(self) -> int: ...
+    @property
+    def service_level(self) -> float | None: ...
 
 SIP_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE"})
 
@@ -24,6 +49,13 @@ class Metrics:
         self.reload_errors = Counter("pbx_config_reload_errors", "Reloads refused because the new config was invalid", registry=r)
         self.ivr_visits = Counter("pbx_ivr_node_visits", "IVR nodes entered, by flow and node", ["flow", "node"], registry=r)
         self.rtp_relayed = Counter("pbx_rtp_packets_relayed", "RTP packets relayed between call legs", registry=r)
+        self.queue_wait = Histogram(
+            "pbx_queue_wait_seconds", "Time callers waited in a queue, by how the wait ended", ["queue", "outcome"], buckets=WAIT_BUCKETS, registry=r
+        )
+        self.queue_calls = Counter("pbx_queue_calls", "Callers who left a queue, by how", ["queue", "outcome"], registry=r)
+        self.callbacks = Counter("pbx_callbacks", "Callbacks requested, completed and failed", ["queue", "outcome"], registry=r)
+        events.subscribe("queue_caller_left", self._queue_caller_left)
+        events.subscribe("callback", lambda queue, outcome, **_: self.callbacks.labels(queue, outcome).inc())
         events.subscribe("call_started", lambda **_: self.active_calls.inc())
         events.subscribe("call_ended", self._call_ended)
         events.subscribe("registrations_changed", lambda count, **_: self.registrations.set(count))
@@ -42,5 +74,37 @@ class Metrics:
         # Methods come off the wire: unknown ones share a label so an attacker cannot grow the series.
         self.sip_requests.labels(method if method in SIP_METHODS else "other").inc()
 
+    def _queue_caller_left(self, queue: str, outcome: str, wait: float, **_: object) -> None:
+        self.queue_wait.labels(queue, outcome).observe(wait)
+        self.queue_calls.labels(queue, outcome).inc()
+
+    def watch_queues(self, snapshot: Callable[[], Sequence[QueueView]]) -> None:
+        """Gauges read from the queues at each scrape: callers, longest wait,
+        agents by state, pending callbacks, today's service level."""
+        self.registry.register(_QueueGauges(snapshot))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QueueGauges(Collector):
+    def __init__(self, snapshot: Callable[[], Sequence[QueueView]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        callers = GaugeMetricFamily("pbx_queue_callers", "Callers waiting in the queue", labels=["queue"])
+        longest = GaugeMetricFamily("pbx_queue_longest_wait_seconds", "How long the longest-waiting caller has waited", labels=["queue"])
+        agents = GaugeMetricFamily("pbx_queue_agents", "Queue agents by state", labels=["queue", "state"])
+        pending = GaugeMetricFamily("pbx_callbacks_pending", "Callbacks waiting to be placed", labels=["queue"])
+        level = GaugeMetricFamily(
+            "pbx_queue_service_level_ratio", "Today's calls answered within the service level, of those answered", labels=["queue"]
+        )
+        for queue in self.snapshot():
+            callers.add_metric([queue.name], queue.callers)
+            longest.add_metric([queue.name], queue.longest_wait)
+            for state, count in queue.agents.items():
+                agents.add_metric([queue.name, state], count)
+            pending.add_metric([queue.name], queue.callbacks_pending)
+            if queue.service_level is not None:
+                level.add_metric([queue.name], queue.service_level)
+        yield from (callers, longest, agents, pending, level)

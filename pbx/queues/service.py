@@ -1,0 +1,801 @@
+"""Call queues: callers wait with music and announcements, agents are offered
+calls fairly, and a caller may leave a number to be called back without
+losing their place in line.
+
+Each queue keeps one line of entries ordered by arrival: callers on the phone,
+and callbacks, which keep the arrival time of the call that asked for them.
+A dispatcher per queue offers the first entries not yet being offered to the
+free agents the strategy picks. An agent is free when logged in, not paused,
+registered, out of wrap-up, and on no call at all (queue or direct). A
+callback is offered only to a free agent, so there are never more callbacks
+being dialed than agents to take them; the agent's phone rings first, then
+the customer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pbx.config import Config, Destination, Queue
+from pbx.events import EventBus
+from pbx.ivr.audio import CallAudio
+from pbx.ivr.schema import parse_schedule
+from pbx.media.moh import MusicOnHold
+from pbx.media.prompts import PromptLibrary, number_parts
+from pbx.sip.b2bua import Call, CallService, Unreachable
+from pbx.sip.registrar import Registrar
+from pbx.store.db import Store
+
+logger = logging.getLogger(__name__)
+
+AGENT_STATES = ("logged_out", "available", "ringing", "busy", "wrapup", "paused")
+HANDLE_TIME_HISTORY = 20  # recent calls the expected wait is computed from
+MISSES_BEFORE_PAUSE = 2
+DISPATCH_INTERVAL = 1.0  # seconds: wrap-up ends and callback retries are noticed this often
+
+
+@dataclass
+class Member:
+    """An agent as a member of one queue."""
+
+    extension: str
+    logged_in: bool = True
+    paused: bool = False
+    misses: int = 0  # offers not answered in a row
+    calls: int = 0  # queue calls answered today (fewest-calls)
+
+
+@dataclass
+class Entry:
+    """A place in line: a caller on the phone, or a callback keeping a caller's place."""
+
+    id: str  # the call's id, or the callback's
+    number: str  # caller id, or the number to call back
+    entered: float  # when the caller joined the line (a callback keeps it)
+    call: Call | None = None
+    callback: bool = False
+    attempts: int = 0  # callback dials that reached nobody
+    next_attempt: float = 0.0
+    offering: asyncio.Task[None] | None = None
+    tried: set[str] = field(default_factory=set)  # agents this entry was offered to in vain
+    outcome: asyncio.Future[str] | None = None  # a caller's: answered
+
+
+@dataclass
+class Stats:
+    """Today's figures for one queue."""
+
+    day: str = ""
+    offered: int = 0
+    answered: int = 0
+    abandoned: int = 0
+    timeouts: int = 0
+    callbacks_requested: int = 0
+    callbacks_completed: int = 0
+    callbacks_failed: int = 0
+    answered_in_service_level: int = 0
+    answer_wait_total: float = 0.0
+
+    @property
+    def service_level(self) -> float | None:
+        return self.answered_in_service_level / self.answered if self.answered else None
+
+    @property
+    def average_speed_of_answer(self) -> float | None:
+        return self.answer_wait_total / self.answered if self.answered else None
+
+
+@dataclass
+class Line:
+    """One queue's waiting entries, members and figures."""
+
+    name: str
+    entries: list[Entry] = field(default_factory=list)
+    members: dict[str, Member] = field(default_factory=dict)
+    last_agent: str | None = None  # round-robin goes on after this one
+    handle_times: deque[float] = field(default_factory=lambda: deque(maxlen=HANDLE_TIME_HISTORY))
+    stats: Stats = field(default_factory=Stats)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        self.entries.sort(key=lambda e: e.entered)
+        self.wake.set()
+
+    def remove(self, entry: Entry) -> None:
+        if entry in self.entries:
+            self.entries.remove(entry)
+
+    def position(self, entry: Entry) -> int:
+        return self.entries.index(entry) + 1
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What metrics and the API read of a queue."""
+
+    name: str
+    callers: int
+    longest_wait: float
+    agents: dict[str, int]  # state -> count
+    callbacks_pending: int
+    stats: Stats
+
+    @property
+    def service_level(self) -> float | None:
+        return self.stats.service_level
+
+
+class QueueService:
+    """Every queue of the configuration, and the callbacks they owe."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        calls: CallService,
+        registrar: Registrar,
+        store: Store,
+        events: EventBus,
+        moh: MusicOnHold,
+        prompts: Callable[[], PromptLibrary],
+    ) -> None:
+        self.config = config
+        self.calls = calls
+        self.registrar = registrar
+        self.store = store
+        self.events = events
+        self.moh = moh
+        self.prompts = prompts
+        self.lines: dict[str, Line] = {}
+        self._ringing: set[str] = set()  # agents a queue offer rings now
+        self._wrapup_until: dict[str, float] = {}  # by extension, time.time()
+        self._idle_since: dict[str, float] = {}  # by extension: end of the last queue call
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()  # queue_log rows on their way: awaited, never cancelled
+        self._dispatcher: asyncio.Task[None] | None = None
+        events.subscribe("call_ended", lambda **_: self._wake_all())
+        events.subscribe("registrations_changed", lambda **_: self._wake_all())
+
+    # --- lifetime ---
+
+    async def start(self) -> None:
+        """Restore agents' login and pause states and the pending callbacks, then dispatch."""
+        self._sync_lines()
+        for row in await self.store.rows("queue_log", "event in ('login', 'logout', 'pause', 'unpause') order by id"):
+            member = self._member(row["queue"], row["agent"])
+            if member is not None:
+                _apply(member, row["event"])
+        for row in await self.store.rows("callbacks", "status = 'pending' order by entered"):
+            line = self.lines.get(row["queue"])
+            if line is None:
+                continue
+            line.add(
+                Entry(
+                    id=row["id"],
+                    number=row["number"],
+                    entered=row["entered"],
+                    callback=True,
+                    attempts=row["attempts"],
+                    next_attempt=row["next_attempt"],
+                )
+            )
+        pending = sum(len(line.entries) for line in self.lines.values())
+        if pending:
+            logger.info("%d pending callbacks restored", pending)
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    async def stop(self) -> None:
+        """Stop offering; pending callbacks stay in the database for the next start."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _sync_lines(self) -> None:
+        """Lines and members as the configuration (maybe just reloaded) has them."""
+        queues = self.config().queues
+        for name, queue in queues.items():
+            line = self.lines.setdefault(name, Line(name))
+            line.members = {ext: line.members.get(ext) or Member(ext) for ext in queue.agents}
+
+    def _member(self, queue: str, extension: str) -> Member | None:
+        line = self.lines.get(queue)
+        return line.members.get(extension) if line else None
+
+    def _wake_all(self) -> None:
+        for line in self.lines.values():
+            line.wake.set()
+
+    # --- what the call service asks ---
+
+    def exists(self, name: str) -> bool:
+        return name in self.config().queues
+
+    async def wait(self, call: Call, queue_name: str) -> Destination | None:
+        """Keep ``call`` in the queue: music, announcements, the callback offer;
+        None once an agent has it or it has been hung up here."""
+        self._sync_lines()
+        queue = self.config().queues[queue_name]
+        line = self.lines[queue_name]
+        codec = self.calls.answer_here(call)
+        if queue.on_no_agents is not None and not self._staffed(line):
+            logger.info("call %s: queue %s has no agent logged in", call.id, queue_name)
+            self._log(queue_name, "exit-empty", call_id=call.id)
+            return queue.on_no_agents
+        decided: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        entry = Entry(id=call.id, number=call.caller, entered=time.time(), call=call, outcome=decided)
+        line.add(entry)
+        self._today(line).offered += 1
+        self._log(queue_name, "enter", call_id=call.id, number=call.caller, position=line.position(entry))
+        assert call.relay is not None
+        side = call.relay.a
+        audio = CallAudio(side, self.prompts(), codec.name)
+        await self.moh.join(queue.moh, side, codec.name)
+        outcome = "abandoned"  # unless it ends otherwise: hanging up cancels us
+        try:
+            outcome = await self._wait_in_line(line, entry, queue, audio)
+        finally:
+            if decided.done():
+                outcome = decided.result()
+            self.moh.leave(side)
+            audio.stop()
+            line.remove(entry)
+            if outcome != "answered" and entry.offering is not None:
+                entry.offering.cancel()
+            if outcome != "answered":
+                self._caller_left(line, entry, outcome)
+            line.wake.set()
+        if outcome == "timeout":
+            logger.info("call %s: waited %d s in queue %s", call.id, queue.max_wait, queue_name)
+            if queue.on_timeout is not None:
+                return queue.on_timeout
+            self.calls.hang_up(call, "timeout")
+        elif outcome == "callback":
+            self.calls.hang_up(call, "callback")
+        return None
+
+    async def _wait_in_line(self, line: Line, entry: Entry, queue: Queue, audio: CallAudio) -> str:
+        """Music until an agent answers (answered), max_wait (timeout) or a
+        callback request (callback); hanging up cancels it."""
+        assert entry.outcome is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + queue.max_wait
+        announce_at = start
+        offer_at = start + queue.callback.offer_after if queue.callback.enabled else math.inf
+        offered = False
+        while not entry.outcome.done():
+            now = loop.time()
+            if now >= deadline:
+                return "timeout"
+            parts: list[str] = []
+            if now >= announce_at:
+                wait = self._expected_wait(line, entry)
+                parts += self._announcement(line, entry, queue, wait)
+                announce_at = now + queue.announce.every if queue.announce.every > 0 else math.inf
+                if wait is not None and wait > queue.callback.offer_after:
+                    offer_at = now
+            if not offered and now >= offer_at:
+                parts.append("callback-offer")
+                offered = True
+                logger.info("call %s: queue %s offers a callback", entry.id, line.name)
+            key = await self._say(entry, audio, parts) if parts else None
+            if key is None and not entry.outcome.done():
+                wake_at = min(deadline, announce_at, offer_at if not offered else math.inf)
+                key = await self._key_or_outcome(entry, audio, wake_at - loop.time())
+            if entry.outcome.done():
+                break
+            if key is not None and offered and key == queue.callback.digit:
+                await self._take_callback(line, entry, queue, audio)
+        return entry.outcome.result()
+
+    async def _say(self, entry: Entry, audio: CallAudio, parts: list[str]) -> str | None:
+        """Play an announcement over the music; a key ends it. Stops at once
+        when an agent answers, so no word of it reaches the conversation."""
+        assert entry.outcome is not None
+        playing = asyncio.ensure_future(audio.play(parts, interruptible=True))
+        try:
+            await asyncio.wait(_futures(playing, entry.outcome), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not playing.done():
+                playing.cancel()
+                audio.side.stop_playback()
+        return playing.result() if playing.done() and not playing.cancelled() else None
+
+    async def _key_or_outcome(self, entry: Entry, audio: CallAudio, timeout: float) -> str | None:
+        assert entry.outcome is not None
+        key = asyncio.ensure_future(audio.digit(max(timeout, 0.0)))
+        try:
+            await asyncio.wait(_futures(key, entry.outcome), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not key.done():
+                key.cancel()
+        return key.result() if key.done() and not key.cancelled() else None
+
+    def _announcement(self, line: Line, entry: Entry, queue: Queue, wait: float | None) -> list[str]:
+        parts: list[str] = []
+        position = line.position(entry)
+        if queue.announce.position and position <= 999:
+            parts += ["queue-position", *number_parts(position)]
+        minutes = None if wait is None else math.ceil(wait / 60)
+        if queue.announce.wait_time and minutes is not None and minutes <= 999:
+            parts.append("queue-wait")
+            parts += ["less-than-a-minute"] if wait is not None and wait < 60 else [*number_parts(minutes), "minute" if minutes == 1 else "minutes"]
+        logger.info(
+            "call %s: queue %s announces position %d, expected wait %s",
+            entry.id,
+            line.name,
+            position,
+            "unknown" if minutes is None else f"{minutes} min",
+        )
+        return parts
+
+    def _expected_wait(self, line: Line, entry: Entry) -> float | None:
+        """Seconds until ``entry`` is likely answered: one recent average
+        handle time per round of the agents on duty; None without history."""
+        agents = sum(1 for m in line.members.values() if m.logged_in and not m.paused and self._registered(m.extension))
+        if not line.handle_times or agents == 0:
+            return None
+        average = sum(line.handle_times) / len(line.handle_times)
+        return line.position(entry) * average / agents
+
+    # --- callbacks ---
+
+    async def _take_callback(self, line: Line, entry: Entry, queue: Queue, audio: CallAudio) -> None:
+        """The caller pressed the callback digit: get the number, keep the place
+        (the entry's outcome becomes callback), or say why not."""
+        assert entry.outcome is not None and entry.call is not None
+        number: str | None = entry.number if _dialable(entry.number) else None
+        if number is None:
+            number = await self._collect_number(audio)
+            if number is None or entry.outcome.done():
+                return
+        if any(e.callback and e.number == number for e in line.entries):
+            logger.info("call %s: %s already has a callback pending in %s", entry.id, number, line.name)
+            await audio.play(["callback-already"], interruptible=True)
+            return
+        entry.outcome.set_result("callback")
+        if entry.offering is not None:
+            entry.offering.cancel()
+        callback = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=entry.entered, callback=True)
+        line.remove(entry)
+        line.add(callback)
+        await self.store.upsert(
+            "callbacks",
+            {
+                "id": callback.id,
+                "queue": line.name,
+                "number": number,
+                "entered": callback.entered,
+                "requested": _iso(time.time()),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt": 0.0,
+                "call_id": entry.call.id,
+            },
+        )
+        self._today(line).callbacks_requested += 1
+        self.events.emit("callback", queue=line.name, outcome="requested")
+        position = line.position(callback)
+        logger.info("call %s: callback %s to %s requested in queue %s at position %d", entry.id, callback.id, number, line.name, position)
+        self._log(line.name, "callback-request", call_id=entry.id, number=number, callback=callback.id, position=position)
+        await audio.play(["callback-confirm", "goodbye"], interruptible=False)
+
+    async def _collect_number(self, audio: CallAudio) -> str | None:
+        """Digits the caller types, ended by #; None when nothing usable came."""
+        key = await audio.play(["callback-enter-number"], interruptible=True)
+        digits = ""
+        while key != "#":
+            if key is not None and key.isdigit():
+                digits += key
+            if len(digits) > 15:
+                return None
+            key = await audio.digit(10)
+            if key is None:
+                return None
+        return digits or None
+
+    async def request_callback(self, queue_name: str, number: str) -> Entry:
+        """A callback asked for from outside a call (the API): joins the end of the line."""
+        line = self.lines[queue_name]
+        if any(e.callback and e.number == number for e in line.entries):
+            raise ValueError(f"{number} already has a callback pending in {queue_name}")
+        entry = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=time.time(), callback=True)
+        await self.store.upsert(
+            "callbacks",
+            {
+                "id": entry.id,
+                "queue": queue_name,
+                "number": number,
+                "entered": entry.entered,
+                "requested": _iso(entry.entered),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt": 0.0,
+                "call_id": None,
+            },
+        )
+        line.add(entry)
+        self._today(line).callbacks_requested += 1
+        self.events.emit("callback", queue=queue_name, outcome="requested")
+        self._log(queue_name, "callback-request", number=number, callback=entry.id, position=line.position(entry))
+        return entry
+
+    def _callback_due(self, entry: Entry, queue: Queue) -> bool:
+        if time.time() < entry.next_attempt:
+            return False
+        if queue.callback.hours is None:
+            return True
+        try:
+            schedule = parse_schedule(queue.callback.hours)
+        except ValueError as exc:
+            logger.error("queue %s: callback hours: %s", queue.name, exc)
+            return True
+        return schedule.is_open(datetime.now(ZoneInfo(self.config().timezone)))
+
+    async def _dial_callback(self, line: Line, entry: Entry, agent: str, queue: Queue) -> None:
+        """Ring the agent, then the customer; a customer who cannot be reached is tried again later."""
+        logger.info("queue %s offers callback %s (%s) to %s", line.name, entry.id, entry.number, agent)
+        self._log(line.name, "callback-dial", agent=agent, number=entry.number, callback=entry.id, attempt=entry.attempts + 1)
+        result = await self.calls.originate(
+            agent,
+            self._callback_destination(entry.number),
+            caller_id=entry.number,
+            timeout=queue.ring_timeout,
+            direction="callback",
+        )
+        self._ringing.discard(agent)
+        if isinstance(result, Unreachable):
+            self._missed(line, agent, entry, result)
+            return
+        call = result
+        call.queue, call.agent = line.name, agent
+        await asyncio.wait(_futures(call.done, call.bridged), return_when=asyncio.FIRST_COMPLETED)
+        if call.bridged.done():
+            line.remove(entry)
+            await self._finish_callback(line, entry, "completed", f"by {agent}")
+            self._answered(line, agent, call, wait=None)
+            return
+        entry.attempts += 1
+        reason = call.done.result()
+        if entry.attempts > queue.callback.retries:
+            line.remove(entry)
+            await self._finish_callback(line, entry, "failed", f"after {entry.attempts} attempts ({reason})")
+            return
+        entry.next_attempt = time.time() + queue.callback.retry_interval
+        logger.info("callback %s: %s not reached (%s); next try in %d s", entry.id, entry.number, reason, queue.callback.retry_interval)
+        self._log(line.name, "callback-retry", agent=agent, number=entry.number, callback=entry.id, reason=reason)
+        await self.store.update("callbacks", entry.id, {"attempts": entry.attempts, "next_attempt": entry.next_attempt})
+
+    async def _finish_callback(self, line: Line, entry: Entry, outcome: str, how: str) -> None:
+        stats = self._today(line)
+        if outcome == "completed":
+            stats.callbacks_completed += 1
+        else:
+            stats.callbacks_failed += 1
+        self.events.emit("callback", queue=line.name, outcome=outcome)
+        event = "callback-complete" if outcome == "completed" else "callback-fail"
+        then = f"callback {entry.id} to {entry.number} {outcome} {how}"
+        self._log(line.name, event, number=entry.number, callback=entry.id, then=then)
+        await self.store.update("callbacks", entry.id, {"status": outcome, "attempts": entry.attempts, "ended": _iso(time.time())})
+
+    def _callback_destination(self, number: str) -> Destination:
+        cfg = self.config()
+        if number in cfg.extensions:
+            return Destination("extension", number)
+        trunk = cfg.route_outbound(number)
+        return Destination("external", number, trunk.name if trunk else None)
+
+    # --- offering calls to agents ---
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            self._sync_lines()
+            for line in list(self.lines.values()):
+                line.wake.clear()
+                try:
+                    self._dispatch(line)
+                except Exception:
+                    logger.exception("queue %s: dispatch failed", line.name)
+            wakes = [asyncio.ensure_future(line.wake.wait()) for line in self.lines.values()]
+            try:
+                await asyncio.wait(wakes, timeout=DISPATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wake in wakes:
+                    wake.cancel()
+
+    def _dispatch(self, line: Line) -> None:
+        """Offer the first entries not being offered to the free agents."""
+        queue = self.config().queues.get(line.name)
+        if queue is None:
+            return
+        free = [m.extension for m in line.members.values() if self._state(m) == "available" and self._registered(m.extension)]
+        for entry in list(line.entries):
+            if not free:
+                return
+            if entry.offering is not None or (entry.callback and not self._callback_due(entry, queue)):
+                continue
+            agents = self._pick(line, queue, entry, free)
+            if not agents:
+                continue
+            for agent in agents:
+                free.remove(agent)
+                self._ringing.add(agent)
+            if entry.callback:
+                work: Coroutine[Any, Any, None] = self._dial_callback(line, entry, agents[0], queue)
+            else:
+                work = self._offer(line, entry, agents, queue)
+            entry.offering = self._spawn(self._offering(line, entry, agents, work))
+
+    def _pick(self, line: Line, queue: Queue, entry: Entry, free: list[str]) -> list[str]:
+        """The agents to ring for ``entry`` by the queue's strategy."""
+        if queue.strategy == "ringall":
+            return list(free)
+        candidates = [a for a in free if a not in entry.tried]
+        if not candidates:
+            entry.tried.clear()  # everyone had a go: start over
+            candidates = list(free)
+        order = list(line.members)
+        if queue.strategy == "linear":
+            choice = min(candidates, key=order.index)
+        elif queue.strategy == "round-robin":
+            last = order.index(line.last_agent) if line.last_agent in order else -1
+            choice = min(candidates, key=lambda a: (order.index(a) - last - 1) % len(order))
+        elif queue.strategy == "longest-idle":
+            choice = min(candidates, key=lambda a: (self._idle_since.get(a, 0.0), order.index(a)))
+        elif queue.strategy == "fewest-calls":
+            choice = min(candidates, key=lambda a: (line.members[a].calls, order.index(a)))
+        else:  # random
+            choice = random.choice(candidates)
+        line.last_agent = choice
+        return [choice]
+
+    async def _offering(self, line: Line, entry: Entry, agents: list[str], work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        finally:
+            self._ringing.difference_update(agents)
+            entry.offering = None
+            line.wake.set()
+
+    async def _offer(self, line: Line, entry: Entry, agents: list[str], queue: Queue) -> None:
+        call = entry.call
+        assert call is not None and entry.outcome is not None
+        logger.info("queue %s offers %s to %s", line.name, call.id, ",".join(agents))
+        for agent in agents:
+            self._log(line.name, "offer", call_id=call.id, agent=agent)
+        result = await self.calls.dial(
+            [Destination("extension", a) for a in agents],
+            caller=call.caller,
+            offer=self.calls.offer_sdp(call),
+            timeout=queue.ring_timeout,
+        )
+        self._ringing.difference_update(agents)
+        if isinstance(result, Unreachable):
+            for agent in agents:
+                self._missed(line, agent, entry, result)
+            return
+        leg, resp = result
+        agent = _user(leg.dialog.remote_uri) or agents[0]
+        if entry.outcome.done() or not self.calls.connect(call, leg, resp):
+            return
+        call.agent = agent
+        call.extensions.add(agent)
+        wait = time.time() - entry.entered
+        line.remove(entry)
+        entry.outcome.set_result("answered")
+        stats = self._today(line)
+        stats.answer_wait_total += wait
+        if wait <= queue.service_level:
+            stats.answered_in_service_level += 1
+        self.events.emit("queue_caller_left", queue=line.name, outcome="answered", wait=wait)
+        self._log(line.name, "answer", call_id=call.id, agent=agent, wait=round(wait, 3))
+        self._answered(line, agent, call, wait)
+
+    def _answered(self, line: Line, agent: str, call: Call, wait: float | None) -> None:
+        """An agent took a queue call or a callback: count it, then wrap-up when it ends."""
+        member = line.members.get(agent)
+        if member is not None:
+            member.misses = 0
+            member.calls += 1
+        if wait is not None:  # a caller, not a callback
+            self._today(line).answered += 1
+        self._spawn(self._after_call(line, agent, call))
+
+    async def _after_call(self, line: Line, agent: str, call: Call) -> None:
+        started = time.time()
+        await call.done
+        queue = self.config().queues.get(line.name)
+        wrapup = queue.wrapup if queue else 0
+        now = time.time()
+        line.handle_times.append(now - started + wrapup)
+        self._idle_since[agent] = now
+        self._wrapup_until[agent] = now + wrapup
+        then = f"queue {line.name}: {agent} done with {call.id} after {now - started:.1f} s"
+        self._log(line.name, "complete", call_id=call.id, agent=agent, then=then, talk=round(now - started, 3))
+        if wrapup:
+            await asyncio.sleep(wrapup)  # the agent's wrap-up time: nothing to await but the clock
+        line.wake.set()
+
+    def _missed(self, line: Line, agent: str, entry: Entry, why: Unreachable) -> None:
+        """An offer the agent did not take; twice in a row pauses the agent."""
+        entry.tried.add(agent)
+        self._log(line.name, "ring-no-answer", call_id=entry.id, agent=agent, reason=why.disposition)
+        member = line.members.get(agent)
+        if member is None or why.disposition not in ("no-answer", "rejected"):
+            return
+        member.misses += 1
+        if member.misses >= MISSES_BEFORE_PAUSE and not member.paused:
+            member.paused = True
+            logger.warning("queue %s: agent %s missed %d calls in a row: paused", line.name, agent, member.misses)
+            self._log(line.name, "pause", agent=agent, reason="auto")
+
+    # --- agents ---
+
+    def _state(self, member: Member) -> str:
+        ext = member.extension
+        if not member.logged_in:
+            return "logged_out"
+        if ext in self._ringing:
+            return "ringing"
+        if self.calls.extension_busy(ext):
+            return "busy"
+        if member.paused:
+            return "paused"
+        if time.time() < self._wrapup_until.get(ext, 0.0):
+            return "wrapup"
+        return "available"
+
+    def _registered(self, extension: str) -> bool:
+        return bool(self.registrar.contacts(extension))
+
+    def _staffed(self, line: Line) -> bool:
+        return any(m.logged_in and self._registered(m.extension) for m in line.members.values())
+
+    def feature(self, extension: str, code: str) -> str:
+        """*45 toggles login and *46 pause, in every queue the agent belongs to."""
+        self._sync_lines()
+        members = [(line, line.members[extension]) for line in self.lines.values() if extension in line.members]
+        if not members:
+            logger.info("%s dialed %s but is an agent of no queue", extension, code)
+            return "invalid"
+        if code == self.config().features.agent_login:
+            action = "logout" if any(m.logged_in for _, m in members) else "login"
+        else:
+            action = "unpause" if any(m.paused for _, m in members) else "pause"
+        for line, member in members:
+            self.set_agent(line.name, extension, action)
+        return {"login": "agent-logged-in", "logout": "agent-logged-out", "pause": "agent-paused", "unpause": "agent-unpaused"}[action]
+
+    def set_agent(self, queue: str, extension: str, action: str) -> None:
+        """login, logout, pause or unpause an agent in one queue."""
+        member = self._member(queue, extension)
+        if member is None:
+            raise KeyError(f"{extension} is no agent of queue {queue}")
+        _apply(member, action)
+        logger.info("queue %s: agent %s: %s", queue, extension, action)
+        self._log(queue, action, agent=extension)
+        self.lines[queue].wake.set()
+
+    # --- figures ---
+
+    def _today(self, line: Line) -> Stats:
+        day = datetime.now(ZoneInfo(self.config().timezone)).date().isoformat()
+        if line.stats.day != day:
+            line.stats = Stats(day=day)
+            for member in line.members.values():
+                member.calls = 0
+        return line.stats
+
+    def _caller_left(self, line: Line, entry: Entry, outcome: str) -> None:
+        wait = time.time() - entry.entered
+        stats = self._today(line)
+        if outcome == "abandoned":
+            stats.abandoned += 1
+        elif outcome == "timeout":
+            stats.timeouts += 1
+        self.events.emit("queue_caller_left", queue=line.name, outcome=outcome, wait=wait)
+        if outcome != "callback":  # the callback-request row says it
+            event = "abandon" if outcome == "abandoned" else outcome
+            then = f"call {entry.id} left queue {line.name}: {outcome} after {wait:.1f} s"
+            self._log(line.name, event, call_id=entry.id, then=then, wait=round(wait, 3))
+
+    def snapshot(self) -> list[QueueSnapshot]:
+        """Each queue now: callers, longest wait, agents by state, pending callbacks, today's stats."""
+        now = time.time()
+        result = []
+        for line in self.lines.values():
+            callers = [e for e in line.entries if not e.callback]
+            agents = dict.fromkeys(AGENT_STATES, 0)
+            for member in line.members.values():
+                agents[self._state(member)] += 1
+            result.append(
+                QueueSnapshot(
+                    name=line.name,
+                    callers=len(callers),
+                    longest_wait=max((now - e.entered for e in callers), default=0.0),
+                    agents=agents,
+                    callbacks_pending=len(line.entries) - len(callers),
+                    stats=self._today(line),
+                )
+            )
+        return result
+
+    # --- plumbing ---
+
+    def _log(
+        self, queue: str, event: str, *, call_id: str | None = None, agent: str | None = None, then: str | None = None, **data: Any
+    ) -> None:
+        """One queue_log row, written in order by the store's single thread;
+        ``then`` is logged once the row is stored."""
+        row = {
+            "time": _iso(time.time()),
+            "queue": queue,
+            "call_id": call_id,
+            "agent": agent,
+            "event": event,
+            "data": json.dumps(data) if data else None,
+        }
+        task = asyncio.get_running_loop().create_task(self._write_log(row, then))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write_log(self, row: dict[str, Any], then: str | None) -> None:
+        await self.store.insert("queue_log", row)
+        if then:
+            logger.info("%s", then)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("queue task failed", exc_info=task.exception())
+
+
+def _apply(member: Member, action: str) -> None:
+    if action in ("login", "logout"):
+        member.logged_in = action == "login"
+        member.misses = 0
+    elif action in ("pause", "unpause"):
+        member.paused = action == "pause"
+        member.misses = 0
+
+
+def _futures(*futures: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
+    return list(futures)
+
+
+def _dialable(number: str) -> bool:
+    digits = number.removeprefix("+")
+    return digits.isdigit() and len(digits) >= 2
+
+
+def _user(uri: str) -> str | None:
+    user = uri.removeprefix("sip:").removeprefix("sips:").split("@", 1)[0]
+    return user or None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")

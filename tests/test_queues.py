@@ -1,0 +1,391 @@
+"""End to end: callers wait in a queue on `pbx serve` with music and
+announcements, pjsua2 agents are offered their calls by each strategy, and
+feature codes log agents in and out and pause them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.audio import rms
+from tests.support.phone import Phone
+from tests.support.server import PASSWORDS, Server, start_server
+
+REPO = Path(__file__).resolve().parent.parent
+SOUNDS = REPO / "config" / "sounds"
+QUEUE_NUMBER = "7000"
+EXTENSIONS = {**PASSWORDS, "1004": "secret-1004", "1005": "secret-1005", "1006": "secret-1006"}
+
+
+async def queue_server(folder: Path, **queue: Any) -> Server:
+    """A server with queue `support` at 7000; ``queue`` overrides its settings."""
+    settings: dict[str, Any] = {
+        "agents": ["1001", "1002", "1003"],
+        "strategy": "linear",
+        "ring_timeout": 5,
+        "wrapup": 0,
+        "announce": {"every": 30},
+        "callback": {"enabled": False},
+        **queue,
+    }
+    return await start_server(
+        folder,
+        sounds={"dir": str(SOUNDS)},
+        extensions={ext: {"name": f"User {ext}", "password": pw} for ext, pw in EXTENSIONS.items()},
+        inbound={QUEUE_NUMBER: "queue:support"},
+        queues={"support": settings},
+        log_level="INFO",
+    )
+
+
+@pytest.fixture
+async def phones() -> AsyncIterator[dict[str, Phone]]:
+    """Six pjsua2 phones, named by the extension each will register as."""
+    started = await asyncio.gather(*(Phone.start(name=f"p{ext}") for ext in EXTENSIONS))
+    try:
+        yield dict(zip(EXTENSIONS, started, strict=True))
+    finally:
+        await asyncio.gather(*(p.close() for p in started))
+
+
+async def register(server: Server, phones: dict[str, Phone], *extensions: str) -> None:
+    await asyncio.gather(*(phones[ext].register(server.sip, ext, EXTENSIONS[ext]) for ext in extensions))
+
+
+async def join_queue(server: Server, caller: Phone, position: int) -> int:
+    """Call the queue and wait until the server announces the caller's ``position``."""
+    mark = len(server.log)
+    call = await caller.call(f"sip:{QUEUE_NUMBER}@pbx.local")
+    await caller.wait_event("call_state", call=call, state="confirmed")
+    await server.wait_log(rf"queue support announces position {position}\b", start=mark)
+    return call
+
+
+async def take_call(agent: Phone, timeout: float = 10.0) -> tuple[int, str]:
+    """Answer the next call ringing ``agent``; its handle and the caller's user part."""
+    incoming = await agent.wait_event("incoming", timeout=timeout)
+    await agent.answer(incoming["call"])
+    await agent.wait_event("call_state", call=incoming["call"], state="confirmed")
+    return incoming["call"], _user(incoming["from"])
+
+
+async def hang_up(agent: Phone, call: int, caller: Phone | None = None, caller_call: int | None = None) -> None:
+    await agent.hangup(call)
+    await agent.wait_event("call_state", call=call, state="disconnected")
+    if caller is not None:
+        await caller.wait_event("call_state", call=caller_call, state="disconnected")
+
+
+def queue_log(server: Server, *events: str) -> list[dict[str, Any]]:
+    with sqlite3.connect(server.folder / "pbx.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute("select * from queue_log order by id")]
+    for row in rows:
+        row["data"] = json.loads(row["data"]) if row["data"] else {}
+    return [r for r in rows if not events or r["event"] in events]
+
+
+def _user(header: str) -> str:
+    return header.split("sip:", 1)[1].split("@", 1)[0]
+
+
+async def test_callers_wait_with_music_hear_their_position_and_are_answered_in_order(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"])
+    try:
+        await register(server, phones, "1002", "1003", "1004")
+        callers = [phones["1002"], phones["1003"], phones["1004"]]
+        calls = [await join_queue(server, caller, position) for position, caller in enumerate(callers, 1)]
+        assert await server.metric("pbx_queue_callers", queue="support") == 3
+
+        # Music keeps playing after the announcement (a few words, under 3 s).
+        await callers[0].record(calls[0], tmp_path / "waiting.wav")
+        await asyncio.sleep(4)  # the recording's length, not synchronisation
+        await callers[0].stop_record(calls[0])
+        assert rms(tmp_path / "waiting.wav", skip_seconds=3) > 0.01
+
+        agent = phones["1001"]
+        await register(server, phones, "1001")
+        answered_by = []
+        for caller, call in zip(callers, calls, strict=True):
+            agent_call, user = await take_call(agent)
+            answered_by.append(user)
+            await hang_up(agent, agent_call, caller, call)
+        assert answered_by == ["1002", "1003", "1004"]
+        entered = [r["call_id"] for r in queue_log(server, "enter")]
+        assert [r["call_id"] for r in queue_log(server, "answer")] == entered
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("linear", ["1001", "1001", "1001", "1001"]),
+        ("round-robin", ["1001", "1002", "1003", "1001"]),
+        ("longest-idle", ["1001", "1002", "1003", "1001"]),
+        ("fewest-calls", ["1001", "1002", "1003", "1001"]),
+    ],
+)
+async def test_strategy_picks_the_expected_agent(
+    tmp_path: Path, phones: dict[str, Phone], strategy: str, expected: list[str]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", strategy=strategy)
+    try:
+        await register(server, phones, "1001", "1002", "1003", "1004")
+        caller = phones["1004"]
+        picked = []
+        for _ in expected:
+            call = await caller.call(f"sip:{QUEUE_NUMBER}@pbx.local")
+            offer = await _next_offer(server, phones)
+            picked.append(offer[0])
+            agent_call, _ = await take_call(phones[offer[0]])
+            await hang_up(phones[offer[0]], agent_call, caller, call)
+        assert picked == expected
+    finally:
+        await server.stop()
+
+
+async def _next_offer(server: Server, phones: dict[str, Phone]) -> tuple[str, ...]:
+    """The agents the next queue offer rings (read from the server's log of offers)."""
+    mark = len(server.log)
+    line = await server.wait_log(r"queue support offers \S+ to", start=mark)
+    return tuple(line.rsplit(" to ", 1)[1].split(","))
+
+
+async def test_ringall_rings_every_free_agent_and_the_first_to_answer_wins(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    server = await queue_server(tmp_path / "pbx", strategy="ringall")
+    try:
+        await register(server, phones, "1001", "1002", "1003", "1004")
+        caller = phones["1004"]
+        call = await caller.call(f"sip:{QUEUE_NUMBER}@pbx.local")
+        rung = {ext: await phones[ext].wait_event("incoming") for ext in ("1001", "1002", "1003")}
+        await phones["1002"].answer(rung["1002"]["call"])
+        await phones["1002"].wait_event("call_state", call=rung["1002"]["call"], state="confirmed")
+        for ext in ("1001", "1003"):
+            await phones[ext].wait_event("call_state", call=rung[ext]["call"], state="disconnected")
+        await hang_up(phones["1002"], rung["1002"]["call"], caller, call)
+        assert [r["agent"] for r in queue_log(server, "answer")] == ["1002"]
+    finally:
+        await server.stop()
+
+
+async def test_random_strategy_rings_one_free_agent_at_a_time(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    server = await queue_server(tmp_path / "pbx", strategy="random")
+    try:
+        await register(server, phones, "1001", "1002", "1003", "1004")
+        caller = phones["1004"]
+        for _ in range(3):
+            call = await caller.call(f"sip:{QUEUE_NUMBER}@pbx.local")
+            offer = await _next_offer(server, phones)
+            assert len(offer) == 1 and offer[0] in ("1001", "1002", "1003")
+            agent_call, _ = await take_call(phones[offer[0]])
+            await hang_up(phones[offer[0]], agent_call, caller, call)
+    finally:
+        await server.stop()
+
+
+async def test_an_agent_on_a_direct_call_is_skipped_and_wrapup_delays_the_next_offer(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001", "1002"], wrapup=3)
+    try:
+        await register(server, phones, "1001", "1002", "1003", "1004", "1005")
+        alice, bob = phones["1001"], phones["1002"]
+        # 1001, first in line for `linear`, is on a direct call with 1005.
+        direct = await phones["1005"].call("sip:1001@pbx.local")
+        ring = await alice.wait_event("incoming")
+        await alice.answer(ring["call"])
+        await phones["1005"].wait_event("call_state", call=direct, state="confirmed")
+
+        first = await join_queue(server, phones["1003"], 1)
+        bob_call, user = await take_call(bob)
+        assert user == "1003"
+        second = await join_queue(server, phones["1004"], 1)
+        loop = asyncio.get_running_loop()
+        freed = loop.time()  # before the hang-up, so the server's wrap-up starts after it
+        await hang_up(bob, bob_call, phones["1003"], first)
+        # Bob is in wrap-up and Alice still busy: the caller waits 3 s for Bob.
+        bob_call, user = await take_call(bob, timeout=10)
+        assert user == "1004"
+        assert loop.time() - freed >= 2.95
+        await hang_up(bob, bob_call, phones["1004"], second)
+        assert [r["agent"] for r in queue_log(server, "offer")] == ["1002", "1002"]
+        await hang_up(alice, ring["call"])
+    finally:
+        await server.stop()
+
+
+async def feature(server: Server, phone: Phone, code: str, confirmation: str) -> None:
+    """Dial a feature code, hear the server answer, confirm and hang up."""
+    mark = len(server.log)
+    call = await phone.call(f"sip:{code}@pbx.local")
+    await phone.wait_event("call_state", call=call, state="confirmed")
+    await phone.wait_event("call_state", call=call, state="disconnected", timeout=10)
+    await server.wait_log(confirmation, start=mark)
+
+
+async def test_feature_codes_log_agents_in_and_out_and_pause_them(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], on_no_agents="hangup")
+    try:
+        await register(server, phones, "1001", "1004")
+        agent = phones["1001"]
+        await feature(server, agent, "*45", "agent 1001: logout")
+        assert await server.metric("pbx_queue_agents", queue="support", state="logged_out") == 1
+        # Nobody logged in: on_no_agents sends the caller away.
+        call = await phones["1004"].call(f"sip:{QUEUE_NUMBER}@pbx.local")
+        await phones["1004"].wait_event("call_state", call=call, state="disconnected")
+
+        await feature(server, agent, "*45", "agent 1001: login")
+        await feature(server, agent, "*46", "agent 1001: pause")
+        assert await server.metric("pbx_queue_agents", queue="support", state="paused") == 1
+        call = await join_queue(server, phones["1004"], 1)
+        await feature(server, agent, "*46", "agent 1001: unpause")
+        agent_call, user = await take_call(agent)
+        assert user == "1004"
+        await hang_up(agent, agent_call, phones["1004"], call)
+        assert [r["event"] for r in queue_log(server, "login", "logout", "pause", "unpause")] == ["logout", "login", "pause", "unpause"]
+    finally:
+        await server.stop()
+
+
+async def test_an_agent_who_misses_two_calls_in_a_row_is_paused(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], ring_timeout=1)
+    try:
+        await register(server, phones, "1001", "1004")
+        call = await join_queue(server, phones["1004"], 1)
+        for _ in range(2):
+            ring = await phones["1001"].wait_event("incoming")
+            await phones["1001"].wait_event("call_state", call=ring["call"], state="disconnected")
+        await server.wait_log(r"agent 1001 missed 2 calls in a row: paused")
+        assert await server.metric("pbx_queue_agents", queue="support", state="paused") == 1
+        assert [r["data"].get("reason") for r in queue_log(server, "pause")] == ["auto"]
+        await phones["1004"].hangup(call)
+        await server.wait_log(r"left queue support: abandoned")
+        assert [r["event"] for r in queue_log(server, "enter", "abandon")] == ["enter", "abandon"]
+    finally:
+        await server.stop()
+
+
+CALLBACKS = {"enabled": True, "offer_after": 0, "retries": 1, "retry_interval": 10}
+
+
+async def ask_for_callback(server: Server, caller: Phone, position: int) -> None:
+    """Join the queue, take the callback offer and hear the server hang up."""
+    mark = len(server.log)
+    call = await join_queue(server, caller, position)
+    await server.wait_log("offers a callback", start=mark)
+    await caller.dtmf(call, "1")
+    await server.wait_log(rf"callback \S+ to \d+ requested in queue support at position {position}\b", start=mark)
+    await caller.wait_event("call_state", call=call, state="disconnected", timeout=15)
+
+
+async def test_a_callback_keeps_its_place_and_rings_the_agent_then_the_customer(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], callback=CALLBACKS)
+    try:
+        await register(server, phones, "1002", "1003", "1004")
+        first = await join_queue(server, phones["1002"], 1)
+        await ask_for_callback(server, phones["1003"], 2)
+
+        # A second request for the same number is refused; the caller stays in line behind the callback.
+        mark = len(server.log)
+        again = await join_queue(server, phones["1003"], 3)
+        await server.wait_log("offers a callback", start=mark)
+        await phones["1003"].dtmf(again, "1")
+        await server.wait_log("1003 already has a callback pending in support", start=mark)
+        await phones["1003"].hangup(again)
+        await server.wait_log(r"left queue support: abandoned", start=mark)
+
+        later = await join_queue(server, phones["1004"], 3)
+        agent = phones["1001"]
+        await register(server, phones, "1001")
+        agent_call, user = await take_call(agent)
+        assert user == "1002"
+        await hang_up(agent, agent_call, phones["1002"], first)
+
+        # The callback: the agent's phone rings first (showing the customer), then the customer's.
+        agent_call, user = await take_call(agent)
+        assert user == "1003"
+        customer_call, user = await take_call(phones["1003"])
+        assert user == "1001"
+        await hang_up(agent, agent_call, phones["1003"], customer_call)
+
+        agent_call, user = await take_call(agent)
+        assert user == "1004"
+        await hang_up(agent, agent_call, phones["1004"], later)
+        events = [r["event"] for r in queue_log(server, "answer", "callback-dial", "callback-complete")]
+        assert events == ["answer", "callback-dial", "callback-complete", "answer"]
+        assert await server.metric("pbx_callbacks_total", queue="support", outcome="completed") == 1
+    finally:
+        await server.stop()
+
+
+async def test_a_customer_who_does_not_answer_is_tried_again_then_the_callback_fails(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], callback=CALLBACKS)
+    try:
+        await register(server, phones, "1001", "1003")
+        await feature(server, phones["1001"], "*46", "agent 1001: pause")
+        await ask_for_callback(server, phones["1003"], 1)
+        await feature(server, phones["1001"], "*46", "agent 1001: unpause")
+        for _ in range(2):  # the first try and one retry (retries: 1)
+            agent_call, user = await take_call(phones["1001"], timeout=15)
+            assert user == "1003"
+            ring = await phones["1003"].wait_event("incoming")
+            await phones["1003"].answer(ring["call"], 486)
+            await phones["1001"].wait_event("call_state", call=agent_call, state="disconnected")
+        await server.wait_log(r"callback \S+ to 1003 failed after 2 attempts")
+        assert [r["event"] for r in queue_log(server, "callback-dial", "callback-retry", "callback-fail")] == [
+            "callback-dial",
+            "callback-retry",
+            "callback-dial",
+            "callback-fail",
+        ]
+        assert await server.metric("pbx_callbacks_total", queue="support", outcome="failed") == 1
+        assert await server.metric("pbx_callbacks_pending", queue="support") == 0
+    finally:
+        await server.stop()
+
+
+async def test_pending_callbacks_survive_a_restart_in_order_and_are_dialed_one_at_a_time(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    folder = tmp_path / "pbx"
+    server = await queue_server(folder, agents=["1001"], callback=CALLBACKS)
+    try:
+        await register(server, phones, "1002", "1003", "1004")
+        for position, ext in enumerate(("1003", "1002", "1004"), 1):
+            await ask_for_callback(server, phones[ext], position)
+    finally:
+        await server.stop()
+    server = await queue_server(folder, agents=["1001"], callback=CALLBACKS)
+    try:
+        await server.wait_log("3 pending callbacks restored")
+        await register(server, phones, "1001", "1002", "1003", "1004")
+        agent = phones["1001"]
+        called = []
+        for _ in range(3):
+            agent_call, user = await take_call(agent, timeout=15)
+            customer = phones[user]
+            customer_call, _ = await take_call(customer)
+            called.append(user)
+            assert await server.metric("pbx_callbacks_pending", queue="support") == 3 - len(called)
+            mark = len(server.log)
+            await hang_up(agent, agent_call, customer, customer_call)
+            await server.wait_log(r"queue support: 1001 done with \S+ after", start=mark)
+        assert called == ["1003", "1002", "1004"]
+        # One agent: each callback is dialed only after the previous call has ended.
+        sequence = [r["event"] for r in queue_log(server, "callback-dial", "complete")]
+        assert sequence == ["callback-dial", "complete"] * 3
+    finally:
+        await server.stop()
