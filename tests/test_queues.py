@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.audio import rms
 from tests.support.phone import Phone
 from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.sipp import SippProcess, start_sipp
 
 REPO = Path(__file__).resolve().parent.parent
 SOUNDS = REPO / "config" / "sounds"
+SIPP = Path(__file__).parent / "sipp"
 QUEUE_NUMBER = "7000"
 EXTENSIONS = {**PASSWORDS, "1004": "secret-1004", "1005": "secret-1005", "1006": "secret-1006"}
 
@@ -39,6 +42,7 @@ async def queue_server(folder: Path, **queue: Any) -> Server:
         sounds={"dir": str(SOUNDS)},
         extensions={ext: {"name": f"User {ext}", "password": pw} for ext, pw in EXTENSIONS.items()},
         inbound={QUEUE_NUMBER: "queue:support"},
+        trunks={"carrier": {"host": "127.0.0.2:5060", "inbound_from": ["127.0.0.2/32"]}},
         queues={"support": settings},
         log_level="INFO",
     )
@@ -95,30 +99,52 @@ def _user(header: str) -> str:
     return header.split("sip:", 1)[1].split("@", 1)[0]
 
 
+async def sipp_caller(server: Server, number: str, position: int) -> SippProcess:
+    """A SIPp caller from the carrier's network that joins the queue as ``number``
+    and stays until the agent hangs up."""
+    mark = len(server.log)
+    caller = await start_sipp(
+        SIPP / "queue_caller.xml",
+        server.sip,
+        local_ip="127.0.0.2",
+        service=QUEUE_NUMBER,
+        calls=1,
+        timeout=60,
+        ready_timeout=0,
+        extra=("-set", "caller", number),
+    )
+    await server.wait_log(rf"queue support announces position {position}\b", start=mark)
+    return caller
+
+
 async def test_callers_wait_with_music_hear_their_position_and_are_answered_in_order(
     tmp_path: Path, phones: dict[str, Phone]
 ) -> None:
     server = await queue_server(tmp_path / "pbx", agents=["1001"])
     try:
-        await register(server, phones, "1002", "1003", "1004")
-        callers = [phones["1002"], phones["1003"], phones["1004"]]
-        calls = [await join_queue(server, caller, position) for position, caller in enumerate(callers, 1)]
+        await register(server, phones, "1003")
+        first = await sipp_caller(server, "+15550001", 1)
+        second = await join_queue(server, phones["1003"], 2)
+        third = await sipp_caller(server, "+15550003", 3)
         assert await server.metric("pbx_queue_callers", queue="support") == 3
 
         # Music keeps playing after the announcement (a few words, under 3 s).
-        await callers[0].record(calls[0], tmp_path / "waiting.wav")
+        await phones["1003"].record(second, tmp_path / "waiting.wav")
         await asyncio.sleep(4)  # the recording's length, not synchronisation
-        await callers[0].stop_record(calls[0])
+        await phones["1003"].stop_record(second)
         assert rms(tmp_path / "waiting.wav", skip_seconds=3) > 0.01
 
         agent = phones["1001"]
         await register(server, phones, "1001")
         answered_by = []
-        for caller, call in zip(callers, calls, strict=True):
+        for _ in range(3):
             agent_call, user = await take_call(agent)
             answered_by.append(user)
-            await hang_up(agent, agent_call, caller, call)
-        assert answered_by == ["1002", "1003", "1004"]
+            await hang_up(agent, agent_call)
+        assert answered_by == ["+15550001", "1003", "+15550003"]
+        for sipp in (first, third):
+            result = await sipp.wait(timeout=10)
+            assert result.ok, result.report()
         entered = [r["call_id"] for r in queue_log(server, "enter")]
         assert [r["call_id"] for r in queue_log(server, "answer")] == entered
     finally:
@@ -387,5 +413,63 @@ async def test_pending_callbacks_survive_a_restart_in_order_and_are_dialed_one_a
         # One agent: each callback is dialed only after the previous call has ended.
         sequence = [r["event"] for r in queue_log(server, "callback-dial", "complete")]
         assert sequence == ["callback-dial", "complete"] * 3
+    finally:
+        await server.stop()
+
+
+async def test_metrics_count_each_way_of_leaving_the_queue(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    server = await queue_server(
+        tmp_path / "pbx",
+        agents=["1001"],
+        max_wait=9,
+        service_level=2,
+        announce={"every": 5},
+        callback={"enabled": True, "offer_after": 0},
+    )
+    try:
+        await register(server, phones, "1002", "1003", "1004", "1005", "1006")
+        # No agent yet: one caller waits out max_wait, the next waits past the service level.
+        mark = len(server.log)
+        await join_queue(server, phones["1004"], 1)
+        await server.wait_log(r"left queue support: timeout after 9\.\d s", timeout=15, start=mark)
+        mark = len(server.log)
+        late = await join_queue(server, phones["1005"], 1)
+        await server.wait_log(r"queue support announces position 1", start=len(server.log))  # 5 s later
+        agent = phones["1001"]
+        await register(server, phones, "1001")
+        agent_call, _ = await take_call(agent)
+        await hang_up(agent, agent_call, phones["1005"], late)
+        # Answered at once, and kept on the line while others arrive.
+        quick = await phones["1002"].call(f"sip:{QUEUE_NUMBER}@pbx.local")
+        busy_call, _ = await take_call(agent)
+        await ask_for_callback(server, phones["1003"], 1)
+        mark = len(server.log)
+        gone = await join_queue(server, phones["1006"], 2)
+        await phones["1006"].hangup(gone)
+        await server.wait_log(r"left queue support: abandoned", start=mark)
+
+        _, text = await server.http("/metrics")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+        def sample(name: str, **labels: str) -> float | None:
+            return samples.get((name, tuple(sorted({"queue": "support", **labels}.items()))))
+
+        for outcome, count in (("answered", 2), ("timeout", 1), ("callback", 1), ("abandoned", 1)):
+            assert sample("pbx_queue_calls_total", outcome=outcome) == count, outcome
+            assert sample("pbx_queue_wait_seconds_count", outcome=outcome) == count, outcome
+        assert sample("pbx_queue_wait_seconds_bucket", outcome="answered", le="5.0") == 1
+        assert sample("pbx_queue_wait_seconds_bucket", outcome="answered", le="10.0") == 2
+        assert sample("pbx_queue_wait_seconds_bucket", outcome="timeout", le="5.0") == 0
+        assert sample("pbx_queue_wait_seconds_bucket", outcome="timeout", le="10.0") == 1
+        assert sample("pbx_queue_service_level_ratio") == 0.5
+        assert sample("pbx_callbacks_total", outcome="requested") == 1
+        assert sample("pbx_callbacks_pending") == 1
+        assert sample("pbx_queue_agents", state="busy") == 1
+        assert sample("pbx_queue_callers") == 0
+        await hang_up(agent, busy_call, phones["1002"], quick)
     finally:
         await server.stop()
