@@ -20,6 +20,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # The generic machinery, under this module's names for its own helpers.
+from pbx.schedule import Schedule, parse_schedule
 from pbx.yamlfile import ConfigIssue as ConfigIssue
 from pbx.yamlfile import Convert as Convert
 from pbx.yamlfile import Field as _Field
@@ -207,7 +208,7 @@ class QueueCallback:
     digit: str  # DTMF digit that accepts the offer
     retries: int
     retry_interval: int  # seconds
-    hours: str | None  # when callbacks are placed, in the IVR `hours` syntax; None: any time
+    hours: Schedule | None  # when callbacks are placed; None: any time
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,13 @@ def _timezone(r: _Reader, node: _Node) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise _Invalid(f"{node.name}: unknown time zone {name!r}") from None
     return name
+
+
+def _hours(r: _Reader, node: _Node) -> Schedule:
+    try:
+        return parse_schedule(_text(r, node))
+    except ValueError as exc:
+        raise _Invalid(f"{node.name}: {exc}") from None
 
 
 def _ip_address(r: _Reader, node: _Node) -> str:
@@ -633,7 +641,7 @@ _CALLBACK_FIELDS = (
     _Field("digit", _dtmf_digit, "1"),
     _Field("retries", _integer(0, 20), 3),
     _Field("retry_interval", _integer(10, 86400), 120),
-    _Field("hours", _optional(_text), None),
+    _Field("hours", _optional(_hours), None),
 )
 _QUEUE_FIELDS = (
     _Field("strategy", _choice(*QUEUE_STRATEGIES), "longest-idle"),

@@ -174,6 +174,15 @@ def test_bad_regex(tmp_path: Path) -> None:
     assert issue.startswith(f"{tmp_path / 'pbx.yaml'}:9: outbound[0].match: invalid regular expression '^(+'")
 
 
+def test_callback_hours_are_opening_hours(tmp_path: Path) -> None:
+    good = load(tmp_path, BASE + '  q: {agents: ["1001"], callback: {hours: "mon-fri 09:00-17:00"}}\n')
+    hours = good.queues["q"].callback.hours
+    assert hours is not None and str(hours) == "mon-fri 09:00-17:00"
+    text = BASE + '  q:\n    agents: ["1001"]\n    callback: {hours: "mon-fry 09:00-17:00"}\n'
+    [issue] = errors(tmp_path, text)
+    assert issue.startswith(f"{tmp_path / 'pbx.yaml'}:10: queues.q.callback.hours: unknown day 'fry'")
+
+
 def test_unknown_trunk_in_outbound(tmp_path: Path) -> None:
     text = BASE + 'outbound:\n  - {match: "^[0-9]+$", trunk: nope}\n'
     assert errors(tmp_path, text) == [f"{tmp_path / 'pbx.yaml'}:9: outbound[0].trunk: there is no trunk 'nope'"]

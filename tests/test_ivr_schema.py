@@ -25,9 +25,9 @@ from pbx.ivr.schema import (
     SetNode,
     expand,
     load_flows,
-    parse_schedule,
 )
 from pbx.media.prompts import PromptLibrary
+from pbx.schedule import parse_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 BROKEN = REPO / "tests" / "flows_broken"

@@ -31,7 +31,6 @@ from zoneinfo import ZoneInfo
 from pbx.config import Config, Destination, Queue
 from pbx.events import EventBus
 from pbx.ivr.audio import CallAudio
-from pbx.ivr.schema import parse_schedule
 from pbx.media.moh import MusicOnHold
 from pbx.media.prompts import PromptLibrary, number_parts
 from pbx.sip.b2bua import Call, CallService, Unreachable
@@ -441,14 +440,8 @@ class QueueService:
     def _callback_due(self, entry: Entry, queue: Queue) -> bool:
         if time.time() < entry.next_attempt:
             return False
-        if queue.callback.hours is None:
-            return True
-        try:
-            schedule = parse_schedule(queue.callback.hours)
-        except ValueError as exc:
-            logger.error("queue %s: callback hours: %s", queue.name, exc)
-            return True
-        return schedule.is_open(datetime.now(ZoneInfo(self.config().timezone)))
+        hours = queue.callback.hours
+        return hours is None or hours.is_open(datetime.now(ZoneInfo(self.config().timezone)))
 
     async def _dial_callback(self, line: Line, entry: Entry, agent: str, queue: Queue) -> None:
         """Ring the agent, then the customer; a customer who cannot be reached is tried again later."""
