@@ -342,7 +342,7 @@ class QueueService:
             entry.id,
             line.name,
             position,
-            "unknown" if minutes is None else f"{minutes} min",
+            "unknown" if wait is None else "under a minute" if wait < 60 else f"{minutes} min",
         )
         return parts
 
