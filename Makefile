@@ -51,6 +51,7 @@ bench-deps:
 bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/bridge.py
 	$(PY) bench/ivr.py
+	$(PY) bench/queue.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
