@@ -26,8 +26,9 @@ QUEUE_NUMBER = "7000"
 EXTENSIONS = {**PASSWORDS, "1004": "secret-1004", "1005": "secret-1005", "1006": "secret-1006"}
 
 
-async def queue_server(folder: Path, **queue: Any) -> Server:
-    """A server with queue `support` at 7000; ``queue`` overrides its settings."""
+async def queue_server(folder: Path, *, customer_rings: int = 20, **queue: Any) -> Server:
+    """A server with queue `support` at 7000; ``queue`` overrides its settings,
+    ``customer_rings`` is how long a callback's customer rings (sip.ring_timeout)."""
     settings: dict[str, Any] = {
         "agents": ["1001", "1002", "1003"],
         "strategy": "linear",
@@ -39,6 +40,7 @@ async def queue_server(folder: Path, **queue: Any) -> Server:
     }
     return await start_server(
         folder,
+        sip={"ring_timeout": customer_rings},
         sounds={"dir": str(SOUNDS)},
         extensions={ext: {"name": f"User {ext}", "password": pw} for ext, pw in EXTENSIONS.items()},
         inbound={QUEUE_NUMBER: "queue:support"},
@@ -358,7 +360,7 @@ async def test_a_callback_keeps_its_place_and_rings_the_agent_then_the_customer(
 async def test_a_customer_who_does_not_answer_is_tried_again_then_the_callback_fails(
     tmp_path: Path, phones: dict[str, Phone]
 ) -> None:
-    server = await queue_server(tmp_path / "pbx", agents=["1001"], callback=CALLBACKS)
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], callback=CALLBACKS, customer_rings=2)
     try:
         await register(server, phones, "1001", "1003")
         await feature(server, phones["1001"], "*46", "agent 1001: pause")
@@ -367,10 +369,10 @@ async def test_a_customer_who_does_not_answer_is_tried_again_then_the_callback_f
         for _ in range(2):  # the first try and one retry (retries: 1)
             agent_call, user = await take_call(phones["1001"], timeout=15)
             assert user == "1003"
-            ring = await phones["1003"].wait_event("incoming")
-            await phones["1003"].answer(ring["call"], 486)
+            ring = await phones["1003"].wait_event("incoming")  # and is left ringing
+            await phones["1003"].wait_event("call_state", call=ring["call"], state="disconnected")
             await phones["1001"].wait_event("call_state", call=agent_call, state="disconnected")
-        await server.wait_log(r"callback \S+ to 1003 failed after 2 attempts")
+        await server.wait_log(r"callback \S+ to 1003 failed after 2 attempts \(no-answer\)")
         assert [r["event"] for r in queue_log(server, "callback-dial", "callback-retry", "callback-fail")] == [
             "callback-dial",
             "callback-retry",
