@@ -61,9 +61,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
-from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
+from tests.support.sipp import SIPP, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded, show_failure  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
@@ -262,11 +262,6 @@ async def metric_sample(server: Server, name: str) -> float | None:
         if sample == name or sample.startswith(name + "{"):
             total = (total or 0.0) + float(value)
     return total
-
-
-def show_failure(what: str, result: SippResult) -> None:
-    print(f"--- {what} failed ---", file=sys.stderr)
-    print(result.report(lines=30), file=sys.stderr)
 
 
 async def place_calls(system: System, run: Run, work: Path) -> None:

@@ -82,9 +82,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support.server import Server, free_port, start_server, stop_process  # noqa: E402
-from tests.support.sipp import SIPP, SippResult, run_sipp  # noqa: E402
+from tests.support.sipp import SIPP, run_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
 BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
@@ -320,11 +320,6 @@ def keys_per_call(duration: float, interval: float) -> int:
     while more than an interval is left."""
     d, i = round(duration * 1000), round(interval * 1000)
     return max(0, -(-d // i) - 1)
-
-
-def show_failure(what: str, result: SippResult) -> None:
-    print(f"--- {what} failed ---", file=sys.stderr)
-    print(result.report(lines=30), file=sys.stderr)
 
 
 def peak_calls(stat_csv: Path) -> int | None:

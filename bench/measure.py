@@ -11,7 +11,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from tests.support.sipp import SippResult
 
 
 class Measured(Protocol):
@@ -83,3 +86,9 @@ def aligned(rows: list[list[str]]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def show_failure(what: str, result: SippResult) -> None:
+    """Print a failed SIPp run's report to stderr."""
+    print(f"--- {what} failed ---", file=sys.stderr)
+    print(result.report(lines=30), file=sys.stderr)

@@ -86,7 +86,7 @@ if str(ROOT) not in sys.path:
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 CALLER = SCENARIOS / "queue_caller.xml"
@@ -260,11 +260,6 @@ class Run:
         if self.log_problems:
             text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
         return text + (f" [{self.error}]" if self.error else "")
-
-
-def show_failure(what: str, result: SippResult) -> None:
-    print(f"--- {what} failed ---", file=sys.stderr)
-    print(result.report(lines=30), file=sys.stderr)
 
 
 def agent_numbers(count: int) -> list[str]:
