@@ -637,8 +637,8 @@ class QueueService:
         member.misses += 1
         if member.misses >= MISSES_BEFORE_PAUSE and not member.paused:
             member.paused = True
-            logger.warning("queue %s: agent %s missed %d calls in a row: paused", line.name, agent, member.misses)
-            self._log(line.name, "pause", agent=agent, reason="auto")
+            then = f"queue {line.name}: agent {agent} missed {member.misses} calls in a row: paused"
+            self._log(line.name, "pause", agent=agent, then=then, warn=True, reason="auto")
 
     # --- agents ---
 
@@ -734,10 +734,19 @@ class QueueService:
     # --- plumbing ---
 
     def _log(
-        self, queue: str, event: str, *, call_id: str | None = None, agent: str | None = None, then: str | None = None, **data: Any
+        self,
+        queue: str,
+        event: str,
+        *,
+        call_id: str | None = None,
+        agent: str | None = None,
+        then: str | None = None,
+        warn: bool = False,
+        **data: Any,
     ) -> None:
         """One queue_log row, written in order by the store's single thread;
-        ``then`` is logged once the row is stored."""
+        ``then`` is logged (as a warning with ``warn``) once the row is stored,
+        so whoever reads the log line finds the row."""
         row = {
             "time": _iso(time.time()),
             "queue": queue,
@@ -746,14 +755,14 @@ class QueueService:
             "event": event,
             "data": json.dumps(data) if data else None,
         }
-        task = asyncio.get_running_loop().create_task(self._write_log(row, then))
+        task = asyncio.get_running_loop().create_task(self._write_log(row, then, logging.WARNING if warn else logging.INFO))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write_log(self, row: dict[str, Any], then: str | None) -> None:
+    async def _write_log(self, row: dict[str, Any], then: str | None, level: int) -> None:
         await self.store.insert("queue_log", row)
         if then:
-            logger.info("%s", then)
+            logger.log(level, "%s", then)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
