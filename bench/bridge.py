@@ -40,6 +40,8 @@ warnings and up. Needs `kamailio` and `rtpengine-daemon` (Debian), which
 
 from __future__ import annotations
 
+import script_path  # noqa: I001  (first: the import path for everything below)
+
 import argparse
 import asyncio
 import contextlib
@@ -56,9 +58,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = script_path.ROOT
 
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, run_sipp, start_sipp  # noqa: E402

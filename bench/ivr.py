@@ -49,6 +49,8 @@ runs at --log-level INFO, like bench/bridge.py.
 
 from __future__ import annotations
 
+import script_path  # noqa: I001  (first: the import path for everything below)
+
 import argparse
 import asyncio
 import contextlib
@@ -77,14 +79,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: audioop leaves the stdlib in 3.13
     import audioop
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = script_path.ROOT
 
 from tests.support.server import Server, free_port, start_server, stop_process  # noqa: E402
 from tests.support.sipp import SIPP, run_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, stop_server  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
 BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
@@ -423,15 +423,7 @@ async def pbx_run(run: Run, work: Path, log_level: str) -> None:
         if run.keys_heard is not None:
             run.keys_heard -= run.successful
     finally:
-        code = await server.stop()
-        (work / "pbx.log").write_text("\n".join(server.log) + "\n")
-        for line in server.log:
-            level = next((lv for lv in ("WARNING", "ERROR", "CRITICAL") if f" {lv} " in line), None)
-            if level is not None:
-                run.log_problems[level] = run.log_problems.get(level, 0) + 1
-        if code:
-            print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
-            print("\n".join(server.log[-20:]), file=sys.stderr)
+        await stop_server(server, work, run.log_problems)
 
 
 async def warm_up(server: Server, work: Path) -> None:

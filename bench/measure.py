@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from tests.support.server import Server
     from tests.support.sipp import SippResult
 
 
@@ -92,3 +93,18 @@ def show_failure(what: str, result: SippResult) -> None:
     """Print a failed SIPp run's report to stderr."""
     print(f"--- {what} failed ---", file=sys.stderr)
     print(result.report(lines=30), file=sys.stderr)
+
+
+async def stop_server(server: Server, work: Path, problems: dict[str, int]) -> None:
+    """Stop a benchmarked `pbx serve`, keep its log in ``work``, count its
+    WARNING/ERROR/CRITICAL lines into ``problems`` and show the end of the log
+    when it exited with an error."""
+    code = await server.stop()
+    (work / "pbx.log").write_text("\n".join(server.log) + "\n")
+    for line in server.log:
+        level = next((lv for lv in ("WARNING", "ERROR", "CRITICAL") if f" {lv} " in line), None)
+        if level is not None:
+            problems[level] = problems.get(level, 0) + 1
+    if code:
+        print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
+        print("\n".join(server.log[-20:]), file=sys.stderr)

@@ -58,14 +58,7 @@ play_pcap_audio needs root or CAP_NET_RAW (or --no-audio). The server runs at
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path, where its name
-# would hide the standard library's `queue` (which asyncio's executor and
-# logging import): look there no more.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import script_path  # noqa: I001  (first: the import path for everything below)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -75,18 +68,18 @@ import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import sqlite3  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = script_path.ROOT
 
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, stop_server  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 CALLER = SCENARIOS / "queue_caller.xml"
@@ -407,15 +400,7 @@ async def pbx_run(run: Run, work: Path, args: argparse.Namespace) -> None:
             if run.agent_failed:
                 run.error = (run.error + "; " if run.error else "") + f"agent UAS saw {run.agent_failed} failed calls"
                 show_failure(f"{run.system}: agents ({AGENT.name})", agent_result)
-        code = await server.stop()
-        (work / "pbx.log").write_text("\n".join(server.log) + "\n")
-        for line in server.log:
-            level = next((lv for lv in ("WARNING", "ERROR", "CRITICAL") if f" {lv} " in line), None)
-            if level is not None:
-                run.log_problems[level] = run.log_problems.get(level, 0) + 1
-        if code:
-            print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
-            print("\n".join(server.log[-20:]), file=sys.stderr)
+        await stop_server(server, work, run.log_problems)
     run.log = read_queue_log(server.folder / "pbx.db", since)
     problems = []
     if run.unanswered:
