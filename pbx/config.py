@@ -143,6 +143,7 @@ class Extension:
     name: str
     password: str
     voicemail: VoicemailBox | None
+    record: bool  # record its answered calls, in and out
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,18 @@ class VoicemailConfig:
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    """``smtp``: the mail server voicemail notifications go through."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    sender: str  # the From address (key ``from``)
+    starttls: bool
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """``features``: codes an extension dials for built-in services."""
 
@@ -276,6 +289,7 @@ class Config:
     queues: dict[str, Queue]
     recording: RecordingConfig
     voicemail: VoicemailConfig
+    smtp: SmtpConfig | None  # None: voicemail is not e-mailed
     features: FeaturesConfig
 
     def route_outbound(self, number: str) -> Trunk | None:
@@ -308,7 +322,7 @@ _TARGET_RULES: Final = {
     "ivr": (_NAME, "a flow name"),
     "queue": (_NAME, "a queue name"),
     "extension": (_DIGITS, "an extension number"),
-    "voicemail": (_DIGITS, "a mailbox number"),
+    "voicemail": (rf"{_DIGITS}|main", "a mailbox number, or main (ask for the mailbox and PIN)"),
     "external": (rf"{_DIAL_NUMBER}(@{_NAME})?", "a number, optionally followed by @TRUNK"),
 }
 
@@ -521,7 +535,7 @@ def read_destination(r: _Reader, node: _Node) -> Destination:
     match destination.kind:
         case "ivr" | "queue" | "extension":
             r.refer(destination.kind, destination.target, node)
-        case "voicemail":
+        case "voicemail" if destination.target != "main":
             r.refer("mailbox", destination.target, node)
         case "external":
             r.refer("trunk", destination.trunk, node)
@@ -572,6 +586,11 @@ def _build_voicemail(node: _Node, values: dict[str, Any]) -> VoicemailConfig:
     return VoicemailConfig(**values)
 
 
+def _build_smtp(node: _Node, values: dict[str, Any]) -> SmtpConfig:
+    host, port = values["host"]
+    return SmtpConfig(host, port, values["username"], values["password"], values["from"], values["starttls"])
+
+
 def _build_features(node: _Node, values: dict[str, Any]) -> FeaturesConfig:
     seen: dict[str, str] = {}
     for name, code in values.items():
@@ -614,6 +633,7 @@ _EXTENSION_FIELDS = (
     _Field("name", _text),
     _Field("password", _string),
     _Field("voicemail", _optional(_section(_MAILBOX_FIELDS, _fields_of(VoicemailBox))), None),
+    _Field("record", _boolean, False),
 )
 _REGISTER_FIELDS = (
     _Field("username", _text),
@@ -667,6 +687,13 @@ _VOICEMAIL_FIELDS = (
     _Field("min_seconds", _integer(0, 60), 1),
     _Field("greeting", _text, "vm-greeting"),
 )
+_SMTP_FIELDS = (
+    _Field("host", _host_port(587, "smtp.example.com:587")),
+    _Field("username", _optional(_text), None),
+    _Field("password", _optional(_string), None),
+    _Field("from", _matching(r"[^@\s]+@[^@\s]+", "an email address"), "pbx@localhost"),
+    _Field("starttls", _boolean, True),
+)
 _FEATURES_FIELDS = (
     _Field("voicemail_main", _feature_code, "*97"),
     _Field("agent_login", _feature_code, "*45"),
@@ -691,6 +718,7 @@ _CONFIG_FIELDS = (
     _Field("queues", _table("queue", _name, _section(_QUEUE_FIELDS, lambda n, v: Queue(n.key, **v))), {}),
     _Field("recording", _section(_RECORDING_FIELDS, _fields_of(RecordingConfig)), {}),
     _Field("voicemail", _section(_VOICEMAIL_FIELDS, _build_voicemail), {}),
+    _Field("smtp", _optional(_section(_SMTP_FIELDS, _build_smtp)), None),
     _Field("features", _section(_FEATURES_FIELDS, _build_features), {}),
 )
 

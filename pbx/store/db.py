@@ -61,6 +61,35 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         },
         "id",
     ),
+    "recordings": (
+        {
+            "id": str,  # the call id
+            "call_id": str,
+            "queue": str,
+            "agent": str,
+            "caller": str,
+            "callee": str,
+            "started": str,
+            "seconds": float,
+            "bytes": int,
+            "channels": int,
+            "path": str,  # relative to storage.data_dir
+        },
+        "id",
+    ),
+    "voicemail": (
+        {
+            "id": str,
+            "mailbox": str,
+            "caller": str,
+            "received": str,
+            "seconds": float,
+            "heard": int,  # 0: new (INBOX), 1: old
+            "path": str,  # relative to storage.data_dir
+            "email": str,  # "": none wanted, "pending": to send, "sent"
+        },
+        "id",
+    ),
     "queue_log": (
         {"id": int, "time": str, "queue": str, "call_id": str, "agent": str, "event": str, "data": str},
         "id",
