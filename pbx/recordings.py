@@ -1,0 +1,621 @@
+"""Call recording: a bridged call's two directions written to a WAV file.
+
+Nothing here blocks the event loop or the media clock. The relay's
+``on_audio`` tap only appends ``(tick, payload, codec)`` to a list per
+channel; one timer for all open recordings hands each recording's batch,
+about once a second, to one shared writer thread, which decodes, places and
+writes the audio. So the loop never decodes a packet or touches the disk.
+
+Placement is by arrival time, not by RTP timestamp: a packet belongs at the
+sample position of the media clock tick it arrived on (160 samples per 20 ms
+tick, counted from the tick of ``begin()``), so both channels share one time
+base whatever their peers' clocks and SSRC changes do. A channel more than
+three frames behind a packet's arrival gets silence up to it (a gap, a muted
+or held phone, a side that sends nothing); a smaller lag is jitter, and the
+packet follows the previous one. Half a second behind the clock, audio is
+final: the flush pads both channels with silence to that point and writes.
+
+A file is written as ``.<name>.wav.part`` and renamed to ``<name>.wav`` only
+once complete and closed; only then is its row stored. A write error (disk
+full, a file where a folder should be) fails that recording alone, on the
+writer thread: the partial file goes, an ERROR is logged once and
+``recording_failed`` is emitted; the call itself never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import os
+import re
+import wave
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+from G722 import G722
+
+from pbx.config import Config
+from pbx.events import EventBus
+from pbx.media.clock import MediaClock
+from pbx.media.codecs import UnsupportedCodec, decode_to_pcm16
+from pbx.media.relay import RelaySide
+from pbx.store.db import Store
+
+with warnings.catch_warnings():
+    # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+logger = logging.getLogger(__name__)
+
+Samples = npt.NDArray[np.int16]
+Packet = tuple[int, bytes, str]  # (clock tick of arrival, payload, codec name)
+
+RATE = 8000
+FRAME = 160  # samples per media clock tick (20 ms at 8 kHz)
+JITTER_FRAMES = 3  # a channel further behind a packet's arrival gets silence up to it
+AHEAD_FRAMES = 10  # packets that would land further ahead of their arrival are dropped
+SETTLE_TICKS = 25  # audio this far (0.5 s) behind the clock is final at a flush
+FLUSH_INTERVAL = 1.0  # seconds between flushes
+RETENTION_INTERVAL = 24 * 3600.0  # seconds between retention passes
+PARTIAL_SUFFIX = ".part"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
+_NO_SAMPLES: Samples = np.zeros(0, dtype=np.int16)
+
+
+def file_stem(call_id: str) -> str:
+    """A file name (without extension) for ``call_id``, safe in any folder.
+
+    Characters outside ``[A-Za-z0-9._@-]`` become ``_`` and leading dots too;
+    a name that had to change (or is very long) gets a hash of the call id,
+    so two call ids never share a file.
+    """
+    stem = _UNSAFE.sub("_", call_id)
+    stem = "_" * (len(stem) - len(stem.lstrip("."))) + stem.lstrip(".")
+    if stem != call_id or not stem or len(stem) > 100:
+        digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        stem = f"{stem[:100]}-{digest}"
+    return stem
+
+
+class Recording:
+    """One call being recorded; made by :meth:`Recorder.begin`.
+
+    ``failed`` becomes True (and ``error`` says why) when the file could not
+    be written; the recording then ends without a file or row.
+    """
+
+    def __init__(
+        self,
+        call_id: str,
+        *,
+        queue: str | None,
+        agent: str | None,
+        caller_id: str,
+        callee: str,
+        started: datetime,
+        start_tick: int,
+        sink: _RecordingFile,
+    ) -> None:
+        self.call_id = call_id
+        self.queue = queue
+        self.agent = agent
+        self.caller_id = caller_id
+        self.callee = callee
+        self.started = started
+        self.paused = False
+        self.failed = False
+        self.error: str | None = None
+        self._start_tick = start_tick
+        self._sink = sink  # used only on the writer thread
+        # Packets not yet handed to the writer: caller (left), agent (right).
+        self._pending: list[list[Packet]] = [[], []]
+        self._taps: list[tuple[RelaySide, Callable[[bytes, int], None]]] = []
+        self._exception: BaseException | None = None
+        self._reported = False
+        self._finishing: asyncio.Task[dict[str, Any] | None] | None = None
+
+    @property
+    def channels(self) -> int:
+        return 2 if self._sink.stereo else 1
+
+    def pause(self) -> None:
+        """Record silence from now on (card numbers); the recording's time keeps running."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Record the call's audio again after :meth:`pause`."""
+        self.paused = False
+
+    def _tap(self, side: RelaySide, channel: int, clock: MediaClock) -> Callable[[bytes, int], None]:
+        """The ``on_audio`` listener of ``side``: one append per packet, nothing more."""
+        pending = self._pending
+
+        def on_audio(payload: bytes, payload_type: int) -> None:
+            codec = side.codec
+            # Other payload types (comfort noise) are not audio in the side's codec.
+            if codec is None or payload_type != codec.payload_type or self.paused or self.failed:
+                return
+            pending[channel].append((clock.tick, payload, codec.name))
+
+        return on_audio
+
+    def _take_pending(self) -> tuple[list[Packet], list[Packet]]:
+        pending = self._pending
+        batch = (pending[0], pending[1])
+        pending[0] = []
+        pending[1] = []
+        return batch
+
+
+class Recorder:
+    """Records bridged calls to ``data_dir/recordings/YYYY/MM/DD/<call-id>.wav``.
+
+    Events: ``recording_saved`` (call_id, seconds) and ``recording_failed``
+    (call_id, error).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        store: Store,
+        events: EventBus,
+        clock: MediaClock,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._events = events
+        self._clock = clock
+        self._flush_interval = flush_interval
+        # One thread decodes and writes every recording, in submission order.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
+        self._open: dict[Recording, None] = {}  # ordered set
+        self._finishing: set[asyncio.Task[dict[str, Any] | None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifetime ---
+
+    async def start(self) -> None:
+        """Remove temporary files a crash left behind, apply retention once, then daily."""
+        loop = self._loop = asyncio.get_running_loop()
+        data_dir = self.config().storage.data_dir
+        folders = [data_dir / "recordings", data_dir / "voicemail"]
+        try:
+            removed = await loop.run_in_executor(None, _remove_partial_files, folders)
+        except OSError as exc:
+            logger.error("could not clean up unfinished files under %s: %s", data_dir, exc)
+        else:
+            if removed:
+                logger.warning("removed %d unfinished recording/voicemail files left by an earlier run", removed)
+            else:
+                logger.debug("no unfinished recording/voicemail files under %s", data_dir)
+        await self._retain()
+        self._retention = asyncio.create_task(self._retention_loop(), name="recording retention")
+
+    async def stop(self) -> None:
+        """Finish every open recording (as :meth:`end` does), then stop the writer."""
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
+            self._retention = None
+        await asyncio.gather(*(self.end(r) for r in list(self._open)), *self._finishing, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
+
+    # --- recording ---
+
+    def begin(
+        self,
+        call_id: str,
+        caller: RelaySide,
+        agent: RelaySide,
+        *,
+        queue: str | None,
+        agent_ext: str | None,
+        caller_id: str,
+        callee: str,
+    ) -> Recording:
+        """Start recording: ``caller`` (relay side a) left, ``agent`` (side b) right.
+
+        Taps both sides' ``on_audio`` until :meth:`end`. Never raises for
+        disk trouble: that shows later as ``failed``.
+        """
+        self._loop = asyncio.get_running_loop()
+        config = self.config()
+        started = datetime.now(UTC)
+        relative = PurePosixPath("recordings", started.strftime("%Y/%m/%d"), f"{file_stem(call_id)}.wav")
+        sink = _RecordingFile(config.storage.data_dir, relative, config.recording.stereo, self._clock.tick)
+        recording = Recording(
+            call_id,
+            queue=queue,
+            agent=agent_ext,
+            caller_id=caller_id,
+            callee=callee,
+            started=started,
+            start_tick=self._clock.tick,
+            sink=sink,
+        )
+        for channel, side in enumerate((caller, agent)):
+            tap = recording._tap(side, channel, self._clock)
+            if side.on_audio is not None:
+                logger.warning("recording %s: relay side %s already had an audio listener; replacing it", call_id, side.name)
+            side.on_audio = tap
+            recording._taps.append((side, tap))
+        self._open[recording] = None
+        self._submit(recording, sink.open)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._flush_interval, self._on_timer)
+        logger.debug("recording %s started: %s", call_id, relative)
+        return recording
+
+    async def end(self, recording: Recording) -> dict[str, Any] | None:
+        """Stop recording and finish the file: the stored row, or None when it failed.
+
+        Safe to call twice (both get the same answer) and to cancel (the
+        file is still finished). Never raises.
+        """
+        task = recording._finishing
+        if task is None:
+            task = recording._finishing = asyncio.create_task(self._finish(recording))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+        return await asyncio.shield(task)
+
+    async def flush(self) -> None:
+        """Hand every open recording's audio to the writer now and wait until written.
+
+        The timer does this on its own; useful to bound what a crash loses.
+        """
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in self._flush_all()))
+
+    async def _finish(self, recording: Recording) -> dict[str, Any] | None:
+        try:
+            self._open.pop(recording, None)
+            for side, tap in recording._taps:
+                if side.on_audio is tap:
+                    side.on_audio = None
+            future = self._submit(recording, recording._sink.finish, recording._take_pending())
+            if future is not None:
+                await asyncio.wrap_future(future)
+            if recording.failed:
+                self._report_failure(recording)
+                return None
+            return await self._save(recording)
+        except Exception as exc:  # a bug here must not end the call with an exception
+            logger.exception("recording %s: finishing failed", recording.call_id)
+            self._fail(recording, exc)
+            return None
+
+    async def _save(self, recording: Recording) -> dict[str, Any] | None:
+        sink = recording._sink
+        row: dict[str, Any] = {
+            "id": recording.call_id,
+            "call_id": recording.call_id,
+            "queue": recording.queue,
+            "agent": recording.agent,
+            "caller": recording.caller_id,
+            "callee": recording.callee,
+            "started": recording.started.isoformat(timespec="milliseconds"),
+            "seconds": round(sink.frames / RATE, 3),
+            "bytes": sink.size,
+            "channels": recording.channels,
+            "path": str(sink.relative),
+        }
+        try:
+            await self._store.insert("recordings", row)
+        except Exception as exc:
+            # The audio stays on disk: losing it would be worse than an unlisted file.
+            self._fail(recording, exc, f"{exc} (file {sink.relative} kept, not listed)")
+            return None
+        self._events.emit("recording_saved", call_id=recording.call_id, seconds=row["seconds"])
+        logger.info("recording %s saved: %s (%.1f s)", recording.call_id, sink.relative, row["seconds"])
+        return row
+
+    # --- the writer thread ---
+
+    def _submit(self, recording: Recording, step: Callable[..., None], *args: Any) -> concurrent.futures.Future[None] | None:
+        """Queue ``step(*args)`` for the writer thread; None if it cannot run."""
+        try:
+            return self._writer.submit(self._run, recording, step, *args)
+        except RuntimeError as exc:  # the writer was shut down: stop() has run
+            self._fail(recording, exc, "the recorder is stopped")
+            return None
+
+    def _run(self, recording: Recording, step: Callable[..., None], *args: Any) -> None:
+        """On the writer thread: one step of a recording; a failure ends only that recording."""
+        if recording.failed:
+            return  # later batches of a failed recording are dropped
+        try:
+            step(*args)
+        except Exception as exc:
+            recording._exception = exc
+            recording.error = str(exc) or type(exc).__name__
+            recording.failed = True
+            recording._sink.discard()
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._report_failure, recording)
+                except RuntimeError:  # the loop is closed: nobody left to tell
+                    pass
+
+    def _fail(self, recording: Recording, exc: BaseException, error: str | None = None) -> None:
+        """On the loop: mark ``recording`` failed and report it."""
+        if not recording.failed:
+            recording._exception = exc
+            recording.error = error or str(exc) or type(exc).__name__
+            recording.failed = True
+        self._report_failure(recording)
+
+    def _report_failure(self, recording: Recording) -> None:
+        """On the loop: log and emit a failure once per recording."""
+        if recording._reported:
+            return
+        recording._reported = True
+        exc = recording._exception
+        # Disk trouble explains itself; anything else is a bug worth a traceback.
+        trace = exc if exc is not None and not isinstance(exc, OSError) else None
+        logger.error("recording %s failed: %s", recording.call_id, recording.error, exc_info=trace)
+        self._events.emit("recording_failed", call_id=recording.call_id, error=recording.error)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self._flush_all()
+        except Exception:
+            logger.exception("recording flush failed")
+        if self._open and self._loop is not None:
+            self._timer = self._loop.call_later(self._flush_interval, self._on_timer)
+
+    def _flush_all(self) -> list[concurrent.futures.Future[None]]:
+        futures = []
+        tick = self._clock.tick
+        for recording in self._open:
+            if recording.failed:
+                recording._take_pending()
+                continue
+            final = (tick - recording._start_tick - SETTLE_TICKS) * FRAME
+            future = self._submit(recording, recording._sink.write, recording._take_pending(), final)
+            if future is not None:
+                futures.append(future)
+        return futures
+
+    # --- retention ---
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_INTERVAL)
+            await self._retain()
+
+    async def _retain(self) -> None:
+        try:
+            await self.apply_retention()
+        except Exception:
+            logger.exception("recording retention failed")
+
+    async def apply_retention(self) -> int:
+        """Delete recordings older than ``recording.retention_days`` (0: keep all): file, then row.
+
+        Returns how many went. A file that cannot be deleted keeps its row,
+        so the next pass tries again.
+        """
+        config = self.config()
+        days = config.recording.retention_days
+        if days <= 0:
+            return 0
+        cutoff = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="milliseconds")
+        rows = await self._store.rows("recordings", "started < ?", [cutoff])
+        if not rows:
+            return 0
+        loop = asyncio.get_running_loop()
+        gone = await loop.run_in_executor(None, _delete_files, config.storage.data_dir, rows)
+        for start in range(0, len(gone), 500):  # below SQLite's limit of variables per statement
+            chunk = gone[start : start + 500]
+            await self._store.delete_where("recordings", f"id in ({', '.join('?' * len(chunk))})", chunk)
+        logger.info("retention: deleted %d recordings older than %d days", len(gone), days)
+        return len(gone)
+
+
+class _Track:
+    """One channel on the writer thread: placed samples not yet in the file."""
+
+    __slots__ = ("start", "end", "chunks", "decoders")
+
+    def __init__(self) -> None:
+        self.start = 0  # sample position of the first sample in chunks: all before is written
+        self.end = 0  # where the next packet follows on
+        self.chunks: list[Samples] = []
+        # G.722 state per codec name: the ADPCM decoder and ratecv's filter state.
+        self.decoders: dict[str, tuple[Any, Any]] = {}
+
+    def place(self, arrival: int, samples: Samples) -> None:
+        """Add a packet's samples for arrival position ``arrival``."""
+        lag = arrival - self.end
+        if lag > JITTER_FRAMES * FRAME:
+            self.chunks.append(np.zeros(lag, dtype=np.int16))
+            self.end = arrival
+        elif -lag > AHEAD_FRAMES * FRAME:
+            # Faster than real time (a peer clock running fast, a burst after
+            # a gap): dropping keeps the channel in step with the other one.
+            return
+        self.chunks.append(samples)
+        self.end += len(samples)
+
+    def take(self, upto: int) -> Samples:
+        """The samples from ``start`` to ``upto``, silence where none came; the rest stays."""
+        if self.end < upto:
+            self.chunks.append(np.zeros(upto - self.end, dtype=np.int16))
+            self.end = upto
+        data = np.concatenate(self.chunks) if self.chunks else _NO_SAMPLES
+        count = upto - self.start
+        head, tail = data[:count], data[count:]
+        self.chunks = [tail] if tail.size else []
+        self.start = upto
+        return head
+
+    def decode(self, codec_name: str, payload: bytes) -> Samples:
+        """Decode one payload to 8 kHz samples (G.722 keeps its state between packets)."""
+        if codec_name.upper() != "G722":
+            return decode_to_pcm16(codec_name, payload)
+        decoder, ratecv_state = self.decoders.get("G722") or (G722(16000, 64000), None)
+        wide = decoder.decode(payload)  # 16 kHz
+        narrow, ratecv_state = audioop.ratecv(wide.tobytes(), 2, 1, 16000, RATE, ratecv_state)
+        self.decoders["G722"] = (decoder, ratecv_state)
+        return np.frombuffer(narrow, dtype=np.int16)
+
+
+class _RecordingFile:
+    """The WAV file of one recording; every method runs on the writer thread."""
+
+    def __init__(self, data_dir: Path, relative: PurePosixPath, stereo: bool, start_tick: int) -> None:
+        self.data_dir = data_dir
+        self.relative = relative  # final name, relative to data_dir
+        self.stereo = stereo
+        self.start_tick = start_tick
+        final = data_dir / relative
+        self.partial = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+        self.tracks = (_Track(), _Track())
+        self.frames = 0  # written so far
+        self.size = 0  # of the finished file
+        self._file: BinaryIO | None = None
+        self._wav: wave.Wave_write | None = None
+
+    def open(self) -> None:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "wb")
+        wav = wave.open(self._file, "wb")
+        wav.setnchannels(2 if self.stereo else 1)
+        wav.setsampwidth(2)
+        wav.setframerate(RATE)
+        self._wav = wav
+
+    def write(self, batches: tuple[list[Packet], list[Packet]], final: int) -> None:
+        """Place the packets; write what is final up to sample position ``final``."""
+        self._place(batches)
+        self._emit(max(final, self.tracks[0].start))
+
+    def finish(self, batches: tuple[list[Packet], list[Packet]]) -> None:
+        """Write everything, close the file and give it its final name."""
+        self._place(batches)
+        self._emit(max(track.end for track in self.tracks))
+        assert self._wav is not None and self._file is not None
+        self._wav.close()  # patches the header's lengths
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._free_name()
+        os.replace(self.partial, final)
+        self.size = final.stat().st_size
+
+    def discard(self) -> None:
+        """After a failure: close what is open and remove the partial file, as far as possible."""
+        for close in (self._wav.close if self._wav else None, self._file.close if self._file else None):
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # the same full disk again, most likely
+                    pass
+        self._wav = None
+        self._file = None
+        try:
+            self.partial.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", self.partial, exc)
+
+    def _place(self, batches: tuple[list[Packet], list[Packet]]) -> None:
+        for track, batch in zip(self.tracks, batches):
+            for tick, payload, codec_name in batch:
+                try:
+                    samples = track.decode(codec_name, payload)
+                except UnsupportedCodec:
+                    continue  # becomes silence
+                track.place((tick - self.start_tick) * FRAME, samples)
+
+    def _emit(self, upto: int) -> None:
+        left, right = (track.take(upto) for track in self.tracks)
+        if not left.size:
+            return
+        if self.stereo:
+            frames = np.empty(2 * left.size, dtype="<i2")
+            frames[0::2] = left
+            frames[1::2] = right
+        else:
+            mixed = left.astype(np.int32) + right
+            frames = np.clip(mixed, -32768, 32767).astype("<i2")
+        assert self._wav is not None and self._file is not None
+        self._wav.writeframesraw(frames.tobytes())
+        # Into the OS now, so a full disk shows during the call, not at its end.
+        self._file.flush()
+        self.frames += left.size
+
+    def _free_name(self) -> Path:
+        """The final path; a second recording of the same call id gets ``-2``, ``-3``, ...
+
+        Never replaces a file: only this thread creates recordings, so
+        checking first cannot race.
+        """
+        stem = self.relative.stem
+        final = self.data_dir / self.relative
+        number = 1
+        while final.exists():
+            number += 1
+            self.relative = self.relative.with_name(f"{stem}-{number}.wav")
+            final = self.data_dir / self.relative
+        return final
+
+
+def _remove_partial_files(folders: Iterable[Path]) -> int:
+    """Delete every ``*.part`` file under ``folders``; how many went."""
+    removed = 0
+    for folder in folders:
+        for root, _dirs, files in os.walk(folder):
+            for name in files:
+                if name.endswith(PARTIAL_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(root, name))
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
+    return removed
+
+
+def _delete_files(data_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Delete the recordings' files (and emptied date folders); the ids whose file is gone."""
+    gone = []
+    recordings = data_dir / "recordings"
+    for row in rows:
+        relative = PurePosixPath(row["path"] or "")
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            logger.warning("retention: recording %s has an odd path %r; dropping only its row", row["id"], row["path"])
+            gone.append(row["id"])
+            continue
+        path = data_dir / relative
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("retention: could not delete %s: %s", path, exc)
+            continue
+        gone.append(row["id"])
+        folder = path.parent
+        while folder != recordings and recordings in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): the folders above are not empty either
+                break
+            folder = folder.parent
+    return gone
