@@ -29,12 +29,15 @@ from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.metrics import Metrics
 from pbx.queues.service import QueueService
+from pbx.recordings import Recorder
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.sip.b2bua import CallService
+from pbx.sip.mwi import MessageWaiting
 from pbx.sip.registrar import Registrar
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.sip.trunks import TrunkRegistration
 from pbx.store.db import Store
+from pbx.voicemail import VoicemailService
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,22 @@ class Pbx:
             prompts=lambda: self.prompts,
         )
         self.calls.queues = self.queues
+        self.mwi = MessageWaiting(
+            config=lambda: self.config,
+            stack=self.stack,
+            registrar=self.registrar,
+            authenticator=self.authenticator,
+            guard=self.guard,
+            store=self.store,
+            events=self.events,
+        )
+        self.registrar.on_bound = self.mwi.registered
+        self.voicemail = VoicemailService(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
+        self.voicemail.mwi = self.mwi
+        self.calls.voicemail = self.voicemail
+        self.recorder = Recorder(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
+        self.calls.recorder = self.recorder
+        self.metrics.watch_voicemail(lambda: self.voicemail.counts)
         self.metrics.watch_queues(self.queues.snapshot)
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.handle_stray_response
@@ -98,6 +117,8 @@ class Pbx:
             task = asyncio.get_running_loop().create_task(self._register(request, flow, txn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        elif request.method.upper() == "SUBSCRIBE":
+            self.mwi.handle_subscribe(request, flow, txn)
         else:
             self.calls.handle_request(request, flow, txn)
 
@@ -112,6 +133,7 @@ class Pbx:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.recorder.start()
         await self.registrar.load()
         for listen in self.config.sip.listen:
             await self.stack.listen(listen.transport, listen.host, listen.port)
@@ -119,11 +141,15 @@ class Pbx:
         self._start_trunks()
         self.registrar.start()
         await self.queues.start()
+        await self.voicemail.start()
         logger.info("pbx is up: %d extensions, %d trunks", len(self.config.extensions), len(self.config.trunks))
 
     async def stop(self) -> None:
         await self.calls.stop()
+        await self.mwi.stop()
         await self.queues.stop()
+        await self.voicemail.stop()
+        await self.recorder.stop()
         await self.registrar.stop()
         for trunk in self.trunks:
             await trunk.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -54,6 +54,8 @@ class Metrics:
         )
         self.queue_calls = Counter("pbx_queue_calls", "Callers who left a queue, by how", ["queue", "outcome"], registry=r)
         self.callbacks = Counter("pbx_callbacks", "Callbacks requested, completed and failed", ["queue", "outcome"], registry=r)
+        self.recordings = Counter("pbx_recordings", "Call recordings saved", registry=r)
+        self.recording_failures = Counter("pbx_recording_failures", "Call recordings lost to a write error", registry=r)
         events.subscribe("queue_caller_left", self._queue_caller_left)
         events.subscribe("callback", lambda queue, outcome, **_: self.callbacks.labels(queue, outcome).inc())
         events.subscribe("call_started", lambda **_: self.active_calls.inc())
@@ -65,6 +67,8 @@ class Metrics:
         events.subscribe("config_reload_failed", lambda **_: self.reload_errors.inc())
         events.subscribe("ivr_node_visit", lambda flow, node, **_: self.ivr_visits.labels(flow, node).inc())
         events.subscribe("rtp_relayed", lambda packets, **_: self.rtp_relayed.inc(packets))
+        events.subscribe("recording_saved", lambda **_: self.recordings.inc())
+        events.subscribe("recording_failed", lambda **_: self.recording_failures.inc())
 
     def _call_ended(self, direction: str, disposition: str, **_: object) -> None:
         self.active_calls.dec()
@@ -82,6 +86,10 @@ class Metrics:
         """Gauges read from the queues at each scrape: callers, longest wait,
         agents by state, pending callbacks, today's service level."""
         self.registry.register(_QueueGauges(snapshot))
+
+    def watch_voicemail(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """``pbx_voicemail_messages{mailbox,folder}`` read at each scrape from (new, old) per mailbox."""
+        self.registry.register(_VoicemailGauge(counts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -108,3 +116,15 @@ class _QueueGauges(Collector):
             if queue.service_level is not None:
                 level.add_metric([queue.name], queue.service_level)
         yield from (callers, longest, agents, pending, level)
+
+
+class _VoicemailGauge(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        messages = GaugeMetricFamily("pbx_voicemail_messages", "Voicemail messages by mailbox and folder", labels=["mailbox", "folder"])
+        for mailbox, (new, old) in sorted(self.counts().items()):
+            messages.add_metric([mailbox, "new"], new)
+            messages.add_metric([mailbox, "old"], old)
+        yield messages

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pbx.media.prompts import PromptLibrary, PromptNotFound
@@ -35,23 +36,39 @@ class CallAudio:
             except PromptNotFound as exc:
                 logger.error("prompt %s: %s", part, exc)
                 continue
-            if interruptible and not self._keys.empty():
-                return self._keys.get_nowait()
-            playback = self.side.play(frames)
-            if not interruptible:
-                await playback.done
-                continue
-            key = asyncio.ensure_future(self._keys.get())
-            waiting: list[asyncio.Future[Any]] = [playback.done, key]
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                pressed = key.done()
-                if not pressed:  # also when the call hangs up and cancels us
-                    key.cancel()
-            if pressed:
-                playback.stop()
-                return key.result()
+            key = await self.play_frames(frames, interruptible=interruptible)
+            if key is not None:
+                return key
+        return None
+
+    async def play_file(self, path: Path, *, interruptible: bool) -> str | None:
+        """Play a sound file from outside the sounds folder (a message, a greeting)."""
+        try:
+            frames = await self.prompts.file_frames(path, self.codec)
+        except PromptNotFound as exc:
+            logger.error("%s: %s", path, exc)
+            return None
+        return await self.play_frames(frames, interruptible=interruptible)
+
+    async def play_frames(self, frames: Sequence[bytes], *, interruptible: bool) -> str | None:
+        """Play encoded frames; with ``interruptible``, the key that stopped them."""
+        if interruptible and not self._keys.empty():
+            return self._keys.get_nowait()
+        playback = self.side.play(frames)
+        if not interruptible:
+            await playback.done
+            return None
+        key = asyncio.ensure_future(self._keys.get())
+        waiting: list[asyncio.Future[Any]] = [playback.done, key]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pressed = key.done()
+            if not pressed:  # also when the call hangs up and cancels us
+                key.cancel()
+        if pressed:
+            playback.stop()
+            return key.result()
         return None
 
     async def digit(self, timeout: float) -> str | None:

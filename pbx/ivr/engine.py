@@ -170,17 +170,7 @@ class IvrSession:
 
     async def _collect(self, node: CollectNode) -> Target:
         self.caller.flush()
-        keys = ""
-        key = await self.caller.play(self._parts(node.prompt), interruptible=True)
-        while True:
-            if key is None:
-                key = await self.caller.digit(node.timeout)
-            if key is None or key == node.terminator:
-                break
-            keys += key
-            if len(keys) >= node.max_digits:
-                break
-            key = None
+        keys = await read_digits(self.caller, self._parts(node.prompt), node.max_digits, node.terminator, node.timeout)
         self.vars[node.var] = keys
         if not keys and node.on_fail is not None:
             return node.on_fail
@@ -203,6 +193,23 @@ class IvrSession:
         for name, value in reply.items():
             self.vars[str(name)] = _text(value)
         return node.next
+
+
+async def read_digits(caller: Caller, prompt: Sequence[str], max_digits: int, terminator: str | None, timeout: float) -> str:
+    """Keys pressed after (or during) ``prompt`` until ``terminator``, ``max_digits``
+    keys, or ``timeout`` seconds without a key; the terminator is not included.
+    Keys pressed before the prompt count (type-ahead)."""
+    keys = ""
+    key = await caller.play(prompt, interruptible=True)
+    while True:
+        if key is None:
+            key = await caller.digit(timeout)
+        if key is None or key == terminator:
+            return keys
+        keys += key
+        if len(keys) >= max_digits:
+            return keys
+        key = None
 
 
 def _text(value: object) -> str:

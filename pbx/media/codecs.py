@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from G722 import G722 as G722Adpcm
 
 with warnings.catch_warnings():
     # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
@@ -90,3 +92,27 @@ def decode_to_pcm16(codec_name: str, payload: bytes) -> npt.NDArray[np.int16]:
     if table is None:
         raise UnsupportedCodec(f"cannot decode {codec_name} statelessly")
     return table[np.frombuffer(payload, dtype=np.uint8)]
+
+
+class Decoder:
+    """Turns one stream's payloads into 8 kHz 16-bit samples, for recording.
+
+    G.711 needs no state; G.722 (ADPCM, 16 kHz) keeps its predictor and the
+    resampler's filter state between packets, so use one decoder per stream.
+    Raises UnsupportedCodec for other codecs.
+    """
+
+    def __init__(self, codec_name: str) -> None:
+        self.codec = codec_name.upper()
+        if self.codec == "G722":
+            self._g722 = G722Adpcm(16000, 64000)
+            self._ratecv: Any = None
+        elif self.codec not in _PCM16:
+            raise UnsupportedCodec(f"no decoder for {codec_name}")
+
+    def __call__(self, payload: bytes) -> npt.NDArray[np.int16]:
+        if self.codec != "G722":
+            return decode_to_pcm16(self.codec, payload)
+        wide = self._g722.decode(payload).tobytes()
+        narrow, self._ratecv = audioop.ratecv(wide, 2, 1, 16000, 8000, self._ratecv)
+        return np.frombuffer(narrow, dtype=np.int16)

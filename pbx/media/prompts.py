@@ -318,6 +318,18 @@ class PromptLibrary:
         frames: tuple[bytes, ...] = await self._shared(("frames", *key), lambda: self._load(part, codec, rate))
         return frames
 
+    async def file_frames(self, path: Path, codec_name: str) -> tuple[bytes, ...]:
+        """A sound file from anywhere (a voicemail message or greeting) as
+        20 ms payloads, like :meth:`frames` but not cached. Raises PromptNotFound
+        (PromptUnreadable for a file that does not decode) and UnsupportedCodec."""
+        codec = codec_name.upper()
+        rate = AUDIO_RATE.get(codec)
+        if rate is None:
+            raise UnsupportedCodec(f"no prompt encoder for {codec_name}")
+        if not await asyncio.to_thread(path.is_file):
+            raise PromptNotFound(f"no file {path}")
+        return await asyncio.get_running_loop().run_in_executor(None, _encode_file, path, codec, rate)
+
     async def _load(self, part: str, codec: str, rate: int) -> tuple[bytes, ...]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()

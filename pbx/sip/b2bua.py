@@ -32,6 +32,7 @@ from pbx.media.codecs import Codec
 from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RelaySide, RtpRelay
+from pbx.recordings import Recorder, Recording
 from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
 from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
 from pbx.sip.messages import make_response
@@ -89,6 +90,19 @@ class Queues(Protocol):
         """Carry out agent feature ``code`` for ``extension``; the prompt confirming it."""
 
 
+class Voicemail(Protocol):
+    """What the call service needs of voicemail (wired in by app.py)."""
+
+    def exists(self, mailbox: str) -> bool:
+        """Whether ``mailbox`` takes messages."""
+
+    async def deposit(self, audio: CallAudio, mailbox: str, caller: str) -> None:
+        """Greeting, beep, and the caller's message."""
+
+    async def main(self, audio: CallAudio, mailbox: str | None, *, own: bool) -> None:
+        """Voicemail by phone: sign in, then hear and manage messages."""
+
+
 @dataclass
 class Call:
     """One call: the caller's leg, the callee's forks, and the media between them."""
@@ -116,6 +130,9 @@ class Call:
     audio: CallAudio | None = None
     queue: str | None = None
     agent: str | None = None
+    recording: Recording | None = None
+    # The rung extension's mailbox: where the caller goes on busy or no answer.
+    mailbox: str | None = None
     # Extensions this call occupies: the calling one, the rung or bridged one, the agent.
     extensions: set[str] = field(default_factory=set)
     # Resolves with the CDR disposition when the call ends.
@@ -158,6 +175,8 @@ class CallService:
         self.events = events
         self.media_ip = media_ip
         self.queues: Queues | None = None
+        self.voicemail: Voicemail | None = None
+        self.recorder: Recorder | None = None
         self.calls: dict[str, Call] = {}
         self._ringing: Counter[str] = Counter()  # extensions being dialed outside a call's forks
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
@@ -181,8 +200,6 @@ class CallService:
             self._new_call(request, flow, txn)
         elif method == "OPTIONS":
             txn.reply(200, headers={"Allow": ALLOW_OUT_OF_DIALOG, "Accept": "application/sdp"})
-        elif method == "SUBSCRIBE":
-            txn.reply(489, "Bad Event")
         elif method in ("BYE", "INFO", "UPDATE", "PRACK", "NOTIFY"):
             txn.reply(481)
         elif method != "ACK":
@@ -301,8 +318,12 @@ class CallService:
             return destination.target in self.flows()
         if destination.kind == "queue":
             return self.queues is not None and self.queues.exists(destination.target)
+        if destination.kind == "voicemail":
+            return self.voicemail is not None and (destination.target == "main" or self.voicemail.exists(destination.target))
         if destination.kind == "feature":
             features = self.config().features
+            if destination.target == features.voicemail_main:
+                return self.voicemail is not None
             return self.queues is not None and destination.target in (features.agent_login, features.agent_pause)
         return destination.kind in ("extension", "external", "hangup")
 
@@ -330,10 +351,15 @@ class CallService:
         if destination.kind == "feature":
             await self._feature(call, destination.target)
             return
+        if destination.kind == "voicemail":
+            await self._voicemail(call, destination.target)
+            return
+        if destination.kind == "extension":
+            call.mailbox = destination.target if self._available(Destination("voicemail", destination.target)) else None
         try:
             legs = await self._make_legs(call.caller, destination, self.offer_sdp(call), self._b_events())
         except Unreachable as exc:
-            self._fail_caller(call, exc.status, exc.disposition)
+            self._callee_failed(call, exc.status, exc.disposition)
             return
         if call.state is CallState.ENDED:
             return
@@ -411,15 +437,32 @@ class CallService:
             await self._go(call, destination)
 
     async def _feature(self, call: Call, code: str) -> None:
-        """An agent feature code: do it, say so, hang up."""
-        assert self.queues is not None and call.relay is not None
+        """A feature code: voicemail by phone, or an agent feature (do it, say so); then hang up."""
+        assert call.relay is not None
         codec = self.answer_here(call)
         call.state = CallState.IVR
-        prompt = self.queues.feature(call.caller, code)
         call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
-        await call.audio.play([prompt], interruptible=False)
+        if code == self.config().features.voicemail_main:
+            assert self.voicemail is not None
+            await self.voicemail.main(call.audio, call.caller, own=True)
+        else:
+            assert self.queues is not None
+            await call.audio.play([self.queues.feature(call.caller, code)], interruptible=False)
         call.a.bye()
         self._end(call, "answered")
+
+    async def _voicemail(self, call: Call, mailbox: str) -> None:
+        """Take a message for ``mailbox``, or (``main``) voicemail by phone; then hang up."""
+        assert self.voicemail is not None and call.relay is not None
+        codec = self.answer_here(call)
+        call.state = CallState.IVR
+        call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
+        if mailbox == "main":
+            await self.voicemail.main(call.audio, None, own=False)
+        else:
+            await self.voicemail.deposit(call.audio, mailbox, call.caller)
+        call.a.bye()
+        self._end(call, "answered" if mailbox == "main" else "voicemail")
 
     def hang_up(self, call: Call, disposition: str) -> None:
         """End ``call`` from the server's side, recording ``disposition``."""
@@ -517,6 +560,7 @@ class CallService:
         call.bridged.set_result(None)
         assert call.relay is not None
         call.relay.a.stop_playback()
+        self._record(call)
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(answer)
             call.answered_at = time.time()
@@ -701,7 +745,23 @@ class CallService:
         else:
             call.a.answer(answer)
             self.events.emit("call_answered", call_id=call.id)
+        self._record(call)
         logger.info("call %s answered by %s", call.id, leg.dialog.remote_target)
+
+    def _record(self, call: Call) -> None:
+        """Start recording a call just bridged when its queue or one of its extensions asks for it."""
+        cfg = self.config()
+        queue = cfg.queues.get(call.queue) if call.queue else None
+        by_extension = any(ext.record for number in call.extensions if (ext := cfg.extensions.get(number)))
+        if self.recorder is None or call.relay is None or call.recording is not None:
+            return
+        if not (queue is not None and queue.record) and not by_extension:
+            return
+        # The customer goes on the left: side a, but side b for calls we placed (callbacks).
+        customer, agent = (call.relay.b, call.relay.a) if isinstance(call.a, OutboundLeg) else (call.relay.a, call.relay.b)
+        call.recording = self.recorder.begin(
+            call.id, customer, agent, queue=call.queue, agent_ext=call.agent, caller_id=call.caller, callee=call.callee
+        )
 
     def _bridge_media(self, call: Call, answer_body: str) -> str:
         """Point the relay at both peers and return the SDP answer for the caller."""
@@ -732,7 +792,7 @@ class CallService:
         if call.b is None and call.direction == "outbound" and code in (401, 407):
             logger.warning("call %s: trunk refused our credentials (%d)", call.id, code)
         status, disposition = _outcome(call.fork_codes)
-        self._fail_caller(call, status, disposition)
+        self._callee_failed(call, status, disposition)
 
     def _no_answer(self, call: Call) -> None:
         if call.state is not CallState.RINGING:
@@ -740,7 +800,23 @@ class CallService:
         logger.info("call %s: no answer after %d s", call.id, self.config().sip.ring_timeout)
         for leg in call.forks:
             leg.cancel()
-        self._fail_caller(call, 480, "no-answer")
+            self._legs.pop(leg.key, None)
+        call.forks = []
+        self._callee_failed(call, 480, "no-answer")
+
+    def _callee_failed(self, call: Call, status: int, disposition: str) -> None:
+        """Nobody took the call: to the callee's voicemail when busy, not
+        answering or not registered and it has a mailbox, else end it."""
+        mailbox, call.mailbox = call.mailbox, None
+        if mailbox is None or disposition not in ("busy", "no-answer", "unavailable"):
+            self._fail_caller(call, status, disposition)
+            return
+        logger.info("call %s: %s is %s; to voicemail", call.id, mailbox, disposition)
+        if call.ring_timer is not None:
+            call.ring_timer.cancel()
+        call.extensions.discard(mailbox)
+        call.early_sdp = None
+        self._spawn(self._go_from_here(call, Destination("voicemail", mailbox)))
 
     def _cancel(self, request: SipRequest, txn: ServerTransaction) -> None:
         branch = request.via[0].branch or ""
@@ -855,6 +931,8 @@ class CallService:
         if call.relay is not None:
             call.relay.close()
             self.events.emit("rtp_relayed", packets=call.relay.total().relayed)
+        if call.recording is not None and self.recorder is not None:
+            self._spawn(self._finish_recording(self.recorder, call.recording))
         duration = ended - call.started
         billsec = ended - call.answered_at if call.answered_at else 0.0
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
@@ -870,9 +948,12 @@ class CallService:
             "duration": round(duration, 3),
             "billsec": round(billsec, 3),
         }
-        self._spawn(self._record(row))
+        self._spawn(self._write_cdr(row))
 
-    async def _record(self, row: dict[str, Any]) -> None:
+    async def _finish_recording(self, recorder: Recorder, recording: Recording) -> None:
+        await recorder.end(recording)
+
+    async def _write_cdr(self, row: dict[str, Any]) -> None:
         await self.store.upsert("cdr", row)
         logger.info("call %s ended: %s after %.1f s", row["call_id"], row["disposition"], row["duration"])
 

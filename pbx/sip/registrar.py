@@ -49,6 +49,9 @@ class Registrar:
     ``passwords`` gives an extension's password, or None for an unknown one.
     Events: ``registrations_changed(count)`` after every change to the set of
     bindings, ``auth_failure(ip, extension)`` after every refused REGISTER.
+    ``on_bound(binding)`` is called for each binding a REGISTER added or
+    refreshed, once it is stored and before the 200 OK goes out: it must
+    not block (message-waiting indication schedules a NOTIFY from it).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Registrar:
         # the last refresh, so the newest binding is the last one.
         self._bindings: dict[str, dict[str, Binding]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.on_bound: Callable[[Binding], None] = lambda binding: None
 
     async def load(self) -> None:
         """Restore the bindings that have not expired from the store and
@@ -168,6 +172,7 @@ class Registrar:
 
         now = self._clock()
         touched = []
+        bound = []
         for contact, expires in changes:
             if contact == "*":
                 contacts = list(self._bindings.get(extension, {}))
@@ -180,21 +185,23 @@ class Registrar:
                     touched.append((extension, contact))
                     logger.info("%s unregistered %s", extension, contact)
             else:
-                self._add(
-                    Binding(
-                        extension=extension,
-                        contact=contact,
-                        source=source,
-                        transport=transport.lower(),
-                        expires_at=now + min(expires, self.max_expires),
-                        user_agent=request.headers.get_first("User-Agent") or "",
-                        call_id=request.call_id or "",
-                    )
+                binding = Binding(
+                    extension=extension,
+                    contact=contact,
+                    source=source,
+                    transport=transport.lower(),
+                    expires_at=now + min(expires, self.max_expires),
+                    user_agent=request.headers.get_first("User-Agent") or "",
+                    call_id=request.call_id or "",
                 )
+                self._add(binding)
+                bound.append(binding)
                 touched.append((extension, contact))
         if touched:
             self._changed()
             await self._persist(touched)
+        for binding in bound:
+            self.on_bound(binding)
 
         response = make_response(request, 200, headers={"Date": formatdate(now, usegmt=True)})
         for binding in self.contacts(extension):

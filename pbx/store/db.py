@@ -86,7 +86,7 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "seconds": float,
             "heard": int,  # 0: new (INBOX), 1: old
             "path": str,  # relative to storage.data_dir
-            "email": str,  # "": none wanted, "pending": to send, "sent"
+            "email": str,  # "": none wanted, "pending": to send, "sent", "failed" (file gone)
         },
         "id",
     ),

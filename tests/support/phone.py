@@ -23,6 +23,10 @@ Event shapes (every event also has ``"event": <kind>``):
   ``local_hold``, ``remote_hold``, ``none`` or ``error``; ``codec`` is the
   negotiated encoding name (``"PCMU"``, ``"PCMA"``) or None
 * ``dtmf {call, digit}``
+* ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
+  for each message-summary NOTIFY (RFC 3842), in a subscription
+  (``in_dialog``) or unsolicited; ``waiting`` is Messages-Waiting as a bool,
+  ``new``/``old`` the Voice-Message counts
 * ``error {message}``
 """
 
@@ -127,16 +131,24 @@ class Phone:
     # -- registration --------------------------------------------------------
 
     async def register(
-        self, server: str, user: str, password: str, domain: str = "pbx.local", expect_ok: bool = True
+        self,
+        server: str,
+        user: str,
+        password: str,
+        domain: str = "pbx.local",
+        expect_ok: bool = True,
+        mwi: bool = False,
     ) -> int:
         """Register ``user@domain`` with the registrar at ``server`` ("host:port").
 
-        The server also becomes the outbound proxy for calls. Returns the final
+        The server also becomes the outbound proxy for calls. With ``mwi``
+        the phone also subscribes to its message-summary once registered
+        (``mwi`` events report every NOTIFY either way). Returns the final
         status code of the registration (e.g. 200 or 403); with ``expect_ok``
         anything other than 200 raises :class:`PhoneError`.
         """
         self._discard("reg_state")
-        await self._request("register", server=server, user=user, password=password, domain=domain)
+        await self._request("register", server=server, user=user, password=password, domain=domain, mwi=mwi)
         event = await self.wait_event("reg_state")
         if expect_ok and event["code"] != 200:
             raise PhoneError(f"{self.name}: registration failed: {event['code']} {event['reason']}")
@@ -187,6 +199,10 @@ class Phone:
         If the call has no audio yet, the tone starts as soon as it does.
         """
         await self._request("play_tone", call=call, freq=freq_hz)
+
+    async def stop_tone(self, call: int) -> None:
+        """Stop the tone: the call sends silence again."""
+        await self._request("stop_tone", call=call)
 
     async def record(self, call: int, path: str | Path) -> None:
         """Record the audio received on the call to a WAV file (8 kHz, 16-bit mono)."""

@@ -23,15 +23,21 @@ Protocol (one JSON object per line):
     ``sendrecv``, ``sendonly``, ``recvonly``, ``inactive``, and ``codec`` the
     negotiated encoding name (e.g. ``PCMU``) or null without a stream,
   - ``dtmf {call, digit}``,
+  - ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
+    for every message-summary NOTIFY (RFC 3842): ``in_dialog`` tells a
+    subscription's NOTIFY from an unsolicited one, ``body`` is the body
+    text, ``waiting`` is Messages-Waiting as a bool and ``new``/``old``
+    the Voice-Message counts (null when absent),
   - ``error {message}`` for failures inside pjsua2 callbacks.
 
 Calls are named by handles (1, 2, ...) that this program assigns and never
 reuses, unlike pjsua call ids.
 
-Commands: ``register {server, user, password, domain}``, ``unregister``,
+Commands: ``register {server, user, password, domain, mwi}`` (``mwi``:
+subscribe to the account's message-summary too), ``unregister``,
 ``call {uri}`` (result: the call handle), ``answer {call, code}``,
 ``hangup {call, code}``, ``hold {call}``, ``unhold {call}``,
-``play_tone {call, freq}``, ``record {call, path}``, ``stop_record {call}``
+``play_tone {call, freq}``, ``stop_tone {call}``, ``record {call, path}``, ``stop_record {call}``
 (replies once the WAV file is closed), ``dtmf {call, digits}``, ``quit``.
 
 pjsua2 rules followed here (see ``/work/shared/ENGINE.md``, "pjsua2 as the
@@ -176,6 +182,10 @@ class PhoneAccount(pj.Account):
         )
 
     @guarded
+    def onMwiInfo(self, prm: pj.OnMwiInfoParam) -> None:  # noqa: N802 - pjsua2 API
+        self.phone.channel.emit("mwi", **parse_mwi_notify(prm.rdata.wholeMsg))
+
+    @guarded
     def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:  # noqa: N802 - pjsua2 API
         call = self.phone.add_call(lambda handle: PhoneCall(self.phone, handle, prm.callId))
         info = call.getInfo()
@@ -246,6 +256,33 @@ class PhoneCall(pj.Call):
     @guarded
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:  # noqa: N802 - pjsua2 API
         self.phone.channel.emit("dtmf", call=self.handle, digit=prm.digit)
+
+
+def parse_mwi_notify(message: str) -> dict[str, Any]:
+    """The fields of an ``mwi`` event from a whole NOTIFY as received."""
+    head, _, body = message.replace("\r\n", "\n").partition("\n\n")
+    headers: dict[str, str] = {}
+    for line in head.split("\n")[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    to = headers.get("to") or headers.get("t") or ""
+    summary: dict[str, str] = {}
+    for line in body.split("\n"):
+        name, sep, value = line.partition(":")
+        if sep:
+            summary[name.strip().lower()] = value.strip()
+    voice = summary.get("voice-message", "")
+    counts = voice.split("(")[0].strip().split("/")
+    new, old = (int(counts[0]), int(counts[1])) if len(counts) == 2 and all(c.isdigit() for c in counts) else (None, None)
+    return {
+        "in_dialog": ";tag=" in to.replace(" ", ""),
+        "subscription_state": headers.get("subscription-state"),
+        "body": body,
+        "waiting": summary.get("messages-waiting", "").lower() == "yes",
+        "account": summary.get("message-account"),
+        "new": new,
+        "old": old,
+    }
 
 
 @dataclass(eq=False)
@@ -345,6 +382,10 @@ class PhoneProcess:
         config.medConfig.channelCount = 1
         config.medConfig.ecTailLen = 0
         config.medConfig.noVad = True
+        # Keep the (null) sound device, the clock that drives every stream,
+        # running between calls: auto-closed, a call without a tone or
+        # recorder attached stopped sending, DTMF included.
+        config.medConfig.sndAutoCloseTime = -1
         return config
 
     def _select_codecs(self, wanted: list[str]) -> None:
@@ -464,6 +505,7 @@ class PhoneProcess:
     def cmd_register(self, args: dict[str, Any], reply: Reply) -> None:
         config = self._account_config(f"sip:{args['user']}@{args['domain']}", args["server"])
         config.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", args["user"], 0, args["password"]))
+        config.mwiConfig.enabled = bool(args.get("mwi", False))
         self.account.modify(config)
         reply.ok()
 
@@ -515,14 +557,22 @@ class PhoneProcess:
         desc.on_msec = 10_000  # pjmedia_tone_desc fields are 16-bit: loop a 10 s tone
         desc.off_msec = 0
         tone.play(pj.ToneDescVector([desc]), True)
+        self._stop_tone(call)
+        call.tone = tone
+        call.connect_media()
+        reply.ok()
+
+    def cmd_stop_tone(self, args: dict[str, Any], reply: Reply) -> None:
+        self._stop_tone(self._call(args))
+        reply.ok()
+
+    def _stop_tone(self, call: PhoneCall) -> None:
         if call.tone is not None:
             audio = call.audio_media()
             if audio is not None:
                 call.tone.stopTransmit(audio)
             self.bury(call.tone)
-        call.tone = tone
-        call.connect_media()
-        reply.ok()
+            call.tone = None
 
     def cmd_record(self, args: dict[str, Any], reply: Reply) -> None:
         call = self._call(args)
