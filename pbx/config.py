@@ -353,7 +353,7 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # for messages). IVR flows check their destinations against the same kinds.
 REFERENCE_KINDS: Final = {
     "extension": ("extension", "extension"),
-    "mailbox": ("extension", "mailbox"),
+    "mailbox": ("mailbox", "mailbox"),  # extensions with a `voicemail` section
     "queue": ("queue", "queue"),
     "trunk": ("trunk", "trunk"),
     "ivr": ("ivr", "IVR flow"),
@@ -369,7 +369,9 @@ class _ConfigReader(_Reader):
         self.flow_dir: Path | None = None
 
     def missing_hint(self, kind: str, name: str) -> str:
-        return f" (no file {self.flow_dir / f'{name}.yaml'})" if kind == "ivr" and self.flow_dir else ""
+        if kind == "ivr" and self.flow_dir:
+            return f" (no file {self.flow_dir / f'{name}.yaml'})"
+        return mailbox_hint(kind, name, self.declared.get("extension", set()))
 
     def expand(self, node: _Node) -> _Node:
         if not isinstance(node.value, str):
@@ -586,6 +588,23 @@ def _build_voicemail(node: _Node, values: dict[str, Any]) -> VoicemailConfig:
     return VoicemailConfig(**values)
 
 
+def _extensions(r: _Reader, node: _Node) -> dict[str, Extension]:
+    """The extensions; those with a ``voicemail`` section declare the mailboxes
+    (as written, so references are checked even when an extension is broken)."""
+    if isinstance(node.value, dict):
+        r.declared["mailbox"] = {
+            number
+            for number, child in node.value.items()
+            if isinstance(child.value, dict) and "voicemail" in child.value and child.value["voicemail"].value is not None
+        }
+    return _table("extension", _number, _section(_EXTENSION_FIELDS, _build_extension))(r, node)
+
+
+def mailbox_hint(kind: str, name: str, extensions: set[str]) -> str:
+    """Why ``voicemail:NAME`` names no mailbox when NAME is an extension."""
+    return f" (extension {name} has no voicemail section)" if kind == "mailbox" and name in extensions else ""
+
+
 def _build_smtp(node: _Node, values: dict[str, Any]) -> SmtpConfig:
     host, port = values["host"]
     return SmtpConfig(host, port, values["username"], values["password"], values["from"], values["starttls"])
@@ -707,11 +726,7 @@ _CONFIG_FIELDS = (
     _Field("sounds", _section(_SOUNDS_FIELDS, _fields_of(SoundsConfig)), {}),
     _Field("ivr", _section(_IVR_FIELDS, _fields_of(IvrConfig)), {}),
     _Field("timezone", _timezone, "UTC"),
-    _Field(
-        "extensions",
-        _table("extension", _number, _section(_EXTENSION_FIELDS, _build_extension)),
-        {},
-    ),
+    _Field("extensions", _extensions, {}),
     _Field("trunks", _table("trunk", _name, _section(_TRUNK_FIELDS, _build_trunk)), {}),
     _Field("outbound", _list_of(_section(_OUTBOUND_FIELDS, lambda n, v: OutboundRule(v["match"], v["trunk"]))), []),
     _Field("inbound", _table(None, _matching(r"[^\s:@]+", "a number or SIP user"), read_destination), {}),

@@ -23,7 +23,7 @@ import hmac
 import logging
 import uuid
 import wave
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from pbx.media.codecs import Decoder
 from pbx.media.prompts import number_parts
 from pbx.media.relay import RelaySide
 from pbx.store.db import Store
+from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ class VoicemailService:
         self.clock = clock
         self.mwi: MessageWaiting | None = None
         self.counts: dict[str, tuple[int, int]] = {}  # mailbox -> (new, old), for the metrics
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._retry: asyncio.Task[None] | None = None
+        self._tasks = Background("voicemail")
 
     async def start(self) -> None:
         rows = await self.store.run(
@@ -135,16 +135,11 @@ class VoicemailService:
         for row in rows:
             new, old = self.counts.get(row["mailbox"], (0, 0))
             self.counts[row["mailbox"]] = (new + row["n"], old) if not row["heard"] else (new, old + row["n"])
-        self._retry = asyncio.get_running_loop().create_task(self._retry_mail())
+        self._retry = self._tasks.spawn(self._retry_mail())
 
     async def stop(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-        if self._tasks:  # messages being saved
-            await asyncio.wait(list(self._tasks), timeout=10)
-        for task in [*self._tasks, *([self._retry] if self._retry else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *([self._retry] if self._retry else []), return_exceptions=True)
+        self._retry.cancel()
+        await self._tasks.close(grace=10)  # messages being saved and mailed
 
     def exists(self, mailbox: str) -> bool:
         ext = self.config().extensions.get(mailbox)
@@ -177,7 +172,7 @@ class VoicemailService:
         finally:
             take.stop()
             pcm = take.samples(trim=ended == "silence")
-            self._spawn(self._save(mailbox, caller, pcm, ended))
+            self._tasks.spawn(self._save(mailbox, caller, pcm, ended))
         if ended != "max":
             return
         await audio.play(["goodbye"], interruptible=False)
@@ -382,16 +377,6 @@ class VoicemailService:
         self.counts[mailbox] = (max(was_new + new, 0), max(was_old + old, 0))
         if self.mwi is not None:
             self.mwi.changed(mailbox)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("voicemail task failed", exc_info=task.exception())
 
 
 def write_wav(path: Path, pcm: npt.NDArray[np.int16]) -> None:

@@ -309,7 +309,7 @@ outbound:
 
 @pytest.mark.parametrize(
     "text",
-    ["hangup", "ivr:main", "queue:support", "extension:1001", "voicemail:1001", "external:+15551234567",
+    ["hangup", "ivr:main", "queue:support", "extension:1001", "voicemail:1001", "voicemail:main", "external:+15551234567",
      "external:0049301234@provider"],
 )
 def test_parse_destination_round_trips(text: str) -> None:
@@ -329,6 +329,24 @@ def test_parse_destination_round_trips(text: str) -> None:
 def test_parse_destination_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_destination(text)
+
+
+def test_voicemail_main_needs_no_mailbox_and_smtp_and_record_are_read(tmp_path: Path) -> None:
+    text = BASE.replace("{name: Bob, password: secret-1002}", "{name: Bob, password: secret-1002, record: true}")
+    text += 'inbound:\n  "8600": voicemail:main\n  "8601": voicemail:1002\n'
+    text += "smtp: {host: mail.example.com, username: pbx, password: mailpass, from: pbx@example.com}\n"
+    prefix = f"{tmp_path / 'pbx.yaml'}"
+    assert errors(tmp_path, text) == [
+        f"{prefix}:10: inbound.8601: there is no mailbox '1002' (extension 1002 has no voicemail section)"
+    ]
+    config = load(tmp_path, text.replace('  "8601": voicemail:1002\n', ""))
+    assert config.inbound["8600"] == Destination("voicemail", "main")
+    assert config.extensions["1002"].record and not config.extensions["1001"].record
+    assert config.smtp is not None
+    assert (config.smtp.host, config.smtp.port, config.smtp.sender, config.smtp.starttls) == (
+        "mail.example.com", 587, "pbx@example.com", True,
+    )  # fmt: skip
+    assert load(tmp_path, BASE).smtp is None
 
 
 def test_issue_prints_as_file_line_message() -> None:

@@ -97,7 +97,7 @@ def flows(tmp_path: Path, url: str) -> dict[str, Flow]:
     (tmp_path / "ivr_flows" / "main.yaml").write_text(FLOW.replace("URL", url))
     (tmp_path / "pbx.yaml").write_text(
         "extensions:\n"
-        + "".join(f"  '{n}': {{name: X, password: long-enough-pw}}\n" for n in ("1001", "1002", "1003"))
+        + "".join(f"  '{n}': {{name: X, password: long-enough-pw, voicemail: {{}}}}\n" for n in ("1001", "1002", "1003"))
         + "queues:\n  support: {agents: ['1001']}\n"
     )
     config = load_config(tmp_path / "pbx.yaml", env={})

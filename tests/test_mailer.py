@@ -8,74 +8,26 @@ import socket
 import time
 import wave
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from aiosmtpd.smtp import SMTP as SMTPServer
 
 from pbx.config import SmtpConfig
 from pbx.mailer import MailError, send_voicemail
 from tests.support.server import free_port
+from tests.support.smtp import SmtpServer, start_smtp
 
 SENDER = "pbx@example.org"
 TO = "alice@example.org"
 
 
-@dataclass
-class Mailbox:
-    """aiosmtpd handler keeping what it receives; refuses recipients in ``refuse``."""
-
-    refuse: set[str] = field(default_factory=set)
-    received: list[Envelope] = field(default_factory=list)
-
-    async def handle_RCPT(
-        self, server: SMTPServer, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
-    ) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 no such user here"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        self.received.append(envelope)
-        return "250 Message accepted"
-
-    def only_message(self) -> EmailMessage:
-        assert len(self.received) == 1, f"{len(self.received)} messages arrived"
-        content = self.received[0].content
-        assert isinstance(content, bytes)
-        parsed = message_from_bytes(content, policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
-
-
-@dataclass
-class SmtpServer:
-    mailbox: Mailbox
-    port: int
-
-
-def _start(**kwargs: Any) -> Iterator[SmtpServer]:
-    mailbox = Mailbox()
-    port = free_port(socket.SOCK_STREAM)
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port, **kwargs)
-    controller.start()
-    try:
-        yield SmtpServer(mailbox, port)
-    finally:
-        controller.stop()
-
-
 @pytest.fixture
 def smtpd() -> Iterator[SmtpServer]:
     """A plain SMTP server: no STARTTLS, no AUTH."""
-    yield from _start()
+    yield from start_smtp()
 
 
 def _login(server: SMTPServer, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
@@ -86,7 +38,7 @@ def _login(server: SMTPServer, session: Session, envelope: Envelope, mechanism: 
 @pytest.fixture
 def smtpd_auth() -> Iterator[SmtpServer]:
     """An SMTP server that wants a login (allowed without TLS, this being loopback)."""
-    yield from _start(authenticator=_login, auth_required=True, auth_require_tls=False)
+    yield from start_smtp(authenticator=_login, auth_required=True, auth_require_tls=False)
 
 
 def config(port: int, *, starttls: bool = False, username: str | None = None, password: str | None = None) -> SmtpConfig:

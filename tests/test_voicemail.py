@@ -5,6 +5,7 @@ deletes and re-greets by phone with *97 and voicemail:main."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 
 from tests.support.audio import duration, read_samples
 from tests.support.phone import Phone
-from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.server import PASSWORDS, Server, free_port, start_server
+from tests.support.smtp import start_smtp
 
 REPO = Path(__file__).resolve().parent.parent
 SOUNDS = REPO / "config" / "sounds"
@@ -27,7 +29,11 @@ PIN = "4321"
 async def voicemail_server(folder: Path, **overrides: Any) -> Server:
     extensions = {ext: {"name": f"User {ext}", "password": pw} for ext, pw in PASSWORDS.items()}
     extensions["1001"]["voicemail"] = {"pin": PIN}
-    extensions["1004"] = {"name": "User 1004", "password": "secret-1004", "voicemail": {"pin": None}}
+    extensions["1004"] = {
+        "name": "User 1004",
+        "password": "secret-1004",
+        "voicemail": {"pin": None, "email": "vm1004@example.org"},
+    }
     return await start_server(
         folder,
         sounds={"dir": str(SOUNDS)},
@@ -227,3 +233,35 @@ async def test_voicemail_main_asks_mailbox_and_pin_and_a_recorded_greeting_repla
         assert tone_seconds(tmp_path / "greeting-heard.wav", 600) >= 1.5
     finally:
         await server.stop()
+
+
+async def test_a_message_is_mailed_with_its_wav_and_kept_pending_while_the_mail_server_is_down(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    smtp = start_smtp()
+    mail = next(smtp)
+    try:
+        for port, wanted in ((mail.port, "sent"), (free_port(socket.SOCK_STREAM), "pending")):
+            smtp_config = {"host": f"127.0.0.1:{port}", "from": "pbx@example.org", "starttls": False}
+            server = await voicemail_server(tmp_path / wanted, smtp=smtp_config)
+            try:
+                await phones["1002"].register(server.sip, "1002", PASSWORDS["1002"])
+                mark = await leave_message(server, phones["1002"], "1004", tone=2.0, end="#")
+                if wanted == "sent":
+                    await server.wait_log(r"voicemail \w+ mailed to vm1004@example.org", start=mark)
+                else:
+                    await server.wait_log(r"voicemail \w+: mail to vm1004@example.org failed, will retry", start=mark)
+                [row] = messages(server, "1004")
+                assert row["email"] == wanted
+                assert (server.folder / row["path"]).is_file()  # the message stays whatever the mail did
+                if wanted == "sent":
+                    wav = (server.folder / row["path"]).read_bytes()
+            finally:
+                await server.stop()
+        message = mail.mailbox.only_message()
+        assert message["To"] == "vm1004@example.org" and "1002" in message["Subject"]
+        [attachment] = list(message.iter_attachments())
+        assert attachment.get_content_type() == "audio/wav"
+        assert attachment.get_content() == wav
+    finally:
+        smtp.close()

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from pbx.config import REFERENCE_KINDS, Config, Destination, parse_destination, read_destination
+from pbx.config import REFERENCE_KINDS, Config, Destination, mailbox_hint, parse_destination, read_destination
 from pbx.schedule import Schedule, parse_schedule
 from pbx.yamlfile import (
     ConfigIssue,
@@ -241,7 +241,11 @@ class _FlowReader(Reader):
         self.config = config
         self.prompt_exists = prompt_exists
         self.declared.update(
-            extension=set(config.extensions), queue=set(config.queues), trunk=set(config.trunks), ivr=flow_names
+            extension=set(config.extensions),
+            mailbox={number for number, ext in config.extensions.items() if ext.voicemail is not None},
+            queue=set(config.queues),
+            trunk=set(config.trunks),
+            ivr=flow_names,
         )
         self.current = ""  # id of the node being read: the source of the edges below
         self.edges: list[tuple[str, str]] = []  # (node id, node id it may go to)
@@ -255,7 +259,7 @@ class _FlowReader(Reader):
         if kind == "node":
             close = difflib.get_close_matches(name, self.declared.get("node", ()), n=1)
             return f" (did you mean {close[0]!r}?)" if close else ""
-        return ""
+        return mailbox_hint(kind, name, self.declared["extension"])
 
 
 def _flow(r: Reader) -> _FlowReader:

@@ -36,6 +36,7 @@ from pbx.media.prompts import PromptLibrary, number_parts
 from pbx.sip.b2bua import Call, CallService, Unreachable
 from pbx.sip.registrar import Registrar
 from pbx.store.db import Store
+from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class QueueService:
         self._ringing: set[str] = set()  # agents a queue offer rings now
         self._wrapup_until: dict[str, float] = {}  # by extension, time.time()
         self._idle_since: dict[str, float] = {}  # by extension: end of the last queue call
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background("queue")
         self._writes: set[asyncio.Task[Any]] = set()  # queue_log rows on their way: awaited, never cancelled
         self._dispatcher: asyncio.Task[None] | None = None
         events.subscribe("call_ended", lambda **_: self._wake_all())
@@ -201,10 +202,7 @@ class QueueService:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _sync_lines(self) -> None:
@@ -535,7 +533,7 @@ class QueueService:
                 work: Coroutine[Any, Any, None] = self._dial_callback(line, entry, agents[0], queue)
             else:
                 work = self._offer(line, entry, agents, queue)
-            entry.offering = self._spawn(self._offering(line, entry, agents, work))
+            entry.offering = self._tasks.spawn(self._offering(line, entry, agents, work))
 
     def _pick(self, line: Line, queue: Queue, entry: Entry, free: list[str]) -> list[str]:
         """The agents to ring for ``entry`` by the queue's strategy."""
@@ -587,10 +585,15 @@ class QueueService:
             return
         leg, resp = result
         agent = _user(leg.dialog.remote_uri) or agents[0]
-        if entry.outcome.done() or not self.calls.connect(call, leg, resp):
+        if entry.outcome.done():
+            leg.bye()
             return
-        call.agent = agent
+        call.agent = agent  # before connecting: the recording starts there and names the agent
         call.extensions.add(agent)
+        if not self.calls.connect(call, leg, resp):
+            call.agent = None
+            call.extensions.discard(agent)
+            return
         wait = time.time() - entry.entered
         line.remove(entry)
         entry.outcome.set_result("answered")
@@ -610,7 +613,7 @@ class QueueService:
             member.calls += 1
         if wait is not None:  # a caller, not a callback
             self._today(line).answered += 1
-        self._spawn(self._after_call(line, agent, call))
+        self._tasks.spawn(self._after_call(line, agent, call))
 
     async def _after_call(self, line: Line, agent: str, call: Call) -> None:
         started = time.time()
@@ -764,16 +767,6 @@ class QueueService:
         if then:
             logger.log(level, "%s", then)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("queue task failed", exc_info=task.exception())
 
 
 def _apply(member: Member, action: str) -> None:

@@ -16,10 +16,14 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
+
+from pbx.events import EventBus
+from pbx.sip.messages import make_response
+from pbx.sip.stack import ServerTransaction
 
 logger = logging.getLogger(__name__)
 
@@ -276,3 +280,34 @@ class AddressGuard:
             if times[-1] > now - self.window:
                 break
             del self._failures[ip]
+
+
+def authenticate_request(
+    request: SipRequest,
+    ip: str,
+    txn: ServerTransaction,
+    *,
+    authenticator: DigestAuthenticator,
+    guard: AddressGuard,
+    events: EventBus,
+    passwords: Mapping[str, str],
+) -> str | None:
+    """The extension a request other than REGISTER (INVITE, SUBSCRIBE) comes
+    from, by digest; None once it has been answered: 401 with a challenge, or
+    403 for wrong credentials, which count against the address (``guard``)
+    and are announced as ``auth_failure``."""
+    result = authenticator.verify(request, ip, passwords.get)
+    if result.ok:
+        return result.username
+    if result.status is AuthStatus.FAILED:
+        logger.warning("%s from %s: authentication failed (%s)", request.method, ip, result.reason)
+        events.emit("auth_failure", ip=ip, extension=result.username or "")
+        guard.record_failure(ip)
+        txn.reply(403)
+        return None
+    response = make_response(request, 401, to_tag=txn.to_tag)
+    for challenge in authenticator.challenge_headers(ip, stale=result.status is AuthStatus.STALE):
+        response.headers.append("WWW-Authenticate", challenge)
+    txn.respond(response)
+    return None
+

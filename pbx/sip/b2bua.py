@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -33,9 +33,8 @@ from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RelaySide, RtpRelay
 from pbx.recordings import Recorder, Recording
-from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
+from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
-from pbx.sip.messages import make_response
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import (
     DTMF_PT,
@@ -49,6 +48,7 @@ from pbx.sip.sdp import (
 )
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.store.db import Store
+from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class CallService:
         self.calls: dict[str, Call] = {}
         self._ringing: Counter[str] = Counter()  # extensions being dialed outside a call's forks
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("call")
 
     # --- entry points ---
 
@@ -216,12 +216,8 @@ class CallService:
         for call in list(self.calls.values()):
             self._hang_up_everything(call, ringing_status=503)
             self._end(call, "failed" if call.state is CallState.RINGING else "answered")
-        # Let CDR writes finish; anything still connecting after that is abandoned.
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Let CDR writes and recordings finish; anything still connecting after that is abandoned.
+        await self._tasks.close(grace=5)
 
     # --- a new INVITE ---
 
@@ -239,7 +235,15 @@ class CallService:
                 txn.reply(404)
                 return
         else:
-            caller_ext = self._authenticate(request, ip, txn)
+            caller_ext = authenticate_request(
+                request,
+                ip,
+                txn,
+                authenticator=self.authenticator,
+                guard=self.guard,
+                events=self.events,
+                passwords={number: ext.password for number, ext in cfg.extensions.items()},
+            )
             if caller_ext is None:
                 return
             caller = caller_ext
@@ -264,27 +268,7 @@ class CallService:
         self._legs[call.a.key] = (call, call.a)
         self.events.emit("call_started", call_id=call.id, direction=direction)
         logger.info("call %s: %s -> %s (%s)", call.id, caller, destination, direction)
-        self._spawn(self._connect(call, destination))
-
-    def _authenticate(self, request: SipRequest, ip: str, txn: ServerTransaction) -> str | None:
-        """The extension an INVITE comes from, or None once it has been answered with 401/403."""
-        cfg = self.config()
-
-        def password_for(user: str) -> str | None:
-            ext = cfg.extensions.get(user)
-            return ext.password if ext else None
-
-        result = self.authenticator.verify(request, ip, password_for)
-        if result.ok:
-            return result.username
-        if result.status is AuthStatus.FAILED:
-            logger.warning("INVITE from %s: authentication failed (%s)", ip, result.reason)
-            self.events.emit("auth_failure", ip=ip, extension=result.username or "")
-            self.guard.record_failure(ip)
-            txn.reply(403)
-            return None
-        txn.respond(_challenge(txn, self.authenticator.challenge_headers(ip, stale=result.status is AuthStatus.STALE)))
-        return None
+        self._tasks.spawn(self._connect(call, destination))
 
     def _route_dialed(self, cfg: Config, number: str) -> Destination | None:
         if number in cfg.extensions:
@@ -614,7 +598,7 @@ class CallService:
         self.events.emit("call_started", call_id=call.id, direction=direction)
         self.events.emit("call_answered", call_id=call.id)
         logger.info("call %s: %s answered; calling %s (%s)", call.id, extension, destination, direction)
-        self._spawn(self._go_from_here(call, destination))
+        self._tasks.spawn(self._go_from_here(call, destination))
         return call
 
     async def _go_from_here(self, call: Call, destination: Destination) -> None:
@@ -816,7 +800,7 @@ class CallService:
             call.ring_timer.cancel()
         call.extensions.discard(mailbox)
         call.early_sdp = None
-        self._spawn(self._go_from_here(call, Destination("voicemail", mailbox)))
+        self._tasks.spawn(self._go_from_here(call, Destination("voicemail", mailbox)))
 
     def _cancel(self, request: SipRequest, txn: ServerTransaction) -> None:
         branch = request.via[0].branch or ""
@@ -932,7 +916,7 @@ class CallService:
             call.relay.close()
             self.events.emit("rtp_relayed", packets=call.relay.total().relayed)
         if call.recording is not None and self.recorder is not None:
-            self._spawn(self._finish_recording(self.recorder, call.recording))
+            self._tasks.spawn(self._finish_recording(self.recorder, call.recording))
         duration = ended - call.started
         billsec = ended - call.answered_at if call.answered_at else 0.0
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
@@ -948,7 +932,7 @@ class CallService:
             "duration": round(duration, 3),
             "billsec": round(billsec, 3),
         }
-        self._spawn(self._write_cdr(row))
+        self._tasks.spawn(self._write_cdr(row))
 
     async def _finish_recording(self, recorder: Recorder, recording: Recording) -> None:
         await recorder.end(recording)
@@ -956,16 +940,6 @@ class CallService:
     async def _write_cdr(self, row: dict[str, Any]) -> None:
         await self.store.upsert("cdr", row)
         logger.info("call %s ended: %s after %.1f s", row["call_id"], row["disposition"], row["duration"])
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("call task failed", exc_info=task.exception())
 
 
 def _drop(leg: Leg, status: int) -> None:
@@ -988,13 +962,6 @@ def _outcome(codes: list[int]) -> tuple[int, str]:
     if all(code in (408, 480, 487) for code in codes):
         return 480, "no-answer"
     return (min(codes) if codes else 480), "failed"
-
-
-def _challenge(txn: ServerTransaction, challenges: list[str]) -> SipResponse:
-    response = make_response(txn.request, 401, to_tag=txn.to_tag)
-    for value in challenges:
-        response.headers.append("WWW-Authenticate", value)
-    return response
 
 
 def info_key(request: SipRequest) -> str | None:

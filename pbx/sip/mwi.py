@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiosipua import (
     Dialog,
@@ -31,11 +30,11 @@ from aiosipua import (
 
 from pbx.config import Config
 from pbx.events import EventBus
-from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
-from pbx.sip.messages import make_response
+from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.registrar import Binding, Registrar
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.store.db import Store
+from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ class MessageWaiting:
         self._store = store
         self._events = events
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("mwi")
 
     # --- entry points ---
 
@@ -142,16 +141,16 @@ class MessageWaiting:
             return
         subscriptions = [s for s in self._subscriptions.values() if s.mailbox == mailbox]
         for subscription in subscriptions:
-            self._spawn(self._notify(subscription))
+            self._tasks.spawn(self._notify(subscription))
         for binding in self._registrar.contacts(mailbox):
             if not self._subscribed(mailbox, binding):
-                self._spawn(self._notify_contact(mailbox, binding))
+                self._tasks.spawn(self._notify_contact(mailbox, binding))
 
     def registered(self, binding: Binding) -> None:
         """A REGISTER added or refreshed ``binding``: tell the contact about its
         mailbox unless it has subscribed (the registrar calls this)."""
         if self._has_mailbox(binding.extension) and not self._subscribed(binding.extension, binding):
-            self._spawn(self._notify_contact(binding.extension, binding))
+            self._tasks.spawn(self._notify_contact(binding.extension, binding))
 
     async def counts(self, mailbox: str) -> tuple[int, int]:
         """(new, old) voice messages in ``mailbox``."""
@@ -169,9 +168,7 @@ class MessageWaiting:
         phones find out at their next refresh (481) and subscribe again."""
         for subscription in list(self._subscriptions.values()):
             self._end(subscription)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     # --- SUBSCRIBE ---
 
@@ -193,7 +190,15 @@ class MessageWaiting:
         if self._guard.is_banned(ip):
             txn.reply(403)
             return
-        username = self._authenticate(request, ip, mailbox, txn)
+        username = authenticate_request(
+            request,
+            ip,
+            txn,
+            authenticator=self._auth,
+            guard=self._guard,
+            events=self._events,
+            passwords={number: ext.password for number, ext in self._config().extensions.items()},
+        )
         if username is None:
             return
         if not self._has_mailbox(mailbox):
@@ -215,35 +220,12 @@ class MessageWaiting:
             # A fetch (RFC 6665 §4.4.3): one NOTIFY with the state, no subscription.
             logger.info("mwi: %s fetched its mailbox state from %s:%d", mailbox, *flow.addr)
             subscription.active = False
-            self._spawn(self._notify(subscription, final=True))
+            self._tasks.spawn(self._notify(subscription, final=True))
             return
         self._subscriptions[subscription.key] = subscription
         self._arm(subscription, expires)
         logger.info("mwi: %s subscribed from %s:%d/%s for %d s", mailbox, *flow.addr, flow.name, expires)
-        self._spawn(self._notify(subscription))
-
-    def _authenticate(self, request: SipRequest, ip: str, mailbox: str, txn: ServerTransaction) -> str | None:
-        """The extension a SUBSCRIBE comes from, or None once it has been answered with 401/403."""
-        cfg = self._config()
-
-        def password_for(user: str) -> str | None:
-            ext = cfg.extensions.get(user)
-            return ext.password if ext else None
-
-        result = self._auth.verify(request, ip, password_for)
-        if result.ok:
-            return result.username
-        if result.status is AuthStatus.FAILED:
-            logger.info("SUBSCRIBE for %s from %s refused: %s", mailbox, ip, result.reason)
-            self._events.emit("auth_failure", ip=ip, extension=result.username or mailbox)
-            self._guard.record_failure(ip)
-            txn.reply(403)
-            return None
-        response = make_response(request, 401, to_tag=txn.to_tag)
-        for challenge in self._auth.challenge_headers(ip, stale=result.status is AuthStatus.STALE):
-            response.headers.append("WWW-Authenticate", challenge)
-        txn.respond(response)
-        return None
+        self._tasks.spawn(self._notify(subscription))
 
     def _resubscribe(self, request: SipRequest, flow: Flow, txn: ServerTransaction, to_tag: str) -> None:
         """A SUBSCRIBE inside a subscription dialog: refresh, or end it with Expires: 0."""
@@ -266,11 +248,11 @@ class MessageWaiting:
         if expires == 0:
             logger.info("mwi: %s unsubscribed from %s:%d", subscription.mailbox, *flow.addr)
             self._end(subscription)
-            self._spawn(self._notify(subscription, final=True))
+            self._tasks.spawn(self._notify(subscription, final=True))
             return
         self._arm(subscription, expires)
         logger.debug("mwi: %s refreshed its subscription for %d s", subscription.mailbox, expires)
-        self._spawn(self._notify(subscription))
+        self._tasks.spawn(self._notify(subscription))
 
     def _accept(self, txn: ServerTransaction, flow: Flow, expires: int) -> None:
         txn.reply(
@@ -296,7 +278,7 @@ class MessageWaiting:
             return
         logger.info("mwi: subscription of %s from %s:%d expired", subscription.mailbox, *subscription.flow.addr)
         self._end(subscription)
-        self._spawn(self._notify(subscription, final=True))
+        self._tasks.spawn(self._notify(subscription, final=True))
 
     def _end(self, subscription: Subscription) -> None:
         subscription.active = False
@@ -402,16 +384,6 @@ class MessageWaiting:
 
         self._stack.request(request, flow, on_response)
         return await done
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("mwi task failed", exc_info=task.exception())
 
 
 def _event_package(request: SipRequest) -> str | None:
