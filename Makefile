@@ -52,6 +52,7 @@ bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/bridge.py
 	$(PY) bench/ivr.py
 	$(PY) bench/queue.py
+	$(PY) bench/recording.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
