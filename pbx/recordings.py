@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import wave
-import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -40,19 +39,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from G722 import G722
 
 from pbx.config import Config
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
-from pbx.media.codecs import UnsupportedCodec, decode_to_pcm16
+from pbx.media.codecs import Decoder, UnsupportedCodec
 from pbx.media.relay import RelaySide
 from pbx.store.db import Store
-
-with warnings.catch_warnings():
-    # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop
 
 logger = logging.getLogger(__name__)
 
@@ -440,8 +433,7 @@ class _Track:
         self.start = 0  # sample position of the first sample in chunks: all before is written
         self.end = 0  # where the next packet follows on
         self.chunks: list[Samples] = []
-        # G.722 state per codec name: the ADPCM decoder and ratecv's filter state.
-        self.decoders: dict[str, tuple[Any, Any]] = {}
+        self.decoders: dict[str, Decoder] = {}  # by codec name: G.722 keeps state between packets
 
     def place(self, arrival: int, samples: Samples) -> None:
         """Add a packet's samples for arrival position ``arrival``."""
@@ -469,14 +461,11 @@ class _Track:
         return head
 
     def decode(self, codec_name: str, payload: bytes) -> Samples:
-        """Decode one payload to 8 kHz samples (G.722 keeps its state between packets)."""
-        if codec_name.upper() != "G722":
-            return decode_to_pcm16(codec_name, payload)
-        decoder, ratecv_state = self.decoders.get("G722") or (G722(16000, 64000), None)
-        wide = decoder.decode(payload)  # 16 kHz
-        narrow, ratecv_state = audioop.ratecv(wide.tobytes(), 2, 1, 16000, RATE, ratecv_state)
-        self.decoders["G722"] = (decoder, ratecv_state)
-        return np.frombuffer(narrow, dtype=np.int16)
+        """Decode one payload to 8 kHz samples."""
+        decoder = self.decoders.get(codec_name)
+        if decoder is None:
+            decoder = self.decoders[codec_name] = Decoder(codec_name)
+        return decoder(payload)
 
 
 class _RecordingFile:
