@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -18,8 +19,9 @@ import aiohttp
 from aiohttp import web
 from aiosipua import SipRequest
 
-from pbx.config import Config, ConfigError, load_config
+from pbx.config import Config, ConfigError, ConfigIssue, load_config
 from pbx.events import EventBus
+from pbx.http.api import add_api
 from pbx.http.server import make_http_app
 from pbx.ivr.schema import Flow as IvrFlow
 from pbx.ivr.schema import load_flows
@@ -40,6 +42,8 @@ from pbx.store.db import Store
 from pbx.voicemail import VoicemailService
 
 logger = logging.getLogger(__name__)
+
+DRAIN_PROGRESS_INTERVAL = 5.0  # seconds between "draining" lines while the count stays put
 
 
 class Pbx:
@@ -144,10 +148,51 @@ class Pbx:
         await self.voicemail.start()
         logger.info("pbx is up: %d extensions, %d trunks", len(self.config.extensions), len(self.config.trunks))
 
+    async def drain(self, interrupted: asyncio.Event) -> None:
+        """Stop taking calls (new INVITEs get 503) and let the calls in
+        progress finish, for up to ``sip.drain_timeout`` seconds or until
+        ``interrupted`` is set (a second SIGTERM or SIGINT). Registrations,
+        OPTIONS and in-dialog requests are still answered meanwhile; queued
+        callers may still reach an agent. :meth:`stop` hangs up the rest."""
+        limit = self.config.sip.drain_timeout
+        self.calls.drain(limit)
+        changed = asyncio.Event()
+        self.events.subscribe("call_ended", lambda **_: changed.set())
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        left = len(self.calls.calls)
+        if not left:
+            logger.info("draining: no calls in progress")
+            return
+        logger.info("draining: %d calls in progress, up to %d s", left, limit)
+        while left:
+            remaining = start + limit - loop.time()
+            if remaining <= 0:
+                logger.info("draining: %d calls still in progress after %d s; hanging them up", left, limit)
+                return
+            changed.clear()
+            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(interrupted.wait())]
+            try:
+                await asyncio.wait(waits, timeout=min(remaining, DRAIN_PROGRESS_INTERVAL), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if interrupted.is_set():
+                logger.warning("draining interrupted: hanging up %d calls now", len(self.calls.calls))
+                return
+            left = len(self.calls.calls)
+            if left:
+                logger.info("draining: %d calls in progress, %d s left", left, math.ceil(start + limit - loop.time()))
+        logger.info("draining: every call has finished after %.1f s", loop.time() - start)
+
     async def stop(self) -> None:
+        """Hang up the calls left after :meth:`drain` (their CDR rows and
+        recordings finished), then stop every service in reverse order of start."""
         await self.calls.stop()
         await self.mwi.stop()
         await self.queues.stop()
+        # Again: callbacks the queues gave up while an agent's phone rang left CDR rows to write.
+        await self.calls.stop()
         await self.voicemail.stop()
         await self.recorder.stop()
         await self.registrar.stop()
@@ -167,16 +212,17 @@ class Pbx:
         for trunk in self.trunks:
             trunk.start()
 
-    async def reload(self) -> bool:
+    async def reload(self) -> list[ConfigIssue]:
         """Load pbx.yaml and the flows again; on any error keep what runs.
-        Calls already in a flow finish on the version they started with."""
+        Calls already in a flow finish on the version they started with.
+        Returns the issues that kept the old configuration: none when it took."""
         try:
             new, prompts, flows = load_setup(self.config.path)
         except ConfigError as exc:
             for issue in exc.issues:
                 logger.error("reload refused: %s", issue)
             self.events.emit("config_reload_failed", errors=len(exc.issues))
-            return False
+            return exc.issues
         if new.sip.listen != self.config.sip.listen or new.rtp != self.config.rtp:
             logger.warning("sip.listen and rtp changes take effect at the next restart")
         self.config = new
@@ -188,7 +234,7 @@ class Pbx:
             await trunk.stop()
         self._start_trunks()
         logger.info("configuration reloaded from %s", new.path)
-        return True
+        return []
 
     async def healthy(self) -> bool:
         return bool(self.stack.transports) and await self.store.ping()
@@ -203,6 +249,7 @@ async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
     pbx = Pbx(config, prompts, flows)
     app = make_http_app(config.http.token, pbx.metrics, pbx.healthy)
+    add_api(app, pbx)
     app.cleanup_ctx.append(pbx.lifetime)
     runner = web.AppRunner(app, access_log=None)
     try:
@@ -212,13 +259,21 @@ async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow
         logger.error("cannot start: %s", exc)
         await runner.cleanup()
         return 1
-    stop = asyncio.Event()
+    # The first SIGTERM or SIGINT drains (new calls get 503, calls in progress
+    # go on for up to sip.drain_timeout); a second one cuts the drain short.
+    stop, interrupted = asyncio.Event(), asyncio.Event()
+
+    def on_stop_signal(sig: signal.Signals) -> None:
+        logger.info("%s received%s", sig.name, ": stopping now" if stop.is_set() else "")
+        (interrupted if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(pbx.reload()))
     logger.info("admin HTTP on %s:%d", config.http.host, config.http.port)
     await stop.wait()
+    await pbx.drain(interrupted)
     logger.info("stopping")
     await runner.cleanup()
     return 0

@@ -81,6 +81,8 @@ class SipConfig:
     external_ip: str | None
     user_agent: str
     ring_timeout: int = 30  # seconds an extension rings before the caller gets 480
+    # Seconds a stopping server (SIGTERM) lets calls in progress finish before hanging them up.
+    drain_timeout: int = 30
     # Digest algorithms offered in every challenge, in this order (RFC 8760).
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
 
@@ -630,6 +632,7 @@ _SIP_FIELDS = (
     _Field("external_ip", _optional(_ip_address), None),
     _Field("user_agent", _text, "pbx"),
     _Field("ring_timeout", _integer(1, 600), 30),
+    _Field("drain_timeout", _integer(0, 3600), 30),
     _Field("auth_algorithms", _list_of(_choice("SHA-256", "MD5"), non_empty=True, unique=True), ["SHA-256", "MD5"]),
 )
 _RTP_FIELDS = (

@@ -13,6 +13,8 @@ from pbx.events import EventBus
 
 # Seconds callers wait in a queue: from instant pick-ups to the default 15 min max_wait.
 WAIT_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
+# Estimated MOS of a call leg (1..4.5, pbx.media.quality): finer where good calls sit.
+MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 4.5)
 
 
 class QueueView(Protocol):
@@ -49,6 +51,10 @@ class Metrics:
         self.reload_errors = Counter("pbx_config_reload_errors", "Reloads refused because the new config was invalid", registry=r)
         self.ivr_visits = Counter("pbx_ivr_node_visits", "IVR nodes entered, by flow and node", ["flow", "node"], registry=r)
         self.rtp_relayed = Counter("pbx_rtp_packets_relayed", "RTP packets relayed between call legs", registry=r)
+        self.rtp_lost = Counter("pbx_rtp_packets_lost", "RTP packets the phones sent that never reached us, over finished call legs", registry=r)
+        self.call_mos = Histogram(
+            "pbx_call_mos", "Estimated MOS of each finished call leg, from its packet loss and jitter (E-model)", buckets=MOS_BUCKETS, registry=r
+        )
         self.queue_wait = Histogram(
             "pbx_queue_wait_seconds", "Time callers waited in a queue, by how the wait ended", ["queue", "outcome"], buckets=WAIT_BUCKETS, registry=r
         )
@@ -67,12 +73,17 @@ class Metrics:
         events.subscribe("config_reload_failed", lambda **_: self.reload_errors.inc())
         events.subscribe("ivr_node_visit", lambda flow, node, **_: self.ivr_visits.labels(flow, node).inc())
         events.subscribe("rtp_relayed", lambda packets, **_: self.rtp_relayed.inc(packets))
+        events.subscribe("leg_quality", self._leg_quality)
         events.subscribe("recording_saved", lambda **_: self.recordings.inc())
         events.subscribe("recording_failed", lambda **_: self.recording_failures.inc())
 
     def _call_ended(self, direction: str, disposition: str, **_: object) -> None:
         self.active_calls.dec()
         self.calls.labels(direction, disposition).inc()
+
+    def _leg_quality(self, lost: int, mos: float, **_: object) -> None:
+        self.call_mos.observe(mos)
+        self.rtp_lost.inc(lost)
 
     def _sip_request(self, method: str, **_: object) -> None:
         # Methods come off the wire: unknown ones share a label so an attacker cannot grow the series.

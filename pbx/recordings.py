@@ -91,6 +91,7 @@ class Recording:
         self,
         call_id: str,
         *,
+        recording_id: str | None = None,
         queue: str | None,
         agent: str | None,
         caller_id: str,
@@ -100,6 +101,7 @@ class Recording:
         sink: _RecordingFile,
     ) -> None:
         self.call_id = call_id
+        self.id = recording_id or call_id  # a call recorded twice (the API's start after stop) has two
         self.queue = queue
         self.agent = agent
         self.caller_id = caller_id
@@ -222,8 +224,10 @@ class Recorder:
         agent_ext: str | None,
         caller_id: str,
         callee: str,
+        recording_id: str | None = None,
     ) -> Recording:
         """Start recording: ``caller`` (relay side a) left, ``agent`` (side b) right.
+        The row's id is ``recording_id``, by default the call id.
 
         Taps both sides' ``on_audio`` until :meth:`end`. Never raises for
         disk trouble: that shows later as ``failed``.
@@ -235,6 +239,7 @@ class Recorder:
         sink = _RecordingFile(config.storage.data_dir, relative, config.recording.stereo, self._clock.tick)
         recording = Recording(
             call_id,
+            recording_id=recording_id,
             queue=queue,
             agent=agent_ext,
             caller_id=caller_id,
@@ -297,7 +302,7 @@ class Recorder:
     async def _save(self, recording: Recording) -> dict[str, Any] | None:
         sink = recording._sink
         row: dict[str, Any] = {
-            "id": recording.call_id,
+            "id": recording.id,
             "call_id": recording.call_id,
             "queue": recording.queue,
             "agent": recording.agent,
@@ -387,6 +392,17 @@ class Recorder:
             if future is not None:
                 futures.append(future)
         return futures
+
+    async def delete(self, row: dict[str, Any]) -> bool:
+        """Delete one indexed recording: its file, then its row. False (and
+        the row kept) when the file cannot be deleted."""
+        data_dir = self.config().storage.data_dir
+        gone = await asyncio.get_running_loop().run_in_executor(None, _delete_files, data_dir, [row])
+        if not gone:
+            return False
+        await self._store.delete_where("recordings", "id = ?", [row["id"]])
+        logger.info("recording %s deleted", row["id"])
+        return True
 
     # --- retention ---
 

@@ -349,6 +349,14 @@ class VoicemailService:
         logger.info("voicemail %s of %s deleted", message["id"], message["mailbox"])
         self._count(message["mailbox"], new=-1 if not message["heard"] else 0, old=-1 if message["heard"] else 0)
 
+    async def mark_heard(self, message: Mapping[str, Any], heard: bool) -> None:
+        """Make a message old (heard) or new again: its row, the counts and the phones' lamps."""
+        if bool(message["heard"]) == heard:
+            return
+        await self.store.update("voicemail", message["id"], {"heard": int(heard)})
+        self._count(message["mailbox"], new=-1 if heard else 1, old=1 if heard else -1)
+        logger.info("voicemail %s of %s marked %s", message["id"], message["mailbox"], "heard" if heard else "new")
+
     async def _record_greeting(self, audio: CallAudio, mailbox: str) -> None:
         await audio.play(["vm-record-greeting", "beep"], interruptible=False)
         audio.flush()

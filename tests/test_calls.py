@@ -82,7 +82,7 @@ async def test_call_carries_audio_both_ways_and_caller_hangs_up(server: Server, 
         assert heard_by_bob == pytest.approx(440, abs=15)
         await alice.hangup(a)
         await bob.wait_event("call_state", call=b, state="disconnected")
-        await server.wait_log(r"ended: answered")
+        await server.wait_log(r"event=ended disposition=answered")
     [row] = cdr(server)
     assert (row["from_number"], row["to_number"], row["disposition"]) == ("1001", "1002", "answered")
     assert row["answered"] is not None and row["billsec"] > 1
@@ -104,7 +104,7 @@ async def test_busy_callee(server: Server, transport: str) -> None:
         await bob.reject(b, 486)
         event = await alice.wait_event("call_state", call=a, state="disconnected")
         assert event["code"] == 486
-        await server.wait_log(r"ended: busy")
+        await server.wait_log(r"event=ended disposition=busy")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -114,7 +114,7 @@ async def test_no_answer_times_out_with_480(server: Server, transport: str) -> N
         event = await alice.wait_event("call_state", call=a, state="disconnected", timeout=10)
         assert event["code"] == 480
         await bob.wait_event("call_state", call=b, state="disconnected")
-        await server.wait_log(r"ended: no-answer")
+        await server.wait_log(r"event=ended disposition=no-answer")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -127,7 +127,7 @@ async def test_caller_cancels_while_ringing(server: Server, transport: str) -> N
         event = await alice.wait_event("call_state", call=a, state="disconnected")
         assert event["code"] == 487
         await bob.wait_event("call_state", call=b, state="disconnected")
-        await server.wait_log(r"ended: cancelled")
+        await server.wait_log(r"event=ended disposition=cancelled")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -202,7 +202,7 @@ async def test_collected_account_is_looked_up_over_http(
         await server.wait_log(r"ivr main: account")
         await alice.dtmf(call, f"{account}#")
         await {"bob": bob, "carol": carol}[reached].wait_event("incoming", timeout=10)
-        routed = await server.wait_log(r"flow main sends the caller to")  # after any lookup failure line
+        routed = await server.wait_log(r"event=routed flow=main ")  # after any lookup failure line
         failed = any("node lookup: GET" in line and "failed" in line for line in server.log[: server.log.index(routed)])
         assert failed == (account == "7" or service == "down")
     finally:

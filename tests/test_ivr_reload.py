@@ -43,7 +43,7 @@ async def test_reload_keeps_calls_on_their_version_and_refuses_a_broken_flow(tmp
             )  # fmt: skip
             seen = 0
             for _ in range(CALLERS):
-                line = await server.wait_log(r"-> ivr:main", start=seen, timeout=15)
+                line = await server.wait_log(r"event=started .* destination=ivr:main\b", start=seen, timeout=15)
                 seen = server.log.index(line, seen) + 1
             assert await server.metric("pbx_active_calls") == CALLERS
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.audio import rms
-from tests.support.phone import Phone
+from tests.support.phone import Phone, phones_for
 from tests.support.server import PASSWORDS, Server, start_server
 from tests.support.sipp import SippProcess, start_sipp
 
@@ -53,11 +53,8 @@ async def queue_server(folder: Path, *, customer_rings: int = 20, **queue: Any) 
 @pytest.fixture
 async def phones() -> AsyncIterator[dict[str, Phone]]:
     """Six pjsua2 phones, named by the extension each will register as."""
-    started = await asyncio.gather(*(Phone.start(name=f"p{ext}") for ext in EXTENSIONS))
-    try:
-        yield dict(zip(EXTENSIONS, started, strict=True))
-    finally:
-        await asyncio.gather(*(p.close() for p in started))
+    async with phones_for(EXTENSIONS) as started:
+        yield started
 
 
 async def register(server: Server, phones: dict[str, Phone], *extensions: str) -> None:

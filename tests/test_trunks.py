@@ -46,7 +46,7 @@ async def test_trunk_call_to_an_inbound_number_rings_the_extension(tmp_path: Pat
             result = await sipp
         assert result.returncode == 0, result.errors_log
         assert rms(tmp_path / "from_trunk.wav", skip_seconds=0.3) > 0.01, "the provider's audio did not reach the phone"
-        await server.wait_log(r"ended: answered")
+        await server.wait_log(r"event=ended disposition=answered")
     finally:
         assert await server.stop() == 0
 
@@ -105,7 +105,7 @@ async def test_extension_calls_out_through_a_registering_provider(tmp_path: Path
             outside = await alice.call("sip:0900123456@pbx.local")
             event = await alice.wait_event("call_state", call=outside, state="disconnected")
             assert event["code"] == 404
-        await server.wait_log(r"ended: answered")
+        await server.wait_log(r"event=ended disposition=answered")
         [row] = cdr(server)
         assert (row["direction"], row["from_number"], row["to_number"]) == ("outbound", "1001", "5550123")
     finally:

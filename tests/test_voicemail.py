@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.support.audio import duration, read_samples
-from tests.support.phone import Phone
+from tests.support.phone import Phone, phones_for
 from tests.support.server import PASSWORDS, Server, free_port, start_server
 from tests.support.smtp import start_smtp
 
@@ -46,11 +46,8 @@ async def voicemail_server(folder: Path, **overrides: Any) -> Server:
 
 @pytest.fixture
 async def phones() -> AsyncIterator[dict[str, Phone]]:
-    started = await asyncio.gather(*(Phone.start(name=f"p{ext}") for ext in PASSWORDS))
-    try:
-        yield dict(zip(PASSWORDS, started, strict=True))
-    finally:
-        await asyncio.gather(*(p.close() for p in started))
+    async with phones_for(PASSWORDS) as started:
+        yield started
 
 
 def messages(server: Server, mailbox: str) -> list[dict[str, Any]]:
@@ -169,11 +166,11 @@ async def test_an_extension_that_does_not_answer_or_is_not_registered_sends_call
         # 1001 rings out, then takes the message.
         mark = await leave_message(server, caller, "1001", tone=1.5, end="hangup")
         await callee.wait_event("incoming")
-        await server.wait_log(r"call \S+: 1001 is no-answer; to voicemail", start=mark)
+        await server.wait_log(r"event=forwarded reason=no-answer destination=voicemail:1001\b", start=mark)
         await server.wait_log(r"voicemail \w+ for 1001 from 1002: [\d.]+ s, ended by hang-up", start=mark)
         # 1004 is not registered: straight to its mailbox.
         mark = await leave_message(server, caller, "1004", tone=1.5, end="hangup")
-        await server.wait_log(r"call \S+: 1004 is unavailable; to voicemail", start=mark)
+        await server.wait_log(r"event=forwarded reason=unavailable destination=voicemail:1004\b", start=mark)
         await server.wait_log(r"voicemail \w+ for 1004 from 1002: [\d.]+ s, ended by hang-up", start=mark)
         assert len(messages(server, "1001")) == len(messages(server, "1004")) == 1
         # 1003 (not registered either) has no mailbox: its caller just hears it is not there.

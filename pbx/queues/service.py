@@ -87,6 +87,7 @@ class Stats:
     callbacks_failed: int = 0
     answered_in_service_level: int = 0
     answer_wait_total: float = 0.0
+    longest_wait: float = 0.0  # of the callers who left the line today, answered or not
 
     @property
     def service_level(self) -> float | None:
@@ -244,9 +245,10 @@ class QueueService:
         assert call.relay is not None
         side = call.relay.a
         audio = CallAudio(side, self.prompts(), codec.name)
-        await self.moh.join(queue.moh, side, codec.name)
         outcome = "abandoned"  # unless it ends otherwise: hanging up cancels us
         try:
+            # Inside the try: a caller who hangs up while the music loads leaves the line too.
+            await self.moh.join(queue.moh, side, codec.name)
             outcome = await self._wait_in_line(line, entry, queue, audio)
         finally:
             if decided.done():
@@ -411,6 +413,7 @@ class QueueService:
 
     async def request_callback(self, queue_name: str, number: str) -> Entry:
         """A callback asked for from outside a call (the API): joins the end of the line."""
+        self._sync_lines()
         line = self.lines[queue_name]
         if any(e.callback and e.number == number for e in line.entries):
             raise ValueError(f"{number} already has a callback pending in {queue_name}")
@@ -434,6 +437,28 @@ class QueueService:
         self.events.emit("callback", queue=queue_name, outcome="requested")
         self._log(queue_name, "callback-request", number=number, callback=entry.id, position=line.position(entry))
         return entry
+
+    async def cancel_callback(self, callback_id: str) -> dict[str, Any]:
+        """Take a pending callback out of its line and mark it cancelled; its
+        row as it was. KeyError: no such callback; ValueError: it is no longer
+        pending, or being dialed right now."""
+        rows = await self.store.rows("callbacks", "id = ?", [callback_id])
+        if not rows:
+            raise KeyError(callback_id)
+        row = rows[0]
+        if row["status"] != "pending":
+            raise ValueError(f"callback {callback_id} is {row['status']}")
+        line = self.lines.get(row["queue"])
+        entry = next((e for e in line.entries if e.id == callback_id), None) if line else None
+        if entry is not None and entry.offering is not None:
+            raise ValueError(f"callback {callback_id} is being dialed now")
+        if line is not None and entry is not None:
+            line.remove(entry)
+        await self.store.update("callbacks", callback_id, {"status": "cancelled", "ended": _iso(time.time())})
+        self.events.emit("callback", queue=row["queue"], outcome="cancelled")
+        then = f"callback {callback_id} to {row['number']} cancelled"
+        self._log(row["queue"], "callback-cancel", number=row["number"], callback=callback_id, then=then)
+        return row
 
     def _callback_due(self, entry: Entry, queue: Queue) -> bool:
         if time.time() < entry.next_attempt:
@@ -523,6 +548,8 @@ class QueueService:
                 return
             if entry.offering is not None or (entry.callback and not self._callback_due(entry, queue)):
                 continue
+            if entry.callback and self.calls.draining:  # the server is stopping: the callback waits for the next start
+                continue
             agents = self._pick(line, queue, entry, free)
             if not agents:
                 continue
@@ -599,6 +626,7 @@ class QueueService:
         entry.outcome.set_result("answered")
         stats = self._today(line)
         stats.answer_wait_total += wait
+        stats.longest_wait = max(stats.longest_wait, wait)
         if wait <= queue.service_level:
             stats.answered_in_service_level += 1
         self.events.emit("queue_caller_left", queue=line.name, outcome="answered", wait=wait)
@@ -659,6 +687,12 @@ class QueueService:
             return "wrapup"
         return "available"
 
+    def agent_states(self, queue: str) -> dict[str, str]:
+        """Each agent of ``queue`` and its state now (one of AGENT_STATES)."""
+        self._sync_lines()
+        line = self.lines.get(queue)
+        return {m.extension: self._state(m) for m in line.members.values()} if line else {}
+
     def _registered(self, extension: str) -> bool:
         return bool(self.registrar.contacts(extension))
 
@@ -703,6 +737,7 @@ class QueueService:
     def _caller_left(self, line: Line, entry: Entry, outcome: str) -> None:
         wait = time.time() - entry.entered
         stats = self._today(line)
+        stats.longest_wait = max(stats.longest_wait, wait)
         if outcome == "abandoned":
             stats.abandoned += 1
         elif outcome == "timeout":

@@ -3,14 +3,24 @@
 A call has one inbound leg (the caller's dialog with us) and, while it rings,
 one outbound leg per registered contact of the callee (or one to a trunk). The
 first outbound leg to answer is bridged through an RTP relay; the others get
-CANCEL. Every call ends with one CDR row.
+CANCEL. Every call ends with one CDR row, whose disposition is one of
+DISPOSITIONS.
+
+Each step of a call is logged as one INFO line of ``key=value`` pairs that
+starts with ``call=ID event=NAME`` (see :func:`call_event`), so one grep for
+the call id tells its story: started, ivr, queued, routed, forwarded,
+answered, ended (with the CDR's fields), or refused for an INVITE turned
+away before it became a call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
+import math
+import re
 import socket
 import time
 from collections import Counter
@@ -20,9 +30,9 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, parse_address, parse_uri
+from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, generate_call_id, parse_address, parse_uri
 
-from pbx.config import Config, Destination, Trunk
+from pbx.config import Config, Destination, Trunk, parse_destination
 from pbx.events import EventBus
 from pbx.ivr.audio import CallAudio
 from pbx.ivr.engine import IvrSession
@@ -31,6 +41,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec
 from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
+from pbx.media.quality import estimate_mos
 from pbx.media.relay import RelaySide, RtpRelay
 from pbx.recordings import Recorder, Recording
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
@@ -54,6 +65,57 @@ logger = logging.getLogger(__name__)
 
 ALLOW_OUT_OF_DIALOG = f"{ALLOW}, REGISTER"
 
+# How a call ended, as the CDR, the call_ended event and pbx_calls_total say it:
+#   answered     someone took the call: a person, the IVR, a queue's agent (also when
+#                the server hung it up at shutdown after it was answered)
+#   busy         the callee was busy (486/600)
+#   no-answer    the callee rang out (sip.ring_timeout, 408/480/487)
+#   cancelled    the caller hung up while it rang
+#   rejected     the callee declined (603), or a `hangup` destination
+#   unavailable  the callee is not registered, or the server stopped while the call
+#                still waited for a person (ringing or in a queue)
+#   failed       anything else: no route, no RTP port, a trunk error, unusable media
+#   abandoned    the caller hung up while waiting in a queue
+#   callback     the caller left the queue asking to be called back
+#   timeout      the caller waited a queue's max_wait and had nowhere to go
+#   voicemail    the caller left a message
+DISPOSITIONS = (
+    "answered",
+    "busy",
+    "no-answer",
+    "cancelled",
+    "rejected",
+    "unavailable",
+    "failed",
+    "abandoned",
+    "callback",
+    "timeout",
+    "voicemail",
+)
+
+
+def call_event(call_id: str, event: str, **fields: object) -> None:
+    """Log one step of a call as ``call=ID event=NAME key=value ...`` at INFO.
+
+    Fields that are None are left out; floats get one decimal; values with
+    spaces, quotes or ``=`` are double-quoted (logfmt), so the line splits
+    on spaces.
+    """
+    if logger.isEnabledFor(logging.INFO):
+        pairs = "".join(f" {key}={_logfmt(value)}" for key, value in fields.items() if value is not None)
+        logger.info("call=%s event=%s%s", _logfmt(call_id), event, pairs)
+
+
+def _logfmt(value: object) -> str:
+    text = f"{value:.1f}" if isinstance(value, float) else str(value)
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    # JSON string escaping: a Call-ID or caller name from the wire cannot break the line.
+    return json.dumps(text, ensure_ascii=False)
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')
+
 
 class CallState(enum.Enum):
     RINGING = "ringing"
@@ -61,6 +123,14 @@ class CallState(enum.Enum):
     QUEUED = "queued"
     ANSWERED = "answered"
     ENDED = "ended"
+
+
+class CallConflict(Exception):
+    """An action that does not fit the call's state now: ``error`` names it, the message says why."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class Unreachable(Exception):
@@ -131,6 +201,11 @@ class Call:
     queue: str | None = None
     agent: str | None = None
     recording: Recording | None = None
+    recordings: int = 0  # recordings begun on this call, the API's included
+    queued_at: float | None = None  # when the call joined its queue
+    wait: float | None = None  # seconds in the queue until an agent answered or the caller left it
+    hangup_by: str | None = None  # caller | callee | pbx
+    voicemail: str | None = None  # the mailbox the caller is leaving a message in
     # The rung extension's mailbox: where the caller goes on busy or no answer.
     mailbox: str | None = None
     # Extensions this call occupies: the calling one, the rung or bridged one, the agent.
@@ -181,8 +256,20 @@ class CallService:
         self._ringing: Counter[str] = Counter()  # extensions being dialed outside a call's forks
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self._tasks = Background("call")
+        self._drain_until: float | None = None  # loop time: set once the server is stopping
 
     # --- entry points ---
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is stopping: new calls are refused, calls in progress go on."""
+        return self._drain_until is not None
+
+    def drain(self, seconds: float) -> None:
+        """Refuse new calls from now on (503 with Retry-After); calls in
+        progress go on until :meth:`stop`, expected in ``seconds``."""
+        if self._drain_until is None:
+            self._drain_until = asyncio.get_running_loop().time() + seconds
 
     def handle_request(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         method = request.method.upper()
@@ -196,6 +283,10 @@ class CallService:
                 found[1].in_dialog(request, txn)
             elif method != "ACK":
                 txn.reply(481)
+        elif method == "INVITE" and self._drain_until is not None:
+            retry = max(1, math.ceil(self._drain_until - asyncio.get_running_loop().time()))
+            call_event(request.call_id or "", "refused", status=503, reason="draining", retry_after=retry)
+            txn.reply(503, headers={"Retry-After": str(retry)})
         elif method == "INVITE":
             self._new_call(request, flow, txn)
         elif method == "OPTIONS":
@@ -213,9 +304,15 @@ class CallService:
             found[1]._on_2xx(response)
 
     async def stop(self) -> None:
+        """Hang up every call in progress (BYE, CANCEL, 503 to a caller still
+        ringing), each with its CDR row; then let the rows and recordings finish."""
+        self.drain(0)
         for call in list(self.calls.values()):
+            # A call that still waited for a person was not taken: unavailable.
+            call.hangup_by = "pbx"
+            disposition = _hung_up_disposition(call, "unavailable", "unavailable")
             self._hang_up_everything(call, ringing_status=503)
-            self._end(call, "failed" if call.state is CallState.RINGING else "answered")
+            self._end(call, disposition)
         # Let CDR writes and recordings finish; anything still connecting after that is abandoned.
         await self._tasks.close(grace=5)
 
@@ -231,7 +328,7 @@ class CallService:
             caller = _user_of(request.headers.get_first("from")) or "anonymous"
             direction = "inbound"
             if destination is None:
-                logger.info("trunk %s called %s, which is not in `inbound`: 404", trunk.name, called)
+                call_event(request.call_id or "", "refused", status=404, reason="not in inbound", trunk=trunk.name, to=called)
                 txn.reply(404)
                 return
         else:
@@ -249,14 +346,15 @@ class CallService:
             caller = caller_ext
             destination = self._route_dialed(cfg, called)
             if destination is None:
-                logger.info("%s dialed %s: no extension, inbound number or outbound rule matches", caller, called)
+                reason = "no extension, inbound number or outbound rule matches"
+                call_event(request.call_id or "", "refused", status=404, reason=reason, **{"from": caller, "to": called})
                 txn.reply(404)
                 return
             direction = "outbound" if destination.kind == "external" else "internal"
         try:
             a_media = parse_media(request.text, cfg.rtp.codecs)
         except SdpNegotiationError as exc:
-            logger.info("call from %s refused: %s", caller, exc)
+            call_event(request.call_id or "", "refused", status=488, reason=str(exc), **{"from": caller, "to": called})
             txn.reply(488)
             return
         a = InboundLeg(self.stack, flow, request, txn, self._a_events())
@@ -267,7 +365,8 @@ class CallService:
         self.calls[call.id] = call
         self._legs[call.a.key] = (call, call.a)
         self.events.emit("call_started", call_id=call.id, direction=direction)
-        logger.info("call %s: %s -> %s (%s)", call.id, caller, destination, direction)
+        fields = {"direction": direction, "from": caller, "to": called, "destination": destination}
+        call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None)
         self._tasks.spawn(self._connect(call, destination))
 
     def _route_dialed(self, cfg: Config, number: str) -> Destination | None:
@@ -288,7 +387,7 @@ class CallService:
         try:
             call.relay = await RtpRelay.create(self.ports, self.clock)
         except OSError as exc:
-            logger.error("call %s: no RTP port: %s", call.id, exc)
+            logger.error("call=%s no RTP port: %s", call.id, exc)
             self._fail_caller(call, 503, "failed")
             return
         if call.state is CallState.ENDED:  # the caller cancelled meanwhile
@@ -323,7 +422,7 @@ class CallService:
             self._fail_caller(call, 603, "rejected")
             return
         if not self._available(destination):
-            logger.warning("call %s: destination %s is not available yet; answering 503", call.id, destination)
+            logger.warning("call=%s destination %s is not available yet; answering 503", call.id, destination)
             self._fail_caller(call, 503, "failed")
             return
         if destination.kind == "ivr":
@@ -385,6 +484,7 @@ class CallService:
         cfg = self.config()
         codec = self.answer_here(call)
         call.state = CallState.IVR
+        call_event(call.id, "ivr", flow=flow)
         call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
         session = IvrSession(
             self.flows(),
@@ -401,8 +501,9 @@ class CallService:
         call.audio = None
         if call.state is CallState.ENDED:
             return
-        logger.info("call %s: flow %s sends the caller to %s", call.id, flow, destination)
+        call_event(call.id, "routed", flow=flow, destination=destination)
         if destination.kind == "hangup":
+            call.hangup_by = "pbx"
             call.a.bye()
             self._end(call, "answered")
             return
@@ -414,9 +515,13 @@ class CallService:
         assert self.queues is not None
         call.state = CallState.QUEUED
         call.queue = queue
+        call.queued_at = time.time()
+        call_event(call.id, "queued", queue=queue)
         destination = await self.queues.wait(call, queue)
+        if call.wait is None:
+            call.wait = time.time() - call.queued_at
         if destination is not None and call.state is CallState.QUEUED:
-            logger.info("call %s: queue %s sends the caller to %s", call.id, queue, destination)
+            call_event(call.id, "routed", queue=queue, destination=destination, wait=call.wait)
             call.state = CallState.RINGING
             await self._go(call, destination)
 
@@ -426,12 +531,14 @@ class CallService:
         codec = self.answer_here(call)
         call.state = CallState.IVR
         call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
+        call_event(call.id, "feature", code=code)
         if code == self.config().features.voicemail_main:
             assert self.voicemail is not None
             await self.voicemail.main(call.audio, call.caller, own=True)
         else:
             assert self.queues is not None
             await call.audio.play([self.queues.feature(call.caller, code)], interruptible=False)
+        call.hangup_by = "pbx"
         call.a.bye()
         self._end(call, "answered")
 
@@ -441,17 +548,81 @@ class CallService:
         codec = self.answer_here(call)
         call.state = CallState.IVR
         call.audio = CallAudio(call.relay.a, self.prompts(), codec.name)
+        call_event(call.id, "voicemail", mailbox=mailbox)
+        call.voicemail = mailbox if mailbox != "main" else None
         if mailbox == "main":
             await self.voicemail.main(call.audio, None, own=False)
         else:
             await self.voicemail.deposit(call.audio, mailbox, call.caller)
+        call.hangup_by = "pbx"
         call.a.bye()
         self._end(call, "answered" if mailbox == "main" else "voicemail")
 
-    def hang_up(self, call: Call, disposition: str) -> None:
-        """End ``call`` from the server's side, recording ``disposition``."""
+    def hang_up(self, call: Call, disposition: str | None = None) -> None:
+        """End ``call`` from the server's side, recording ``disposition`` (by
+        default as a stopping server does: answered, voicemail or unavailable)."""
+        call.hangup_by = call.hangup_by or "pbx"
+        disposition = disposition or _hung_up_disposition(call, "unavailable", "unavailable")
         self._hang_up_everything(call, ringing_status=480)
         self._end(call, disposition)
+
+    # --- what the admin API asks ---
+
+    def destination_for(self, text: str) -> Destination:
+        """Where ``text`` leads for an extension: a destination written
+        ``KIND:TARGET``, or a number as a phone would dial it (extension,
+        inbound number, feature code, outbound rule). ValueError says why
+        it leads nowhere."""
+        cfg = self.config()
+        if ":" in text or text == "hangup":
+            destination = parse_destination(text)
+        else:
+            found = self._route_dialed(cfg, text)
+            if found is None:
+                raise ValueError(f"{text!r} is no extension, inbound number or feature code and matches no outbound rule")
+            destination = found
+        if destination.kind == "hangup":
+            raise ValueError("hangup connects to nobody")
+        if destination.kind == "extension" and destination.target not in cfg.extensions:
+            raise ValueError(f"there is no extension {destination.target}")
+        if destination.kind == "external" and (not cfg.trunks or (destination.trunk and destination.trunk not in cfg.trunks)):
+            raise ValueError(f"there is no trunk to reach {destination.target}")
+        if not self._available(destination):
+            raise ValueError(f"{destination} does not exist")
+        return destination
+
+    async def recording_action(self, call: Call, action: str) -> Recording:
+        """``start``, ``stop``, ``pause`` or ``resume`` the recording of a
+        bridged call (a paused recording gets silence: card numbers).
+        CallConflict when the call is not bridged or the action does not fit
+        the recording's state; ``stop`` returns once the file is indexed."""
+        if call.state is not CallState.ANSWERED or call.b is None or call.relay is None:
+            raise CallConflict("not-bridged", f"call {call.id} is not bridged")
+        recording = call.recording
+        if action == "start":
+            if recording is not None:
+                raise CallConflict("already-recording", f"call {call.id} is already being recorded")
+            if self.recorder is None:
+                raise CallConflict("recording-unavailable", "this server does not record")
+            recording = self._begin_recording(call)
+        elif recording is None:
+            raise CallConflict("not-recording", f"call {call.id} is not being recorded")
+        elif action == "stop":
+            call.recording = None
+            assert self.recorder is not None
+            await self.recorder.end(recording)
+        elif action in ("pause", "resume"):
+            if recording.paused == (action == "pause"):
+                state = "already-paused" if recording.paused else "not-paused"
+                raise CallConflict(state, f"the recording of call {call.id} is {state.replace('-', ' ')}")
+            if action == "pause":
+                recording.pause()
+            else:
+                recording.resume()
+        else:
+            raise ValueError(f"unknown recording action {action!r}")
+        logger.info("call %s: recording %s: %s", call.id, recording.id, action)
+        return recording
 
     def _fail_caller(self, call: Call, status: int, disposition: str) -> None:
         """End the call for the caller: a final error before we answered, BYE after."""
@@ -533,13 +704,15 @@ class CallService:
         try:
             answer = self._bridge_media(call, resp.text)
         except SdpNegotiationError as exc:
-            logger.warning("call %s: answer from %s unusable: %s", call.id, leg.dialog.remote_target, exc)
+            logger.warning("call=%s answer from %s unusable: %s", call.id, leg.dialog.remote_target, exc)
             leg.bye()
             return False
         leg.events = self._b_events()
         call.b = leg
         call.forks = [leg]
         self._legs[leg.key] = (call, leg)
+        if call.state is CallState.QUEUED and call.queued_at is not None:
+            call.wait = time.time() - call.queued_at
         call.state = CallState.ANSWERED
         call.bridged.set_result(None)
         assert call.relay is not None
@@ -549,15 +722,28 @@ class CallService:
             call.a.answer(answer)
             call.answered_at = time.time()
             self.events.emit("call_answered", call_id=call.id)
-        logger.info("call %s connected to %s", call.id, leg.dialog.remote_target)
+        by = _user(leg.dialog.remote_uri)
+        call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
         return True
 
     async def originate(
-        self, extension: str, destination: Destination, *, caller_id: str, timeout: float, direction: str
+        self,
+        extension: str,
+        destination: Destination,
+        *,
+        caller_id: str,
+        timeout: float,
+        direction: str,
+        call_id: str | None = None,
     ) -> Call | Unreachable:
         """A call the server places: ring ``extension`` first (showing
         ``caller_id``), and once it answers ring ``destination`` for it. The
-        returned call is under way; its ``done`` tells how it ended."""
+        returned call is under way; its ``done`` tells how it ended. Its id is
+        ``call_id`` (one handed out before it rang), else the first leg's Call-ID."""
+        if self.draining:
+            logger.info("not calling %s for %s: the server is stopping", extension, destination)
+            return Unreachable(503, "unavailable")
+        started = time.time()
         codecs = tuple(SdpCodec(name, pt) for name, pt in (("PCMU", 0), ("PCMA", 8)) if name in self.config().rtp.codecs)
         try:
             relay = await RtpRelay.create(self.ports, self.clock)
@@ -565,9 +751,15 @@ class CallService:
             logger.error("no RTP port to call %s: %s", extension, exc)
             return Unreachable(503, "failed")
         offer = build_sdp(self.media_ip, relay.a.port, codecs, DTMF_PT)
-        result = await self.dial([Destination("extension", extension)], caller=caller_id, offer=offer, timeout=timeout)
+        try:
+            result = await self.dial([Destination("extension", extension)], caller=caller_id, offer=offer, timeout=timeout)
+        except asyncio.CancelledError:  # given up while ringing (the API's DELETE): dial cancelled the legs
+            relay.close()
+            self._record_unconnected(call_id, direction, extension, destination, "cancelled", started)
+            raise
         if isinstance(result, Unreachable):
             relay.close()
+            self._record_unconnected(call_id, direction, extension, destination, result.disposition, started)
             return result
         leg, resp = result
         try:
@@ -578,9 +770,10 @@ class CallService:
             logger.warning("%s answered with unusable media: %s", extension, exc)
             leg.bye()
             relay.close()
+            self._record_unconnected(call_id or leg.dialog.call_id, direction, extension, destination, "failed", started)
             return Unreachable(488, "failed")
         call = Call(
-            id=leg.dialog.call_id,
+            id=call_id or leg.dialog.call_id,
             direction=direction,
             caller=extension,
             callee=destination.target,
@@ -588,6 +781,7 @@ class CallService:
             a_media=media,
             relay=relay,
             a_codec=media.codecs[0],
+            started=started,
             answered_at=time.time(),
         )
         relay.a.set_remote(media.addr, _codec(media.codecs[0]), media.dtmf_pt)
@@ -597,7 +791,8 @@ class CallService:
         self._legs[leg.key] = (call, leg)
         self.events.emit("call_started", call_id=call.id, direction=direction)
         self.events.emit("call_answered", call_id=call.id)
-        logger.info("call %s: %s answered; calling %s (%s)", call.id, extension, destination, direction)
+        call_event(call.id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
+        call_event(call.id, "answered", by=extension, contact=leg.dialog.remote_target)
         self._tasks.spawn(self._go_from_here(call, destination))
         return call
 
@@ -691,7 +886,7 @@ class CallService:
             try:
                 call.early_sdp = self._bridge_media(call, resp.text)
             except SdpNegotiationError as exc:
-                logger.info("call %s: ignoring early media: %s", call.id, exc)
+                logger.info("call=%s ignoring early media: %s", call.id, exc)
         if not isinstance(call.a, InboundLeg):
             return
         if call.early_sdp is not None:
@@ -709,7 +904,7 @@ class CallService:
         try:
             answer = self._bridge_media(call, resp.text)
         except SdpNegotiationError as exc:
-            logger.warning("call %s: callee's answer unusable: %s", call.id, exc)
+            logger.warning("call=%s callee's answer unusable: %s", call.id, exc)
             leg.bye()
             self._fork_failed(leg, 488, None)
             return
@@ -730,7 +925,7 @@ class CallService:
             call.a.answer(answer)
             self.events.emit("call_answered", call_id=call.id)
         self._record(call)
-        logger.info("call %s answered by %s", call.id, leg.dialog.remote_target)
+        call_event(call.id, "answered", by=_user(leg.dialog.remote_uri), contact=leg.dialog.remote_target)
 
     def _record(self, call: Call) -> None:
         """Start recording a call just bridged when its queue or one of its extensions asks for it."""
@@ -741,11 +936,24 @@ class CallService:
             return
         if not (queue is not None and queue.record) and not by_extension:
             return
+        self._begin_recording(call)
+
+    def _begin_recording(self, call: Call) -> Recording:
+        assert self.recorder is not None and call.relay is not None
         # The customer goes on the left: side a, but side b for calls we placed (callbacks).
         customer, agent = (call.relay.b, call.relay.a) if isinstance(call.a, OutboundLeg) else (call.relay.a, call.relay.b)
+        call.recordings += 1
         call.recording = self.recorder.begin(
-            call.id, customer, agent, queue=call.queue, agent_ext=call.agent, caller_id=call.caller, callee=call.callee
+            call.id,
+            customer,
+            agent,
+            queue=call.queue,
+            agent_ext=call.agent,
+            caller_id=call.caller,
+            callee=call.callee,
+            recording_id=call.id if call.recordings == 1 else f"{call.id}-{call.recordings}",
         )
+        return call.recording
 
     def _bridge_media(self, call: Call, answer_body: str) -> str:
         """Point the relay at both peers and return the SDP answer for the caller."""
@@ -774,14 +982,13 @@ class CallService:
         if call.state is not CallState.RINGING or call.forks:
             return
         if call.b is None and call.direction == "outbound" and code in (401, 407):
-            logger.warning("call %s: trunk refused our credentials (%d)", call.id, code)
+            logger.warning("call=%s trunk refused our credentials (%d)", call.id, code)
         status, disposition = _outcome(call.fork_codes)
         self._callee_failed(call, status, disposition)
 
     def _no_answer(self, call: Call) -> None:
         if call.state is not CallState.RINGING:
             return
-        logger.info("call %s: no answer after %d s", call.id, self.config().sip.ring_timeout)
         for leg in call.forks:
             leg.cancel()
             self._legs.pop(leg.key, None)
@@ -795,7 +1002,7 @@ class CallService:
         if mailbox is None or disposition not in ("busy", "no-answer", "unavailable"):
             self._fail_caller(call, status, disposition)
             return
-        logger.info("call %s: %s is %s; to voicemail", call.id, mailbox, disposition)
+        call_event(call.id, "forwarded", reason=disposition, destination=Destination("voicemail", mailbox))
         if call.ring_timer is not None:
             call.ring_timer.cancel()
         call.extensions.discard(mailbox)
@@ -812,7 +1019,7 @@ class CallService:
         txn.reply(200)
         if call.state is not CallState.RINGING:
             return
-        logger.info("call %s: caller cancelled", call.id)
+        call.hangup_by = "caller"
         for leg in call.forks:
             leg.cancel()
         call.a.cancelled()
@@ -822,10 +1029,9 @@ class CallService:
         call = self._call_of(leg)
         if call is None:
             return
-        logger.info("call %s: %s hung up", call.id, "caller" if leg is call.a else "callee")
-        queued = call.state is CallState.QUEUED
+        call.hangup_by = call.hangup_by or ("caller" if leg is call.a else "callee")
         self._hang_up_everything(call)
-        self._end(call, "abandoned" if queued else "answered" if call.answered_at else "cancelled")
+        self._end(call, _hung_up_disposition(call, "abandoned", "cancelled"))
 
     def _hang_up_everything(self, call: Call, ringing_status: int = 487) -> None:
         if call.state is CallState.RINGING:
@@ -901,6 +1107,9 @@ class CallService:
     def _end(self, call: Call, disposition: str) -> None:
         if call.state is CallState.ENDED:
             return
+        if disposition not in DISPOSITIONS:
+            logger.error("call=%s ended with unknown disposition %r; recorded as failed", call.id, disposition)
+            disposition = "failed"
         call.state = CallState.ENDED
         if call.ring_timer is not None:
             call.ring_timer.cancel()
@@ -915,31 +1124,96 @@ class CallService:
         if call.relay is not None:
             call.relay.close()
             self.events.emit("rtp_relayed", packets=call.relay.total().relayed)
+            for side in (call.relay.a, call.relay.b):
+                # One quality estimate per leg whose peer sent us RTP.
+                report = side.stats.report()
+                if report.received:
+                    codec = side.codec.name if side.codec is not None else "PCMU"
+                    mos = estimate_mos(codec, report.loss_fraction, report.jitter_ms)
+                    call_event(
+                        call.id, "leg_quality", leg=side.name, codec=codec, packets=report.received,
+                        lost=report.lost, jitter_ms=report.jitter_ms, mos=f"{mos:.2f}",
+                    )  # fmt: skip
+                    self.events.emit(
+                        "leg_quality", call_id=call.id, leg=side.name, codec=codec, received=report.received,
+                        lost=report.lost, jitter_ms=report.jitter_ms, mos=mos,
+                    )  # fmt: skip
         if call.recording is not None and self.recorder is not None:
             self._tasks.spawn(self._finish_recording(self.recorder, call.recording))
-        duration = ended - call.started
-        billsec = ended - call.answered_at if call.answered_at else 0.0
+        if call.queued_at is not None and call.wait is None:  # left the queue by hanging up, or cut off there
+            call.wait = ended - call.queued_at
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
-        row = {
-            "call_id": call.id,
-            "direction": call.direction,
-            "from_number": call.caller,
-            "to_number": call.callee,
-            "started": _iso(call.started),
-            "answered": _iso(call.answered_at) if call.answered_at else None,
-            "ended": _iso(ended),
-            "disposition": disposition,
-            "duration": round(duration, 3),
-            "billsec": round(billsec, 3),
-        }
-        self._tasks.spawn(self._write_cdr(row))
+        row = _cdr_row(
+            call.id, call.direction, call.caller, call.callee, disposition,
+            started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
+        )  # fmt: skip
+        self._tasks.spawn(self._write_cdr(row, call.hangup_by))
 
     async def _finish_recording(self, recorder: Recorder, recording: Recording) -> None:
         await recorder.end(recording)
 
-    async def _write_cdr(self, row: dict[str, Any]) -> None:
+    async def _write_cdr(self, row: dict[str, Any], hangup_by: str | None = None) -> None:
+        """Store the call's one CDR row, then log its ``ended`` event: whoever
+        reads the line finds the row."""
         await self.store.upsert("cdr", row)
-        logger.info("call %s ended: %s after %.1f s", row["call_id"], row["disposition"], row["duration"])
+        call_event(
+            row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
+            **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
+            queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=hangup_by,
+        )  # fmt: skip
+
+    def _record_unconnected(
+        self, call_id: str | None, direction: str, extension: str, destination: Destination, disposition: str, started: float
+    ) -> None:
+        """The CDR row of a call the server placed that never got going (the
+        first phone did not answer): it has no Call, yet it rang someone."""
+        call_id = call_id or generate_call_id(self.stack.advertised_host)
+        call_event(call_id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
+        self.events.emit("call_started", call_id=call_id, direction=direction)
+        self.events.emit("call_ended", call_id=call_id, direction=direction, disposition=disposition)
+        row = _cdr_row(call_id, direction, extension, destination.target, disposition, started=started, answered=None, ended=time.time())
+        self._tasks.spawn(self._write_cdr(row))
+
+
+def _cdr_row(
+    call_id: str,
+    direction: str,
+    caller: str,
+    callee: str,
+    disposition: str,
+    *,
+    started: float,
+    answered: float | None,
+    ended: float,
+    queue: str | None = None,
+    agent: str | None = None,
+    wait: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "direction": direction,
+        "from_number": caller,
+        "to_number": callee,
+        "started": _iso(started),
+        "answered": _iso(answered) if answered else None,
+        "ended": _iso(ended),
+        "disposition": disposition,
+        "duration": round(ended - started, 3),
+        "billsec": round(ended - answered, 3) if answered else 0.0,
+        "queue": queue,
+        "agent": agent,
+        "wait": round(wait, 3) if wait is not None else None,
+    }
+
+
+def _hung_up_disposition(call: Call, queued: str, unanswered: str) -> str:
+    """How ``call`` ends when it is hung up now: ``queued`` while in a queue,
+    voicemail while leaving a message, answered once answered, else ``unanswered``."""
+    if call.state is CallState.QUEUED:
+        return queued
+    if call.voicemail is not None:
+        return "voicemail"
+    return "answered" if call.answered_at else unanswered
 
 
 def _drop(leg: Leg, status: int) -> None:

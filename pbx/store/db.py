@@ -40,9 +40,12 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "started": str,
             "answered": str,
             "ended": str,
-            "disposition": str,
+            "disposition": str,  # one of pbx.sip.b2bua.DISPOSITIONS
             "duration": float,
             "billsec": float,
+            "queue": str,  # the queue the call waited in (or the callback's queue)
+            "agent": str,  # the queue agent who took it
+            "wait": float,  # seconds in the queue before an agent answered or the caller left
         },
         "call_id",
     ),
@@ -114,7 +117,12 @@ class Store:
         self._db = sqlite_utils.Database(conn)
         self._db.enable_wal()
         for name, (columns, pk) in SCHEMA.items():
-            self._db.table(name).create(columns, pk=pk, if_not_exists=True)
+            table = self._db.table(name)
+            table.create(columns, pk=pk, if_not_exists=True)
+            # A database from an older version gains the columns added since.
+            for column, kind in columns.items():
+                if column not in table.columns_dict:
+                    table.add_column(column, kind)
 
     async def close(self) -> None:
         if self._db is not None:

@@ -38,7 +38,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -332,3 +332,15 @@ class Phone:
         if not self._stderr_lines:
             return ""
         return "\nphone stderr:\n" + "\n".join(self._stderr_lines)
+
+
+@contextlib.asynccontextmanager
+async def phones_for(extensions: Iterable[str]) -> AsyncIterator[dict[str, Phone]]:
+    """One phone per extension (named ``p<ext>``), keyed by it; all closed at the end."""
+    names = list(extensions)
+    started = await asyncio.gather(*(Phone.start(name=f"p{ext}") for ext in names))
+    try:
+        yield dict(zip(names, started, strict=True))
+    finally:
+        await asyncio.gather(*(p.close() for p in started))
+
