@@ -61,9 +61,9 @@ from pathlib import Path
 ROOT = script_path.ROOT
 
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
-from tests.support.sipp import SIPP, run_sipp, start_sipp  # noqa: E402
+from tests.support.sipp import run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded, show_failure  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded, show_failure, sipp_ready  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
@@ -450,17 +450,11 @@ def table(pairs: list[tuple[Run, Run]]) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if shutil.which(SIPP) is None:
-        print("sipp is not installed (Debian: apt-get install sip-tester)", file=sys.stderr)
-        return 2
-    if not PCAP.exists():
-        print(f"{PCAP} is missing (it comes with sip-tester)", file=sys.stderr)
+    if not sipp_ready(PCAP):
         return 2
     programs = find_programs()
     if programs is None:
         return 2
-    if os.geteuid() != 0:
-        print("warning: not root; SIPp's play_pcap_audio needs CAP_NET_RAW to send RTP", file=sys.stderr)
     runners: dict[str, Callable[[Run, Path], Awaitable[None]]] = {
         "pbx": functools.partial(pbx_run, log_level=args.log_level),
         "baseline": functools.partial(baseline_run, programs=programs),

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from tests.support.sipp import SIPP
+
 if TYPE_CHECKING:
     from tests.support.server import Server
     from tests.support.sipp import SippResult
@@ -74,6 +76,23 @@ def cpu_seconds(pid: int) -> float:
         return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
     fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def sipp_ready(pcap: Path | None, *, hint: str = "") -> bool:
+    """Whether SIPp (and ``pcap``, the audio its callers play, unless None) is
+    here, saying on stderr what is missing; warns when not root, since
+    play_pcap_audio needs CAP_NET_RAW. ``hint`` ends the pcap messages."""
+    if shutil.which(SIPP) is None:
+        print("sipp is not installed (Debian: apt-get install sip-tester; make bench does)", file=sys.stderr)
+        return False
+    if pcap is None:
+        return True
+    if not pcap.exists():
+        print(f"{pcap} is missing (it comes with sip-tester){hint}", file=sys.stderr)
+        return False
+    if os.geteuid() != 0:
+        print(f"warning: not root; SIPp's play_pcap_audio needs CAP_NET_RAW to send RTP{hint}", file=sys.stderr)
+    return True
 
 
 def num(value: float | None, fmt: str = ".4f") -> str:

@@ -64,9 +64,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -77,9 +75,9 @@ from pathlib import Path  # noqa: E402
 ROOT = script_path.ROOT
 
 from tests.support.server import Server, free_port, start_server  # noqa: E402
-from tests.support.sipp import SIPP, SippResult, run_sipp, start_sipp  # noqa: E402
+from tests.support.sipp import SippResult, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, stop_server  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, sipp_ready, stop_server  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 CALLER = SCENARIOS / "queue_caller.xml"
@@ -460,14 +458,8 @@ def waiting_cost(queue: Run, base: Run) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if shutil.which(SIPP) is None:
-        print("sipp is not installed (Debian: apt-get install sip-tester; make bench does)", file=sys.stderr)
+    if not sipp_ready(PCAP if args.audio else None, hint="; --no-audio sends none"):
         return 2
-    if args.audio and not PCAP.exists():
-        print(f"{PCAP} is missing (it comes with sip-tester); --no-audio sends none", file=sys.stderr)
-        return 2
-    if args.audio and os.geteuid() != 0:
-        print("warning: not root; SIPp's play_pcap_audio needs CAP_NET_RAW (--no-audio sends none)", file=sys.stderr)
     runs = []
     for index, (system, agents) in enumerate((("queue", args.agents), ("no-wait", args.callers)), 1):
         run = Run(system, args.callers, agents, args.talk, args.rate)

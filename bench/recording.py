@@ -40,9 +40,7 @@ import script_path  # noqa: I001  (first: the import path for everything below)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -53,11 +51,10 @@ from pathlib import Path  # noqa: E402
 ROOT = script_path.ROOT
 
 from tests.support.server import PASSWORDS, Server, start_server  # noqa: E402
-from tests.support.sipp import SIPP  # noqa: E402
 
 from bench.bridge import PCAP, RELAYED_METRIC, RTP_PORTS, System, metric_sample, place_calls  # noqa: E402
 from bench.bridge import Run as CallsRun  # noqa: E402
-from bench.measure import aligned, cpu_seconds, num, run_bounded, stop_server  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, run_bounded, sipp_ready, stop_server  # noqa: E402
 
 TOLERANCE = 0.5  # seconds a WAV may differ from the call's length
 STORE_LIMIT = 30.0  # seconds after the call phase for every CDR and recording row to be stored
@@ -230,14 +227,8 @@ def table(base: Run, rec: Run) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if shutil.which(SIPP) is None:
-        print("sipp is not installed (Debian: apt-get install sip-tester)", file=sys.stderr)
+    if not sipp_ready(PCAP):
         return 2
-    if not PCAP.exists():
-        print(f"{PCAP} is missing (it comes with sip-tester)", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0:
-        print("warning: not root; SIPp's play_pcap_audio needs CAP_NET_RAW to send RTP", file=sys.stderr)
     runs = []
     for index, recorded in enumerate((False, True), 1):
         run = Run("recorded" if recorded else "baseline", args.calls, args.duration, args.rate, recorded=recorded)
