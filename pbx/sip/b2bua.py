@@ -1139,7 +1139,7 @@ class CallService:
                         lost=report.lost, jitter_ms=report.jitter_ms, mos=mos,
                     )  # fmt: skip
         if call.recording is not None and self.recorder is not None:
-            self._tasks.spawn(self._finish_recording(self.recorder, call.recording))
+            self._tasks.spawn(self.recorder.end(call.recording))
         if call.queued_at is not None and call.wait is None:  # left the queue by hanging up, or cut off there
             call.wait = ended - call.queued_at
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
@@ -1148,9 +1148,6 @@ class CallService:
             started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
         )  # fmt: skip
         self._tasks.spawn(self._write_cdr(row, call.hangup_by))
-
-    async def _finish_recording(self, recorder: Recorder, recording: Recording) -> None:
-        await recorder.end(recording)
 
     async def _write_cdr(self, row: dict[str, Any], hangup_by: str | None = None) -> None:
         """Store the call's one CDR row, then log its ``ended`` event: whoever
