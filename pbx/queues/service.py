@@ -161,7 +161,7 @@ class QueueService:
         self.moh = moh
         self.prompts = prompts
         self.lines: dict[str, Line] = {}
-        self._ringing: set[str] = set()  # agents a queue offer rings now
+        self._ringing: dict[str, Entry] = {}  # agents a queue offer rings now, and the entry it offers
         self._wrapup_until: dict[str, float] = {}  # by extension, time.time()
         self._idle_since: dict[str, float] = {}  # by extension: end of the last queue call
         self._tasks = Background("queue")
@@ -477,7 +477,7 @@ class QueueService:
             timeout=queue.ring_timeout,
             direction="callback",
         )
-        self._ringing.discard(agent)
+        self._release(entry, [agent])
         if isinstance(result, Unreachable):
             self._missed(line, agent, entry, result)
             return
@@ -555,7 +555,7 @@ class QueueService:
                 continue
             for agent in agents:
                 free.remove(agent)
-                self._ringing.add(agent)
+                self._ringing[agent] = entry
             if entry.callback:
                 work: Coroutine[Any, Any, None] = self._dial_callback(line, entry, agents[0], queue)
             else:
@@ -589,9 +589,17 @@ class QueueService:
         try:
             await work
         finally:
-            self._ringing.difference_update(agents)
+            self._release(entry, agents)
             entry.offering = None
             line.wake.set()
+
+    def _release(self, entry: Entry, agents: list[str]) -> None:
+        """``entry``'s offer no longer rings ``agents``. An agent a later offer
+        already rings stays claimed by that one: a callback's offering ends only
+        after its call, when the agent may be ringing for the next entry."""
+        for agent in agents:
+            if self._ringing.get(agent) is entry:
+                del self._ringing[agent]
 
     async def _offer(self, line: Line, entry: Entry, agents: list[str], queue: Queue) -> None:
         call = entry.call
@@ -605,7 +613,7 @@ class QueueService:
             offer=self.calls.offer_sdp(call),
             timeout=queue.ring_timeout,
         )
-        self._ringing.difference_update(agents)
+        self._release(entry, agents)
         if isinstance(result, Unreachable):
             for agent in agents:
                 self._missed(line, agent, entry, result)
@@ -641,6 +649,7 @@ class QueueService:
             member.calls += 1
         if wait is not None:  # a caller, not a callback
             self._today(line).answered += 1
+        self._wrapup_until[agent] = math.inf  # once the call is over, not offered again before _after_call has logged its end
         self._tasks.spawn(self._after_call(line, agent, call))
 
     async def _after_call(self, line: Line, agent: str, call: Call) -> None:
