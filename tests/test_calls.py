@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.audio import dominant_frequency
-from tests.support.phone import Phone
+from tests.support.phone import Phone, exchange_tones
 from tests.support.server import PASSWORDS, Server, start_server
 
 TRANSPORTS = ["udp", "tcp"]
@@ -44,18 +42,6 @@ async def connect(caller: Phone, callee: Phone) -> tuple[int, int]:
     await caller.wait_event("media", call=a, active=True)
     await callee.wait_event("media", call=b, active=True)
     return a, b
-
-
-async def exchange_tones(tmp_path: Path, caller: Phone, a: int, callee: Phone, b: int) -> tuple[float, float]:
-    """Each side plays its own tone and records the other; returns (heard by caller, heard by callee)."""
-    await caller.play_tone(a, 440)
-    await callee.play_tone(b, 1000)
-    await caller.record(a, tmp_path / "caller.wav")
-    await callee.record(b, tmp_path / "callee.wav")
-    await asyncio.sleep(1.5)  # the recording's length, not synchronisation
-    await caller.stop_record(a)
-    await callee.stop_record(b)
-    return dominant_frequency(tmp_path / "caller.wav"), dominant_frequency(tmp_path / "callee.wav")
 
 
 def cdr(server: Server) -> list[dict[str, object]]:

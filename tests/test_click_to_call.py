@@ -15,8 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.support.audio import dominant_frequency
-from tests.support.phone import Phone, phones_for
+from tests.support.phone import Phone, exchange_tones, phones_for
 from tests.support.server import PASSWORDS, Server, start_server
 
 
@@ -114,15 +113,9 @@ async def test_click_to_call_rings_from_then_to_and_carries_audio_both_ways(
         assert (await api.request("POST", path, 200, {"action": "resume"}))["recording"]["state"] == "recording"
 
         # Audio both ways: each phone plays its own tone and records the other's.
-        await alice.play_tone(a, 440)
-        await bob.play_tone(b, 1000)
-        await alice.record(a, tmp_path / "alice.wav")
-        await bob.record(b, tmp_path / "bob.wav")
-        await asyncio.sleep(1.5)  # the recording's length, not synchronisation
-        await alice.stop_record(a)
-        await bob.stop_record(b)
-        assert abs(dominant_frequency(tmp_path / "alice.wav") - 1000) < 20
-        assert abs(dominant_frequency(tmp_path / "bob.wav") - 440) < 20
+        heard_by_alice, heard_by_bob = await exchange_tones(tmp_path, alice, a, bob, b)
+        assert abs(heard_by_alice - 1000) < 20
+        assert abs(heard_by_bob - 440) < 20
 
         stopped = await api.request("POST", path, 200, {"action": "stop"})
         assert stopped["recording"] == {"id": call_id, "state": "stopped"}

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from aiosipua import SipDigestAuth, SipMessage, SipResponse, build_credentials, parse_auth, stringify_auth
 
+from tests.support.phone import exchange_tones
 from tests.support.server import Server, start_server
-from tests.test_calls import connect, exchange_tones, phone
+from tests.test_calls import connect, phone
 
 
 class RawUdp(asyncio.DatagramProtocol):

@@ -12,10 +12,9 @@ import pytest
 from aiohttp import web
 
 from tests.support.audio import duration, read_samples, rms, sound_spans
-from tests.support.phone import Phone
+from tests.support.phone import Phone, exchange_tones
 from tests.support.server import PASSWORDS, Server, start_server
 from tests.support.sipp import run_sipp
-from tests.test_calls import exchange_tones
 
 REPO = Path(__file__).resolve().parent.parent
 SOUNDS = REPO / "config" / "sounds"

@@ -43,6 +43,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.support.audio import dominant_frequency
+
 log = logging.getLogger(__name__)
 
 PHONE_PROGRAM = Path(__file__).with_name("phone_proc.py")
@@ -344,3 +346,14 @@ async def phones_for(extensions: Iterable[str]) -> AsyncIterator[dict[str, Phone
     finally:
         await asyncio.gather(*(p.close() for p in started))
 
+
+async def exchange_tones(tmp_path: Path, caller: Phone, a: int, callee: Phone, b: int) -> tuple[float, float]:
+    """Each side plays its own tone and records the other; returns (heard by caller, heard by callee)."""
+    await caller.play_tone(a, 440)
+    await callee.play_tone(b, 1000)
+    await caller.record(a, tmp_path / "caller.wav")
+    await callee.record(b, tmp_path / "callee.wav")
+    await asyncio.sleep(1.5)  # the recording's length, not synchronisation
+    await caller.stop_record(a)
+    await callee.stop_record(b)
+    return dominant_frequency(tmp_path / "caller.wav"), dominant_frequency(tmp_path / "callee.wav")
