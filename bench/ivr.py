@@ -84,7 +84,7 @@ ROOT = script_path.ROOT
 from tests.support.server import Server, free_port, start_server, stop_process  # noqa: E402
 from tests.support.sipp import SIPP, run_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, stop_server  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, stop_server  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
 BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
@@ -310,9 +310,7 @@ class Run:
             f"{num(self.keys_heard, 'd')}/{self.keys_pressed}; CPU {self.cpu_seconds:.2f} s - idle {self.idle_cpu:.2f} s "
             f"= {num(self.cpu_per_call)} s/call over a {self.wall_seconds:.1f} s call phase; {self.rtp.summary()}"
         )
-        if self.log_problems:
-            text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
-        return text + (f" [{self.error}]" if self.error else "")
+        return text + problems_and_error(self.log_problems, self.error)
 
 
 def keys_per_call(duration: float, interval: float) -> int:

@@ -100,6 +100,14 @@ def num(value: float | None, fmt: str = ".4f") -> str:
     return format(value, fmt) if value is not None else "n/a"
 
 
+def problems_and_error(log_problems: dict[str, int], error: str) -> str:
+    """How a run's summary line ends: the server's log lines by level, and why the run failed."""
+    text = ""
+    if log_problems:
+        text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(log_problems.items()))
+    return text + (f" [{error}]" if error else "")
+
+
 def aligned(rows: list[list[str]]) -> str:
     """Rows of cells right-aligned in columns, the first row the heading."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -77,7 +77,7 @@ ROOT = script_path.ROOT
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SippResult, run_sipp, start_sipp  # noqa: E402
 
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, sipp_ready, stop_server  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, sipp_ready, stop_server  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 CALLER = SCENARIOS / "queue_caller.xml"
@@ -248,9 +248,7 @@ class Run:
             f"over a {self.wall_seconds:.1f} s call phase; arrival order: answers {self.answer_order.verdict()}, "
             f"offers {self.offer_order.verdict()}, enters as dialed {self.dial_order.verdict()}"
         )
-        if self.log_problems:
-            text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
-        return text + (f" [{self.error}]" if self.error else "")
+        return text + problems_and_error(self.log_problems, self.error)
 
 
 def agent_numbers(count: int) -> list[str]:

@@ -54,7 +54,7 @@ from tests.support.server import PASSWORDS, Server, start_server  # noqa: E402
 
 from bench.bridge import PCAP, RELAYED_METRIC, RTP_PORTS, System, metric_sample, place_calls  # noqa: E402
 from bench.bridge import Run as CallsRun  # noqa: E402
-from bench.measure import aligned, cpu_seconds, num, run_bounded, sipp_ready, stop_server  # noqa: E402
+from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, sipp_ready, stop_server  # noqa: E402
 
 TOLERANCE = 0.5  # seconds a WAV may differ from the call's length
 STORE_LIMIT = 30.0  # seconds after the call phase for every CDR and recording row to be stored
@@ -104,9 +104,7 @@ class Run(CallsRun):
                 f"(worst off by {num(self.worst, '.3f')} s), {self.partial} .part left"
             )
         text += f"; media clock skipped {self.skipped_ticks} ticks in {self.clock_skips} jumps"
-        if self.log_problems:
-            text += "; server log: " + ", ".join(f"{n} {level}" for level, n in sorted(self.log_problems.items()))
-        return text + (f" [{self.error}]" if self.error else "")
+        return text + problems_and_error(self.log_problems, self.error)
 
 
 def count_rows(db: Path, table: str) -> int:
