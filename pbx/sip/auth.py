@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
@@ -290,13 +290,13 @@ def authenticate_request(
     authenticator: DigestAuthenticator,
     guard: AddressGuard,
     events: EventBus,
-    passwords: Mapping[str, str],
+    passwords: Callable[[str], str | None],
 ) -> str | None:
     """The extension a request other than REGISTER (INVITE, SUBSCRIBE) comes
     from, by digest; None once it has been answered: 401 with a challenge, or
     403 for wrong credentials, which count against the address (``guard``)
     and are announced as ``auth_failure``."""
-    result = authenticator.verify(request, ip, passwords.get)
+    result = authenticator.verify(request, ip, passwords)
     if result.ok:
         return result.username
     if result.status is AuthStatus.FAILED:

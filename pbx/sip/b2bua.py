@@ -339,7 +339,7 @@ class CallService:
                 authenticator=self.authenticator,
                 guard=self.guard,
                 events=self.events,
-                passwords={number: ext.password for number, ext in cfg.extensions.items()},
+                passwords=self.registrar.passwords,
             )
             if caller_ext is None:
                 return

@@ -187,9 +187,6 @@ class MessageWaiting:
         if not request.contact:
             txn.reply(400, "Missing Contact")
             return
-        if self._guard.is_banned(ip):
-            txn.reply(403)
-            return
         username = authenticate_request(
             request,
             ip,
@@ -197,7 +194,7 @@ class MessageWaiting:
             authenticator=self._auth,
             guard=self._guard,
             events=self._events,
-            passwords={number: ext.password for number, ext in self._config().extensions.items()},
+            passwords=self._registrar.passwords,
         )
         if username is None:
             return
