@@ -294,6 +294,11 @@ class Config:
     smtp: SmtpConfig | None  # None: voicemail is not e-mailed
     features: FeaturesConfig
 
+    def mailbox(self, number: str) -> VoicemailBox | None:
+        """The mailbox of extension ``number``; None when it has no voicemail section or is no extension."""
+        ext = self.extensions.get(number)
+        return ext.voicemail if ext is not None else None
+
     def route_outbound(self, number: str) -> Trunk | None:
         """The trunk of the first outbound rule matching ``number``; None: refuse the call."""
         for rule in self.outbound:

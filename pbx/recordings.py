@@ -46,6 +46,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import Decoder, UnsupportedCodec
 from pbx.media.relay import RelaySide
 from pbx.store.db import Store
+from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,6 @@ class Recording:
         caller_id: str,
         callee: str,
         started: datetime,
-        start_tick: int,
         sink: _RecordingFile,
     ) -> None:
         self.call_id = call_id
@@ -110,8 +110,7 @@ class Recording:
         self.paused = False
         self.failed = False
         self.error: str | None = None
-        self._start_tick = start_tick
-        self._sink = sink  # used only on the writer thread
+        self._sink = sink  # writes on the writer thread only; its start_tick is read on the loop too
         # Packets not yet handed to the writer: caller (left), agent (right).
         self._pending: list[list[Packet]] = [[], []]
         self._taps: list[tuple[RelaySide, Callable[[bytes, int], None]]] = []
@@ -176,7 +175,7 @@ class Recorder:
         # One thread decodes and writes every recording, in submission order.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder")
         self._open: dict[Recording, None] = {}  # ordered set
-        self._finishing: set[asyncio.Task[dict[str, Any] | None]] = set()
+        self._finishing = Background("recorder")  # recordings being finished
         self._timer: asyncio.TimerHandle | None = None
         self._retention: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -245,7 +244,6 @@ class Recorder:
             caller_id=caller_id,
             callee=callee,
             started=started,
-            start_tick=self._clock.tick,
             sink=sink,
         )
         for channel, side in enumerate((caller, agent)):
@@ -269,9 +267,7 @@ class Recorder:
         """
         task = recording._finishing
         if task is None:
-            task = recording._finishing = asyncio.create_task(self._finish(recording))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            task = recording._finishing = self._finishing.spawn(self._finish(recording))
         return await asyncio.shield(task)
 
     async def flush(self) -> None:
@@ -387,7 +383,7 @@ class Recorder:
             if recording.failed:
                 recording._take_pending()
                 continue
-            final = (tick - recording._start_tick - SETTLE_TICKS) * FRAME
+            final = (tick - recording._sink.start_tick - SETTLE_TICKS) * FRAME
             future = self._submit(recording, recording._sink.write, recording._take_pending(), final)
             if future is not None:
                 futures.append(future)

@@ -142,8 +142,7 @@ class VoicemailService:
         await self._tasks.close(grace=10)  # messages being saved and mailed
 
     def exists(self, mailbox: str) -> bool:
-        ext = self.config().extensions.get(mailbox)
-        return ext is not None and ext.voicemail is not None
+        return self.config().mailbox(mailbox) is not None
 
     def _folder(self, mailbox: str) -> Path:
         return self.config().storage.data_dir / "voicemail" / mailbox
@@ -200,8 +199,8 @@ class VoicemailService:
         except OSError as exc:
             logger.error("voicemail for %s from %s lost: cannot write %s: %s", mailbox, caller, relative, exc)
             return
-        ext = cfg.extensions.get(mailbox)
-        wants_mail = ext is not None and ext.voicemail is not None and ext.voicemail.email is not None
+        box = cfg.mailbox(mailbox)
+        wants_mail = box is not None and box.email is not None
         row = {
             "id": message_id,
             "mailbox": mailbox,
@@ -222,8 +221,8 @@ class VoicemailService:
 
     async def _mail(self, row: Mapping[str, Any]) -> bool:
         cfg = self.config()
-        ext = cfg.extensions.get(row["mailbox"])
-        address = ext.voicemail.email if ext is not None and ext.voicemail is not None else None
+        box = cfg.mailbox(row["mailbox"])
+        address = box.email if box is not None else None
         if cfg.smtp is None or address is None:
             await self.store.update("voicemail", row["id"], {"email": ""})
             return True
@@ -270,9 +269,9 @@ class VoicemailService:
         cfg = self.config()
         for _ in range(PIN_TRIES):
             number = mailbox or await read_digits(audio, ["vm-enter-mailbox"], 10, "#", 5)
-            ext = cfg.extensions.get(number)
-            pin = ext.voicemail.pin if ext is not None and ext.voicemail is not None else None
-            if own and ext is not None and ext.voicemail is not None and pin is None:
+            box = cfg.mailbox(number)
+            pin = box.pin if box is not None else None
+            if own and box is not None and pin is None:
                 return number
             entered = await read_digits(audio, ["vm-enter-pin"], 12, "#", 5)
             if pin is not None and hmac.compare_digest(entered.encode(), pin.encode()):
@@ -334,10 +333,8 @@ class VoicemailService:
         key = await audio.play(["vm-message", *number_parts(min(index + 1, 999))], interruptible=True)
         if key is None:
             key = await audio.play_file(self.config().storage.data_dir / message["path"], interruptible=True)
-        if not message["heard"]:
-            message["heard"] = 1
-            await self.store.update("voicemail", message["id"], {"heard": 1})
-            self._count(message["mailbox"], new=-1, old=1)
+        await self.mark_heard(message, True)
+        message["heard"] = 1
         logger.info("voicemail %s of %s played", message["id"], message["mailbox"])
         return key
 

@@ -165,7 +165,7 @@ class QueueService:
         self._wrapup_until: dict[str, float] = {}  # by extension, time.time()
         self._idle_since: dict[str, float] = {}  # by extension: end of the last queue call
         self._tasks = Background("queue")
-        self._writes: set[asyncio.Task[Any]] = set()  # queue_log rows on their way: awaited, never cancelled
+        self._writes = Background("queue log")  # rows on their way: awaited, never cancelled
         self._dispatcher: asyncio.Task[None] | None = None
         events.subscribe("call_ended", lambda **_: self._wake_all())
         events.subscribe("registrations_changed", lambda **_: self._wake_all())
@@ -802,9 +802,7 @@ class QueueService:
             "event": event,
             "data": json.dumps(data) if data else None,
         }
-        task = asyncio.get_running_loop().create_task(self._write_log(row, then, logging.WARNING if warn else logging.INFO))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._writes.spawn(self._write_log(row, then, logging.WARNING if warn else logging.INFO))
 
     async def _write_log(self, row: dict[str, Any], then: str | None, level: int) -> None:
         await self.store.insert("queue_log", row)

@@ -136,7 +136,7 @@ class MessageWaiting:
         """``mailbox``'s messages changed: NOTIFY every subscription to it and,
         unsolicited, every registered contact of its extension that has no
         subscription. Returns at once; the NOTIFYs go out in the background."""
-        if not self._has_mailbox(mailbox):
+        if self._config().mailbox(mailbox) is None:
             logger.debug("mwi: %s is not a mailbox; nobody to notify", mailbox)
             return
         subscriptions = [s for s in self._subscriptions.values() if s.mailbox == mailbox]
@@ -149,7 +149,7 @@ class MessageWaiting:
     def registered(self, binding: Binding) -> None:
         """A REGISTER added or refreshed ``binding``: tell the contact about its
         mailbox unless it has subscribed (the registrar calls this)."""
-        if self._has_mailbox(binding.extension) and not self._subscribed(binding.extension, binding):
+        if self._config().mailbox(binding.extension) is not None and not self._subscribed(binding.extension, binding):
             self._tasks.spawn(self._notify_contact(binding.extension, binding))
 
     async def counts(self, mailbox: str) -> tuple[int, int]:
@@ -198,7 +198,7 @@ class MessageWaiting:
         )
         if username is None:
             return
-        if not self._has_mailbox(mailbox):
+        if self._config().mailbox(mailbox) is None:
             logger.info("mwi: %s subscribed to %s, which is not a mailbox: 404", username, mailbox)
             txn.reply(404)
             return
@@ -294,10 +294,6 @@ class MessageWaiting:
             )
             for s in self._subscriptions.values()
         )
-
-    def _has_mailbox(self, number: str) -> bool:
-        ext = self._config().extensions.get(number)
-        return ext is not None and ext.voicemail is not None
 
     def _account(self, mailbox: str) -> str:
         return f"sip:{mailbox}@{self._config().sip.domain}"
