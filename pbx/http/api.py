@@ -49,10 +49,10 @@ from pbx.http.openapi import (
     ref,
     validate_body,
 )
-from pbx.ivr.schema import load_flows
+from pbx.ivr.schema import flow_files, load_flows
 from pbx.recordings import Recording
 from pbx.sip.b2bua import Call, CallConflict, CallService, Unreachable
-from pbx.store.db import SCHEMA, Store
+from pbx.store.db import SCHEMA, Store, iso_time
 from pbx.tasks import Background
 
 if TYPE_CHECKING:
@@ -266,10 +266,6 @@ async def _select(
     return result
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
 async def _audio(data_dir: Path, relative: str | None, what: str) -> web.FileResponse:
     """A stored WAV file (a path relative to ``data_dir`` that stays inside it)."""
     path = PurePosixPath(relative or "")
@@ -303,8 +299,8 @@ def _call_json(call: Call) -> dict[str, Any]:
         "to": call.callee,
         "direction": call.direction,
         "state": call.state.value,
-        "started": _iso(call.started),
-        "answered": _iso(call.answered_at) if call.answered_at else None,
+        "started": iso_time(call.started),
+        "answered": iso_time(call.answered_at) if call.answered_at else None,
         "queue": call.queue,
         "agent": call.agent,
         "recording": _recording_json(call.recording) if call.recording is not None else None,
@@ -318,7 +314,7 @@ def _placing_json(placing: Placing) -> dict[str, Any]:
         "to": placing.destination.target,  # as the call and its CDR row will have it
         "direction": CLICK_TO_CALL,
         "state": "originating",
-        "started": _iso(placing.started),
+        "started": iso_time(placing.started),
         "answered": None,
         "queue": None,
         "agent": None,
@@ -401,7 +397,7 @@ async def list_registrations(request: web.Request) -> web.Response:
             "contact": b.contact,
             "source": f"[{b.source[0]}]:{b.source[1]}" if ":" in b.source[0] else f"{b.source[0]}:{b.source[1]}",
             "transport": b.transport,
-            "expires": _iso(b.expires_at),
+            "expires": iso_time(b.expires_at),
             "expires_in": max(0, int(b.expires_at - now)),
             "user_agent": b.user_agent,
         }
@@ -529,7 +525,7 @@ async def request_callback(request: web.Request) -> web.Response:
         entry = await pbx.queues.request_callback(name, number)
     except ValueError as exc:
         fail(409, "callback-exists", str(exc))
-    row = {"id": entry.id, "queue": name, "number": number, "requested": _iso(entry.entered), "status": "pending", "attempts": 0}
+    row = {"id": entry.id, "queue": name, "number": number, "requested": iso_time(entry.entered), "status": "pending", "attempts": 0}
     return web.json_response(_callback_json(row, _positions(pbx)), status=201)
 
 
@@ -684,16 +680,12 @@ async def list_cdr(request: web.Request) -> web.Response:
 # --- IVR flows ---
 
 
-def _flow_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) if directory.is_dir() else []
-
-
 async def list_flows(request: web.Request) -> web.Response:
     pbx = request.app[PBX]
     cfg = pbx.config
     # Validation reads files: off the event loop.
     (found, issues), files = await asyncio.gather(
-        asyncio.to_thread(load_flows, cfg.ivr.dir, cfg, pbx.prompts.exists), asyncio.to_thread(_flow_files, cfg.ivr.dir)
+        asyncio.to_thread(load_flows, cfg.ivr.dir, cfg, pbx.prompts.exists), asyncio.to_thread(flow_files, cfg.ivr.dir)
     )
     running = pbx.flows
     by_file: dict[str, list[str]] = {}

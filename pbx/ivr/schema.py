@@ -649,6 +649,11 @@ def load_flow(
     return Flow(path.stem, path, values["start"], MappingProxyType(values["nodes"])), []
 
 
+def flow_files(directory: Path) -> list[Path]:
+    """The flow files in ``directory`` (``*.yaml``, not hidden), sorted; none when it is missing."""
+    return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) if directory.is_dir() else []
+
+
 def load_flows(
     directory: Path, config: Config, prompt_exists: Callable[[str], bool]
 ) -> tuple[dict[str, Flow], list[ConfigIssue]]:
@@ -658,8 +663,7 @@ def load_flows(
     a flow with any issue is left out. ``prompt_exists(name)`` says whether a
     sound name can be played; names holding ``{var}`` are not checked.
     """
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) if directory.is_dir() else []
+    files = flow_files(Path(directory))
     names = {p.stem for p in files}
     flows: dict[str, Flow] = {}
     issues: list[ConfigIssue] = []

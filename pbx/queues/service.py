@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -35,7 +35,8 @@ from pbx.media.moh import MusicOnHold
 from pbx.media.prompts import PromptLibrary, number_parts
 from pbx.sip.b2bua import Call, CallService, Unreachable
 from pbx.sip.registrar import Registrar
-from pbx.store.db import Store
+from pbx.sip.messages import uri_user
+from pbx.store.db import Store, iso_time
 from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ class QueueService:
                 "queue": line.name,
                 "number": number,
                 "entered": callback.entered,
-                "requested": _iso(time.time()),
+                "requested": iso_time(time.time()),
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt": 0.0,
@@ -425,7 +426,7 @@ class QueueService:
                 "queue": queue_name,
                 "number": number,
                 "entered": entry.entered,
-                "requested": _iso(entry.entered),
+                "requested": iso_time(entry.entered),
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt": 0.0,
@@ -454,7 +455,7 @@ class QueueService:
             raise ValueError(f"callback {callback_id} is being dialed now")
         if line is not None and entry is not None:
             line.remove(entry)
-        await self.store.update("callbacks", callback_id, {"status": "cancelled", "ended": _iso(time.time())})
+        await self.store.update("callbacks", callback_id, {"status": "cancelled", "ended": iso_time(time.time())})
         self.events.emit("callback", queue=row["queue"], outcome="cancelled")
         then = f"callback {callback_id} to {row['number']} cancelled"
         self._log(row["queue"], "callback-cancel", number=row["number"], callback=callback_id, then=then)
@@ -510,7 +511,7 @@ class QueueService:
         event = "callback-complete" if outcome == "completed" else "callback-fail"
         then = f"callback {entry.id} to {entry.number} {outcome} {how}"
         self._log(line.name, event, number=entry.number, callback=entry.id, then=then)
-        await self.store.update("callbacks", entry.id, {"status": outcome, "attempts": entry.attempts, "ended": _iso(time.time())})
+        await self.store.update("callbacks", entry.id, {"status": outcome, "attempts": entry.attempts, "ended": iso_time(time.time())})
 
     def _callback_destination(self, number: str) -> Destination:
         cfg = self.config()
@@ -619,7 +620,7 @@ class QueueService:
                 self._missed(line, agent, entry, result)
             return
         leg, resp = result
-        agent = _user(leg.dialog.remote_uri) or agents[0]
+        agent = uri_user(leg.dialog.remote_uri) or agents[0]
         if entry.outcome.done():
             leg.bye()
             return
@@ -795,7 +796,7 @@ class QueueService:
         ``then`` is logged (as a warning with ``warn``) once the row is stored,
         so whoever reads the log line finds the row."""
         row = {
-            "time": _iso(time.time()),
+            "time": iso_time(time.time()),
             "queue": queue,
             "call_id": call_id,
             "agent": agent,
@@ -827,12 +828,3 @@ def _futures(*futures: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
 def _dialable(number: str) -> bool:
     digits = number.removeprefix("+")
     return digits.isdigit() and len(digits) >= 2
-
-
-def _user(uri: str) -> str | None:
-    user = uri.removeprefix("sip:").removeprefix("sips:").split("@", 1)[0]
-    return user or None
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")

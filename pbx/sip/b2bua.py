@@ -26,11 +26,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, generate_call_id, parse_address, parse_uri
+from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, generate_call_id, parse_address
 
 from pbx.config import Config, Destination, Trunk, parse_destination
 from pbx.events import EventBus
@@ -46,6 +45,7 @@ from pbx.media.relay import RelaySide, RtpRelay
 from pbx.recordings import Recorder, Recording
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
+from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import (
     DTMF_PT,
@@ -58,7 +58,7 @@ from pbx.sip.sdp import (
     reverse_direction,
 )
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
-from pbx.store.db import Store
+from pbx.store.db import Store, iso_time
 from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class CallService:
     def _new_call(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         cfg = self.config()
         ip = flow.addr[0]
-        called = _user(request.uri) or ""
+        called = uri_user(request.uri) or ""
         trunk = cfg.trunk_for_source(ip)
         if trunk is not None:
             destination = cfg.inbound.get(called)
@@ -722,7 +722,7 @@ class CallService:
             call.a.answer(answer)
             call.answered_at = time.time()
             self.events.emit("call_answered", call_id=call.id)
-        by = _user(leg.dialog.remote_uri)
+        by = uri_user(leg.dialog.remote_uri)
         call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
         return True
 
@@ -925,7 +925,7 @@ class CallService:
             call.a.answer(answer)
             self.events.emit("call_answered", call_id=call.id)
         self._record(call)
-        call_event(call.id, "answered", by=_user(leg.dialog.remote_uri), contact=leg.dialog.remote_target)
+        call_event(call.id, "answered", by=uri_user(leg.dialog.remote_uri), contact=leg.dialog.remote_target)
 
     def _record(self, call: Call) -> None:
         """Start recording a call just bridged when its queue or one of its extensions asks for it."""
@@ -1191,9 +1191,9 @@ def _cdr_row(
         "direction": direction,
         "from_number": caller,
         "to_number": callee,
-        "started": _iso(started),
-        "answered": _iso(answered) if answered else None,
-        "ended": _iso(ended),
+        "started": iso_time(started),
+        "answered": iso_time(answered) if answered else None,
+        "ended": iso_time(ended),
         "disposition": disposition,
         "duration": round(ended - started, 3),
         "billsec": round(ended - answered, 3) if answered else 0.0,
@@ -1257,13 +1257,6 @@ def _codec(codec: SdpCodec) -> Codec:
     return Codec(codec.name, codec.payload_type, codec.clock_rate)
 
 
-def _user(uri: str) -> str | None:
-    try:
-        return parse_uri(uri).user
-    except (ValueError, IndexError):
-        return None
-
-
 def _user_of(header: str | None) -> str | None:
     if not header:
         return None
@@ -1271,7 +1264,3 @@ def _user_of(header: str | None) -> str | None:
         return parse_address(header).uri.user
     except (ValueError, IndexError):
         return None
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiosipua import SipRequest, SipResponse, generate_tag
+from aiosipua import SipRequest, SipResponse, generate_tag, parse_uri
 
 REASONS: dict[int, str] = {
     100: "Trying",
@@ -58,3 +58,11 @@ def make_response(
     for name, value in (headers or {}).items():
         resp.headers.set_single(name, value)
     return resp
+
+
+def uri_user(uri: str) -> str | None:
+    """The user part of a SIP URI; None when it has none or does not parse."""
+    try:
+        return parse_uri(uri).user
+    except (ValueError, IndexError):
+        return None

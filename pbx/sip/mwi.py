@@ -11,7 +11,6 @@ contact whenever the mailbox changes and whenever the phone registers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -24,13 +23,13 @@ from aiosipua import (
     create_dialog_from_request,
     generate_call_id,
     generate_tag,
-    parse_uri,
     stringify_uri,
 )
 
 from pbx.config import Config
 from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
+from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Binding, Registrar
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
 from pbx.store.db import Store
@@ -180,7 +179,7 @@ class MessageWaiting:
         to = request.to_addr
         # RFC 3842 §3: the Request-URI names the account; phones that send
         # SUBSCRIBE to the server's address still name it in To.
-        mailbox = _user(request.uri) or (to.uri.user if to is not None else None)
+        mailbox = uri_user(request.uri) or (to.uri.user if to is not None else None)
         if not mailbox:
             txn.reply(400, "Missing mailbox in Request-URI")
             return
@@ -400,10 +399,3 @@ def _accepts_summary(values: list[str]) -> bool:
             if media in (CONTENT_TYPE, "application/*", "*/*"):
                 return True
     return False
-
-
-def _user(uri: str) -> str | None:
-    """The user part of a Request-URI, if it has one."""
-    with contextlib.suppress(ValueError, IndexError):
-        return parse_uri(uri).user
-    return None

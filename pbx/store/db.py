@@ -11,12 +11,18 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 logger = logging.getLogger(__name__)
+
+
+def iso_time(ts: float) -> str:
+    """A Unix time as the database and the API write times: UTC ISO 8601 to the millisecond."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "registrations": (
