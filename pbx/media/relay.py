@@ -182,7 +182,7 @@ class ReceiveStats:
         "first_seq", "last", "_pair_seq", "_pair_transit", "_sampled", "_expected_before", "_pairs",
     )  # fmt: skip
 
-    def __init__(self, counters: RelayCounters, clock_rate: int = 8000) -> None:
+    def __init__(self, counters: RelayCounters) -> None:
         self.counters = counters  # the side's, whose packets these are
         self.stray = 0  # datagrams in ``counters`` that were not the peer's RTP
         self.ssrc: int | None = None  # of the stream being counted
@@ -190,7 +190,7 @@ class ReceiveStats:
         self.max_seq = 0  # its highest sampled sequence number
         self.cycles = 0  # its sequence number wraps, times 65536
         self.jitter = 0.0  # in s
-        self.tick = 1.0 / clock_rate  # seconds per RTP timestamp unit
+        self.tick = 1.0 / 8000  # seconds per RTP timestamp unit; the side's codec sets it
         self.skip_pt: int | None = None
         self.first_seq = -1  # of the peer's first packet, set by the relay when it learns the source
         self.last = b""  # the peer's last packet, kept by the relay
@@ -583,9 +583,7 @@ class RelaySide(asyncio.DatagramProtocol):
         return True
 
     def _hear(self, data: bytes) -> None:
-        """Hand a received packet to ``on_dtmf`` or ``on_audio``."""
-        if len(data) < _RTP_HEADER:
-            return
+        """Hand a received packet (at least an RTP header long) to ``on_dtmf`` or ``on_audio``."""
         payload_type = data[1] & 0x7F
         if payload_type == self.dtmf_pt:
             on_dtmf = self.on_dtmf
