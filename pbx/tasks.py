@@ -2,14 +2,14 @@
 
 asyncio keeps only weak references to tasks: a service holds its own, logs
 the ones that fail, and at stop lets them finish for a while, then cancels
-the rest.
+the rest. :class:`Shared` runs a load once for everyone who wants it meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -45,3 +45,29 @@ class Background:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Shared:
+    """Loads in progress, by key: one run of the load for every caller awaiting it meanwhile."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Task[Any]] = {}
+
+    async def run[T](self, key: Hashable, start: Callable[[], Awaitable[T]]) -> T:
+        """Run ``start()`` unless a run for ``key`` is in progress, and await its result.
+
+        A caller that is cancelled (its caller hung up) does not cancel the
+        load for the others; the result is theirs to use or to cache.
+        """
+        task = self._running.get(key)
+        if task is None:
+            task = self._running[key] = asyncio.ensure_future(start())
+            task.add_done_callback(lambda t: self._done(key, t))
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: callers that went away must not leave it "never retrieved"

@@ -27,6 +27,7 @@ from functools import partial
 from pbx.media.clock import ClockSubscription, MediaClock
 from pbx.media.prompts import AUDIO_RATE, FRAME_MS, PromptLibrary, PromptNotFound
 from pbx.media.relay import Playback, RelaySide
+from pbx.tasks import Shared
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class MusicOnHold:
         self._joining: dict[RelaySide, object] = {}
         self._library: PromptLibrary | None = None  # the one _music was loaded from
         self._music: dict[tuple[str, str], Music] = {}
-        self._loading: dict[tuple[PromptLibrary, str, str], asyncio.Task[Music]] = {}
+        self._loading = Shared()  # classes being loaded, by (library, class, codec)
 
     async def join(self, moh_class: str, side: RelaySide, codec: str) -> None:
         """Start sending the music of ``moh_class`` to ``side``, from where the class is now.
@@ -101,13 +102,8 @@ class MusicOnHold:
         music = self._music.get((moh_class, codec))
         if music is not None:
             return music
-        key = (library, moh_class, codec)
-        task = self._loading.get(key)
-        if task is None:
-            task = self._loading[key] = asyncio.ensure_future(self._load(library, moh_class, codec))
-            task.add_done_callback(partial(self._loaded, key))
         # A joiner that is cancelled (its caller hung up) leaves the load to the others.
-        return await asyncio.shield(task)
+        return await self._loading.run((library, moh_class, codec), lambda: self._load(library, moh_class, codec))
 
     async def _load(self, library: PromptLibrary, moh_class: str, codec: str) -> Music:
         """Decode every sound file of the class into one loop (warns when there is nothing)."""
@@ -136,12 +132,6 @@ class MusicOnHold:
         seconds = len(music) * FRAME_MS / 1000
         logger.info("music on hold %s loaded for %s: %d files, %.1f s", moh_class, codec, len(names), seconds)
         return music
-
-    def _loaded(self, key: tuple[PromptLibrary, str, str], task: asyncio.Task[Music]) -> None:
-        if self._loading.get(key) is task:
-            del self._loading[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: joiners that went away must not leave it "never retrieved"
 
 
 @dataclass(eq=False, slots=True)

@@ -34,16 +34,17 @@ import time
 import warnings
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from G722 import G722
 
 from pbx.media.codecs import UnsupportedCodec
+from pbx.tasks import Shared
 
 with warnings.catch_warnings():
     # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
@@ -56,7 +57,6 @@ with warnings.catch_warnings():
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Samples = npt.NDArray[np.int16]
 
 FRAME_MS = 20
@@ -237,7 +237,7 @@ class PromptLibrary:
             self._tts_argv = argv + TTS_DEFAULT_ARGS if len(argv) == 1 else argv
         self._frames: OrderedDict[tuple[str, str], tuple[bytes, ...]] = OrderedDict()
         self._frames_size = 0
-        self._loading: dict[Hashable, asyncio.Task[Any]] = {}
+        self._loading = Shared()  # decodes and renderings in progress
 
     # -- names -------------------------------------------------------------
 
@@ -315,7 +315,7 @@ class PromptLibrary:
         if cached is not None:
             self._frames.move_to_end(key)
             return cached
-        frames: tuple[bytes, ...] = await self._shared(("frames", *key), lambda: self._load(part, codec, rate))
+        frames: tuple[bytes, ...] = await self._loading.run(("frames", *key), lambda: self._load(part, codec, rate))
         return frames
 
     async def file_frames(self, path: Path, codec_name: str) -> tuple[bytes, ...]:
@@ -361,27 +361,6 @@ class PromptLibrary:
             _, dropped = self._frames.popitem(last=False)
             self._frames_size -= len(dropped) * FRAME_BYTES
 
-    async def _shared(self, key: Hashable, start: Callable[[], Awaitable[T]]) -> T:
-        """Run ``start()`` once for everyone awaiting ``key`` meanwhile.
-
-        A waiter that is cancelled (its caller hung up) does not cancel the
-        load for the others; the result is theirs to use or to cache.
-        """
-        task = self._loading.get(key)
-        if task is None:
-            coro = start()
-            task = asyncio.ensure_future(coro)
-            self._loading[key] = task
-            task.add_done_callback(lambda t: self._loaded(key, t))
-        result: T = await asyncio.shield(task)
-        return result
-
-    def _loaded(self, key: Hashable, task: asyncio.Task[Any]) -> None:
-        if self._loading.get(key) is task:
-            del self._loading[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: waiters that went away must not leave it "never retrieved"
-
     # -- text to speech ----------------------------------------------------
 
     def tts_available(self) -> bool:
@@ -411,7 +390,7 @@ class PromptLibrary:
         if len(text) > TTS_MAX_CHARS:
             raise TtsFailed(f"say: text of {len(text)} characters is longer than {TTS_MAX_CHARS}")
         target = self.tts_cache_path(text)
-        path: Path = await self._shared(("tts", target), lambda: self._render(text, target))
+        path: Path = await self._loading.run(("tts", target), lambda: self._render(text, target))
         return path
 
     async def _render(self, text: str, target: Path) -> Path:
