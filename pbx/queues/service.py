@@ -487,8 +487,8 @@ class QueueService:
         await asyncio.wait(_futures(call.done, call.bridged), return_when=asyncio.FIRST_COMPLETED)
         if call.bridged.done():
             line.remove(entry)
+            self._answered(line, agent, call, wait=None)  # before any await: the call may end meanwhile
             await self._finish_callback(line, entry, "completed", f"by {agent}")
-            self._answered(line, agent, call, wait=None)
             return
         entry.attempts += 1
         reason = call.done.result()
