@@ -367,35 +367,15 @@ class QueueService:
             number = await self._collect_number(audio)
             if number is None or entry.outcome.done():
                 return
-        if any(e.callback and e.number == number for e in line.entries):
+        if _has_callback(line, number):
             logger.info("call %s: %s already has a callback pending in %s", entry.id, number, line.name)
             await audio.play(["callback-already"], interruptible=True)
             return
         entry.outcome.set_result("callback")
         if entry.offering is not None:
             entry.offering.cancel()
-        callback = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=entry.entered, callback=True)
         line.remove(entry)
-        line.add(callback)
-        await self.store.upsert(
-            "callbacks",
-            {
-                "id": callback.id,
-                "queue": line.name,
-                "number": number,
-                "entered": callback.entered,
-                "requested": iso_time(time.time()),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt": 0.0,
-                "call_id": entry.call.id,
-            },
-        )
-        self._today(line).callbacks_requested += 1
-        self.events.emit("callback", queue=line.name, outcome="requested")
-        position = line.position(callback)
-        logger.info("call %s: callback %s to %s requested in queue %s at position %d", entry.id, callback.id, number, line.name, position)
-        self._log(line.name, "callback-request", call_id=entry.id, number=number, callback=callback.id, position=position)
+        await self._new_callback(line, number, entry.entered, entry.call.id)
         await audio.play(["callback-confirm", "goodbye"], interruptible=False)
 
     async def _collect_number(self, audio: CallAudio) -> str | None:
@@ -416,27 +396,35 @@ class QueueService:
         """A callback asked for from outside a call (the API): joins the end of the line."""
         self._sync_lines()
         line = self.lines[queue_name]
-        if any(e.callback and e.number == number for e in line.entries):
+        if _has_callback(line, number):
             raise ValueError(f"{number} already has a callback pending in {queue_name}")
-        entry = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=time.time(), callback=True)
+        return await self._new_callback(line, number, time.time(), None)
+
+    async def _new_callback(self, line: Line, number: str, entered: float, call_id: str | None) -> Entry:
+        """A pending callback to ``number``, placed in ``line`` as if it had
+        joined at ``entered``, before any await: a second request for the
+        same number finds it."""
+        entry = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=entered, callback=True)
+        line.add(entry)
+        self._today(line).callbacks_requested += 1
+        self.events.emit("callback", queue=line.name, outcome="requested")
+        position = line.position(entry)
+        then = f"callback {entry.id} to {number} requested in queue {line.name} at position {position}"
+        self._log(line.name, "callback-request", call_id=call_id, number=number, callback=entry.id, position=position, then=then)
         await self.store.upsert(
             "callbacks",
             {
                 "id": entry.id,
-                "queue": queue_name,
+                "queue": line.name,
                 "number": number,
-                "entered": entry.entered,
-                "requested": iso_time(entry.entered),
+                "entered": entered,
+                "requested": iso_time(time.time()),
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt": 0.0,
-                "call_id": None,
+                "call_id": call_id,
             },
         )
-        line.add(entry)
-        self._today(line).callbacks_requested += 1
-        self.events.emit("callback", queue=queue_name, outcome="requested")
-        self._log(queue_name, "callback-request", number=number, callback=entry.id, position=line.position(entry))
         return entry
 
     async def cancel_callback(self, callback_id: str) -> dict[str, Any]:
@@ -823,6 +811,10 @@ def _apply(member: Member, action: str) -> None:
 
 def _futures(*futures: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
     return list(futures)
+
+
+def _has_callback(line: Line, number: str) -> bool:
+    return any(e.callback and e.number == number for e in line.entries)
 
 
 def _dialable(number: str) -> bool:
