@@ -296,38 +296,29 @@ class QueueService:
                 parts.append("callback-offer")
                 offered = True
                 logger.info("call %s: queue %s offers a callback", entry.id, line.name)
-            key = await self._say(entry, audio, parts) if parts else None
+            key = await self._unless_answered(entry, audio, audio.play(parts, interruptible=True)) if parts else None
             if key is None and not entry.outcome.done():
                 wake_at = min(deadline, announce_at, offer_at if not offered else math.inf)
-                key = await self._key_or_outcome(entry, audio, wake_at - loop.time())
+                key = await self._unless_answered(entry, audio, audio.digit(max(wake_at - loop.time(), 0.0)))
             if entry.outcome.done():
                 break
             if key is not None and offered and key == queue.callback.digit:
                 await self._take_callback(line, entry, queue, audio)
         return entry.outcome.result()
 
-    async def _say(self, entry: Entry, audio: CallAudio, parts: list[str]) -> str | None:
-        """Play an announcement over the music; a key ends it. Stops at once
-        when an agent answers, so no word of it reaches the conversation."""
+    async def _unless_answered(self, entry: Entry, audio: CallAudio, work: Coroutine[Any, Any, str | None]) -> str | None:
+        """The key ``work`` (an announcement, a wait for a key) ends with, or
+        None. An agent answering cancels it and stops what it played at once,
+        so no word of it reaches the conversation."""
         assert entry.outcome is not None
-        playing = asyncio.ensure_future(audio.play(parts, interruptible=True))
+        task = asyncio.ensure_future(work)
         try:
-            await asyncio.wait(_futures(playing, entry.outcome), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(_futures(task, entry.outcome), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not playing.done():
-                playing.cancel()
+            if not task.done():
+                task.cancel()
                 audio.side.stop_playback()
-        return playing.result() if playing.done() and not playing.cancelled() else None
-
-    async def _key_or_outcome(self, entry: Entry, audio: CallAudio, timeout: float) -> str | None:
-        assert entry.outcome is not None
-        key = asyncio.ensure_future(audio.digit(max(timeout, 0.0)))
-        try:
-            await asyncio.wait(_futures(key, entry.outcome), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not key.done():
-                key.cancel()
-        return key.result() if key.done() and not key.cancelled() else None
+        return task.result() if task.done() and not task.cancelled() else None
 
     def _announcement(self, line: Line, entry: Entry, queue: Queue, wait: float | None) -> list[str]:
         parts: list[str] = []
