@@ -308,11 +308,7 @@ class CallService:
         ringing), each with its CDR row; then let the rows and recordings finish."""
         self.drain(0)
         for call in list(self.calls.values()):
-            # A call that still waited for a person was not taken: unavailable.
-            call.hangup_by = "pbx"
-            disposition = _hung_up_disposition(call, "unavailable", "unavailable")
-            self._hang_up_everything(call, ringing_status=503)
-            self._end(call, disposition)
+            self.hang_up(call, ringing_status=503)
         # Let CDR writes and recordings finish; anything still connecting after that is abandoned.
         await self._tasks.close(grace=5)
 
@@ -503,9 +499,7 @@ class CallService:
             return
         call_event(call.id, "routed", flow=flow, destination=destination)
         if destination.kind == "hangup":
-            call.hangup_by = "pbx"
-            call.a.bye()
-            self._end(call, "answered")
+            self.hang_up(call, "answered")
             return
         call.state = CallState.RINGING
         await self._go(call, destination)
@@ -538,9 +532,7 @@ class CallService:
         else:
             assert self.queues is not None
             await call.audio.play([self.queues.feature(call.caller, code)], interruptible=False)
-        call.hangup_by = "pbx"
-        call.a.bye()
-        self._end(call, "answered")
+        self.hang_up(call, "answered")
 
     async def _voicemail(self, call: Call, mailbox: str) -> None:
         """Take a message for ``mailbox``, or (``main``) voicemail by phone; then hang up."""
@@ -554,16 +546,16 @@ class CallService:
             await self.voicemail.main(call.audio, None, own=False)
         else:
             await self.voicemail.deposit(call.audio, mailbox, call.caller)
-        call.hangup_by = "pbx"
-        call.a.bye()
-        self._end(call, "answered" if mailbox == "main" else "voicemail")
+        self.hang_up(call, "answered" if mailbox == "main" else "voicemail")
 
-    def hang_up(self, call: Call, disposition: str | None = None) -> None:
+    def hang_up(self, call: Call, disposition: str | None = None, ringing_status: int = 480) -> None:
         """End ``call`` from the server's side, recording ``disposition`` (by
-        default as a stopping server does: answered, voicemail or unavailable)."""
+        default as a stopping server does: answered or voicemail once someone
+        took it, unavailable while it still waited for a person); a caller
+        still ringing gets ``ringing_status``."""
         call.hangup_by = call.hangup_by or "pbx"
         disposition = disposition or _hung_up_disposition(call, "unavailable", "unavailable")
-        self._hang_up_everything(call, ringing_status=480)
+        self._hang_up_everything(call, ringing_status)
         self._end(call, disposition)
 
     # --- what the admin API asks ---
