@@ -256,11 +256,9 @@ async def _select(
     """A page of ``table``'s rows matching ``where`` and how many match in all."""
 
     def run() -> tuple[list[dict[str, Any]], int]:
-        clause = f" where {where}" if where else ""
-        total = store.db.execute(f"select count(*) from [{table}]{clause}", args).fetchone()[0]
-        cursor = store.db.execute(f"select {columns} from [{table}]{clause} order by {order} limit ? offset ?", [*args, limit, offset])
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()], int(total)
+        rows = store.db.table(table)
+        page = rows.rows_where(where or None, args, order_by=order, select=columns, limit=limit, offset=offset)
+        return list(page), rows.count_where(where or None, args)
 
     result: tuple[list[dict[str, Any]], int] = await store.run(run)
     return result
