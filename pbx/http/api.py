@@ -412,7 +412,7 @@ def _queue_json(pbx: Pbx, name: str) -> dict[str, Any]:
     queue = pbx.config.queues[name]
     states = pbx.queues.agent_states(name)  # also brings the lines up to date with the config
     line = pbx.queues.lines[name]
-    snapshot = next(s for s in pbx.queues.snapshot() if s.name == name)
+    snapshot = pbx.queues.queue_snapshot(line)
     stats = snapshot.stats
     now = time.time()
     return {

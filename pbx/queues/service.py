@@ -739,24 +739,22 @@ class QueueService:
 
     def snapshot(self) -> list[QueueSnapshot]:
         """Each queue now: callers, longest wait, agents by state, pending callbacks, today's stats."""
+        return [self.queue_snapshot(line) for line in self.lines.values()]
+
+    def queue_snapshot(self, line: Line) -> QueueSnapshot:
         now = time.time()
-        result = []
-        for line in self.lines.values():
-            callers = [e for e in line.entries if not e.callback]
-            agents = dict.fromkeys(AGENT_STATES, 0)
-            for member in line.members.values():
-                agents[self._state(member)] += 1
-            result.append(
-                QueueSnapshot(
-                    name=line.name,
-                    callers=len(callers),
-                    longest_wait=max((now - e.entered for e in callers), default=0.0),
-                    agents=agents,
-                    callbacks_pending=len(line.entries) - len(callers),
-                    stats=self._today(line),
-                )
-            )
-        return result
+        callers = [e for e in line.entries if not e.callback]
+        agents = dict.fromkeys(AGENT_STATES, 0)
+        for member in line.members.values():
+            agents[self._state(member)] += 1
+        return QueueSnapshot(
+            name=line.name,
+            callers=len(callers),
+            longest_wait=max((now - e.entered for e in callers), default=0.0),
+            agents=agents,
+            callbacks_pending=len(line.entries) - len(callers),
+            stats=self._today(line),
+        )
 
     # --- plumbing ---
 
