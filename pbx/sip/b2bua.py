@@ -203,7 +203,7 @@ class Call:
     recording: Recording | None = None
     recordings: int = 0  # recordings begun on this call, the API's included
     queued_at: float | None = None  # when the call joined its queue
-    wait: float | None = None  # seconds in the queue until an agent answered or the caller left it
+    wait: float | None = None  # seconds in the (last) queue until an agent answered or the caller left it
     hangup_by: str | None = None  # caller | callee | pbx
     voicemail: str | None = None  # the mailbox the caller is leaving a message in
     # The rung extension's mailbox: where the caller goes on busy or no answer.
@@ -214,6 +214,12 @@ class Call:
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # Resolves when the caller is bridged to someone.
     bridged: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def leave_queue(self, now: float) -> None:
+        """The caller's time in its queue ends: an agent answered, the queue
+        sent it on, or it hung up there. Only the first of these counts."""
+        if self.queued_at is not None and self.wait is None:
+            self.wait = now - self.queued_at
 
 
 class CallService:
@@ -509,11 +515,10 @@ class CallService:
         assert self.queues is not None
         call.state = CallState.QUEUED
         call.queue = queue
-        call.queued_at = time.time()
+        call.queued_at, call.wait = time.time(), None  # a queue's on_timeout may lead to another queue
         call_event(call.id, "queued", queue=queue)
         destination = await self.queues.wait(call, queue)
-        if call.wait is None:
-            call.wait = time.time() - call.queued_at
+        call.leave_queue(time.time())
         if destination is not None and call.state is CallState.QUEUED:
             call_event(call.id, "routed", queue=queue, destination=destination, wait=call.wait)
             call.state = CallState.RINGING
@@ -703,8 +708,7 @@ class CallService:
         call.b = leg
         call.forks = [leg]
         self._legs[leg.key] = (call, leg)
-        if call.state is CallState.QUEUED and call.queued_at is not None:
-            call.wait = time.time() - call.queued_at
+        call.leave_queue(time.time())
         call.state = CallState.ANSWERED
         call.bridged.set_result(None)
         assert call.relay is not None
@@ -1132,8 +1136,7 @@ class CallService:
                     )  # fmt: skip
         if call.recording is not None and self.recorder is not None:
             self._tasks.spawn(self.recorder.end(call.recording))
-        if call.queued_at is not None and call.wait is None:  # left the queue by hanging up, or cut off there
-            call.wait = ended - call.queued_at
+        call.leave_queue(ended)
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
         row = _cdr_row(
             call.id, call.direction, call.caller, call.callee, disposition,
