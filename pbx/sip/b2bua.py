@@ -705,22 +705,27 @@ class CallService:
             leg.bye()
             return False
         leg.events = self._b_events()
+        self._legs[leg.key] = (call, leg)
+        self._bridge(call, leg, answer)
+        return True
+
+    def _bridge(self, call: Call, leg: OutboundLeg, answer: str) -> None:
+        """``call``'s caller now talks to ``leg``: answer the caller if it
+        still rings (with ``answer``), start recording, log it."""
         call.b = leg
         call.forks = [leg]
-        self._legs[leg.key] = (call, leg)
         call.leave_queue(time.time())
         call.state = CallState.ANSWERED
         call.bridged.set_result(None)
         assert call.relay is not None
         call.relay.a.stop_playback()
-        self._record(call)
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(answer)
             call.answered_at = time.time()
             self.events.emit("call_answered", call_id=call.id)
+        self._record(call)
         by = uri_user(leg.dialog.remote_uri)
         call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
-        return True
 
     async def originate(
         self,
@@ -904,24 +909,13 @@ class CallService:
             leg.bye()
             self._fork_failed(leg, 488, None)
             return
-        call.b = leg
-        call.state = CallState.ANSWERED
-        call.bridged.set_result(None)
-        call.answered_at = call.answered_at or time.time()
         if call.ring_timer is not None:
             call.ring_timer.cancel()
         for other in call.forks:
             if other is not leg:
                 other.cancel()
                 self._legs.pop(other.key, None)
-        call.forks = [leg]
-        if not isinstance(call.a, InboundLeg) or call.a.state is LegState.ANSWERED:
-            call.relay.a.stop_playback()  # type: ignore[union-attr]
-        else:
-            call.a.answer(answer)
-            self.events.emit("call_answered", call_id=call.id)
-        self._record(call)
-        call_event(call.id, "answered", by=uri_user(leg.dialog.remote_uri), contact=leg.dialog.remote_target)
+        self._bridge(call, leg, answer)
 
     def _record(self, call: Call) -> None:
         """Start recording a call just bridged when its queue or one of its extensions asks for it."""
