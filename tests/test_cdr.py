@@ -15,7 +15,7 @@ import pytest
 
 from pbx.sip.b2bua import DISPOSITIONS
 from tests.support.phone import Phone
-from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.server import PASSWORDS, Server, queue_settings, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 SOUNDS = REPO / "config" / "sounds"
@@ -40,16 +40,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         ivr={"dir": str(folder / "ivr_flows")},
         sounds={"dir": str(SOUNDS)},
         inbound={IVR: "ivr:main", QUEUE: "queue:support"},
-        queues={
-            "support": {
-                "agents": ["1003"],
-                "strategy": "linear",
-                "ring_timeout": 10,
-                "wrapup": 0,
-                "record": False,
-                "callback": {"enabled": False},
-            }
-        },
+        queues={"support": queue_settings(["1003"], record=False)},
         log_level="INFO",
     )
     yield srv

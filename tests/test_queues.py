@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.audio import rms
 from tests.support.phone import Phone, phones_for
-from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.server import PASSWORDS, Server, queue_settings, start_server
 from tests.support.sipp import SippProcess, start_sipp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,15 +29,7 @@ EXTENSIONS = {**PASSWORDS, "1004": "secret-1004", "1005": "secret-1005", "1006":
 async def queue_server(folder: Path, *, customer_rings: int = 20, **queue: Any) -> Server:
     """A server with queue `support` at 7000; ``queue`` overrides its settings,
     ``customer_rings`` is how long a callback's customer rings (sip.ring_timeout)."""
-    settings: dict[str, Any] = {
-        "agents": ["1001", "1002", "1003"],
-        "strategy": "linear",
-        "ring_timeout": 5,
-        "wrapup": 0,
-        "announce": {"every": 30},
-        "callback": {"enabled": False},
-        **queue,
-    }
+    settings = {**queue_settings(["1001", "1002", "1003"], ring_timeout=5, announce={"every": 30}), **queue}
     return await start_server(
         folder,
         sip={"ring_timeout": customer_rings},

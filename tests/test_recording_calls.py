@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pbx.media.codecs import decode_to_pcm16
 from tests.support.phone import Phone
-from tests.support.server import Server, start_server
+from tests.support.server import Server, queue_settings, start_server
 from tests.support.sipp import SippProcess, start_sipp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,16 +39,7 @@ async def recording_server(folder: Path) -> Server:
         extensions={AGENT[0]: {"name": "Agent", "password": AGENT[1]}},
         inbound={QUEUE: "queue:support"},
         trunks={"carrier": {"host": "127.0.0.2:5060", "inbound_from": ["127.0.0.2/32"]}},
-        queues={
-            "support": {
-                "agents": [AGENT[0]],
-                "strategy": "linear",
-                "ring_timeout": 10,
-                "wrapup": 0,
-                "record": True,
-                "callback": {"enabled": False},
-            }
-        },
+        queues={"support": queue_settings([AGENT[0]], record=True)},
         recording={"stereo": True},
         log_level="INFO",
     )

@@ -22,7 +22,7 @@ import pytest
 from aiosipua import SipResponse
 
 from tests.support.phone import Phone, phones_for
-from tests.support.server import Server, start_server
+from tests.support.server import Server, queue_settings, start_server
 from tests.test_hostile_input import RawUdp, options, raw_udp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,16 +39,7 @@ async def shutdown_server(folder: Path, drain_timeout: int) -> Server:
         sounds={"dir": str(SOUNDS)},
         extensions={ext: {"name": f"User {ext}", "password": pw} for ext, pw in EXTENSIONS.items()},
         inbound={QUEUE: "queue:support"},
-        queues={
-            "support": {
-                "agents": ["1003"],
-                "strategy": "linear",
-                "ring_timeout": 10,
-                "wrapup": 0,
-                "record": True,
-                "callback": {"enabled": False},
-            }
-        },
+        queues={"support": queue_settings(["1003"], record=True)},
         recording={"stereo": True},
         log_level="INFO",
     )

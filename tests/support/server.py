@@ -171,6 +171,12 @@ class Server:
         return self.proc.returncode or 0
 
 
+def queue_settings(agents: list[str], **settings: Any) -> dict[str, Any]:
+    """A queue's settings as the end-to-end tests start from them: agents
+    rung in order for 10 s, no wrap-up, no callback offer; ``settings`` on top."""
+    return {"agents": agents, "strategy": "linear", "ring_timeout": 10, "wrapup": 0, "callback": {"enabled": False}, **settings}
+
+
 async def start_server(
     folder: Path, config: dict[str, Any] | None = None, *, log_level: str = "DEBUG", **overrides: Any
 ) -> Server:
