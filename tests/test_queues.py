@@ -77,10 +77,15 @@ async def hang_up(agent: Phone, call: int, caller: Phone | None = None, caller_c
         await caller.wait_event("call_state", call=caller_call, state="disconnected")
 
 
-async def call_done(server: Server, agent: str, start: int) -> None:
-    """Until the queue has stored ``agent``'s finished call. The store writes
-    queue_log rows in order, so every row logged before it is readable too."""
-    await server.wait_log(rf"queue support: {agent} done with \S+ after", start=start)
+async def calls_done(server: Server, agent: str, count: int) -> None:
+    """Until the queue has stored ``count`` finished calls of ``agent``. The
+    store writes queue_log rows in order, so every row logged before the last
+    of them is readable too. Counted, not looked for after a mark: the line
+    of an earlier call can reach the test after the phones' next events."""
+    start = 0
+    for _ in range(count):
+        line = await server.wait_log(rf"queue support: {agent} done with \S+ after", start=start)
+        start = server.log.index(line, start) + 1
 
 
 def queue_log(server: Server, *events: str) -> list[dict[str, Any]]:
@@ -135,11 +140,10 @@ async def test_callers_wait_with_music_hear_their_position_and_are_answered_in_o
         await register(server, phones, "1001")
         answered_by = []
         for _ in range(3):
-            mark = len(server.log)
             agent_call, user = await take_call(agent)
             answered_by.append(user)
             await hang_up(agent, agent_call)
-            await call_done(server, "1001", mark)
+            await calls_done(server, "1001", len(answered_by))
         assert answered_by == ["+15550001", "1003", "+15550003"]
         for sipp in (first, third):
             result = await sipp.wait(timeout=10)
@@ -197,7 +201,7 @@ async def test_ringall_rings_every_free_agent_and_the_first_to_answer_wins(tmp_p
         for ext in ("1001", "1003"):
             await phones[ext].wait_event("call_state", call=rung[ext]["call"], state="disconnected")
         await hang_up(phones["1002"], rung["1002"]["call"], caller, call)
-        await call_done(server, "1002", 0)
+        await calls_done(server, "1002", 1)
         assert [r["agent"] for r in queue_log(server, "answer")] == ["1002"]
     finally:
         await server.stop()
@@ -242,9 +246,8 @@ async def test_an_agent_on_a_direct_call_is_skipped_and_wrapup_delays_the_next_o
         bob_call, user = await take_call(bob, timeout=10)
         assert user == "1004"
         assert loop.time() - freed >= 2.95
-        mark = len(server.log)
         await hang_up(bob, bob_call, phones["1004"], second)
-        await call_done(server, "1002", mark)
+        await calls_done(server, "1002", 2)
         assert [r["agent"] for r in queue_log(server, "offer")] == ["1002", "1002"]
         await hang_up(alice, ring["call"])
     finally:
@@ -349,9 +352,8 @@ async def test_a_callback_keeps_its_place_and_rings_the_agent_then_the_customer(
 
         agent_call, user = await take_call(agent)
         assert user == "1004"
-        mark = len(server.log)
         await hang_up(agent, agent_call, phones["1004"], later)
-        await call_done(server, "1001", mark)
+        await calls_done(server, "1001", 3)
         events = [r["event"] for r in queue_log(server, "answer", "callback-dial", "callback-complete")]
         assert events == ["answer", "callback-dial", "callback-complete", "answer"]
         assert await server.metric("pbx_callbacks_total", queue="support", outcome="completed") == 1
@@ -410,9 +412,8 @@ async def test_pending_callbacks_survive_a_restart_in_order_and_are_dialed_one_a
             customer_call, _ = await take_call(customer)
             called.append(user)
             assert await server.metric("pbx_callbacks_pending", queue="support") == 3 - len(called)
-            mark = len(server.log)
             await hang_up(agent, agent_call, customer, customer_call)
-            await call_done(server, "1001", mark)
+            await calls_done(server, "1001", len(called))
         assert called == ["1003", "1002", "1004"]
         # One agent: each callback is dialed only after the previous call has ended.
         sequence = [r["event"] for r in queue_log(server, "callback-dial", "complete")]
