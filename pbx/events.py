@@ -7,7 +7,9 @@ never imports prometheus.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -32,3 +34,16 @@ class EventBus:
                 listener(**fields)
             except Exception:
                 logger.exception("listener for %s failed", name)
+
+
+def logfmt(value: object) -> str:
+    """One value of a ``key=value`` log line: floats get one decimal; values
+    with spaces, quotes or ``=`` are double-quoted, so the line splits on spaces."""
+    text = f"{value:.1f}" if isinstance(value, float) else str(value)
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    # JSON string escaping: a Call-ID or caller name from the wire cannot break the line.
+    return json.dumps(text, ensure_ascii=False)
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')

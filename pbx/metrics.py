@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pbx.events import EventBus
+from pbx.security import SECURITY_EVENTS
 
 # Seconds callers wait in a queue: from instant pick-ups to the default 15 min max_wait.
 WAIT_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
@@ -48,6 +49,9 @@ class Metrics:
         self.sip_requests = Counter("pbx_sip_requests", "SIP requests received, by method", ["method"], registry=r)
         self.sip_responses = Counter("pbx_sip_responses", "SIP responses sent, by status code", ["code"], registry=r)
         self.auth_failures = Counter("pbx_auth_failures", "Failed digest authentications", registry=r)
+        self.security_events = Counter("pbx_security_events", "Refusals an attack causes, by kind (pbx.security)", ["event"], registry=r)
+        for kind in SECURITY_EVENTS:
+            self.security_events.labels(kind)
         self.reload_errors = Counter("pbx_config_reload_errors", "Reloads refused because the new config was invalid", registry=r)
         self.ivr_visits = Counter("pbx_ivr_node_visits", "IVR nodes entered, by flow and node", ["flow", "node"], registry=r)
         self.rtp_relayed = Counter("pbx_rtp_packets_relayed", "RTP packets relayed between call legs", registry=r)
@@ -70,6 +74,7 @@ class Metrics:
         events.subscribe("sip_request", self._sip_request)
         events.subscribe("sip_response", lambda code, **_: self.sip_responses.labels(str(code)).inc())
         events.subscribe("auth_failure", lambda **_: self.auth_failures.inc())
+        events.subscribe("security", lambda kind, **_: self.security_events.labels(kind).inc())
         events.subscribe("config_reload_failed", lambda **_: self.reload_errors.inc())
         events.subscribe("ivr_node_visit", lambda flow, node, **_: self.ivr_visits.labels(flow, node).inc())
         events.subscribe("rtp_relayed", lambda packets, **_: self.rtp_relayed.inc(packets))

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import math
-import re
 import socket
 import time
 from collections import Counter
@@ -32,7 +30,7 @@ import aiohttp
 from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, generate_call_id, parse_address
 
 from pbx.config import Config, Destination, Trunk, parse_destination
-from pbx.events import EventBus
+from pbx.events import EventBus, logfmt
 from pbx.ivr.audio import CallAudio
 from pbx.ivr.engine import IvrSession
 from pbx.ivr.schema import Flow as IvrFlow
@@ -102,19 +100,10 @@ def call_event(call_id: str, event: str, **fields: object) -> None:
     on spaces.
     """
     if logger.isEnabledFor(logging.INFO):
-        pairs = "".join(f" {key}={_logfmt(value)}" for key, value in fields.items() if value is not None)
-        logger.info("call=%s event=%s%s", _logfmt(call_id), event, pairs)
+        pairs = "".join(f" {key}={logfmt(value)}" for key, value in fields.items() if value is not None)
+        logger.info("call=%s event=%s%s", logfmt(call_id), event, pairs)
 
 
-def _logfmt(value: object) -> str:
-    text = f"{value:.1f}" if isinstance(value, float) else str(value)
-    if text and not _NEEDS_QUOTES.search(text):
-        return text
-    # JSON string escaping: a Call-ID or caller name from the wire cannot break the line.
-    return json.dumps(text, ensure_ascii=False)
-
-
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')
 
 
 class CallState(enum.Enum):
