@@ -107,7 +107,8 @@ async def test_a_leg_losing_every_tenth_packet_scores_a_lower_mos(server: Server
             *(
                 run_sipp(
                     "uac_pcap", server.sip, service=callee, timeout=20,
-                    extra=["-au", "1001", "-ap", PASSWORDS["1001"], "-set", "duration", str(CALL_MS)],
+                    # SIPp's digest uri is sip:HOST:PORT unless told: the PBX wants the Request-URI.
+                    extra=["-au", "1001", "-ap", PASSWORDS["1001"], "-auth_uri", f"{callee}@{server.sip}", "-set", "duration", str(CALL_MS)],
                 )  # fmt: skip
                 for callee in ("1002", "1003")
             )

@@ -241,6 +241,7 @@ def test_the_summary_body_says_whether_new_messages_wait_and_counts_new_and_old(
         ("86400", 3600),
         ("soon", 3600),
         (" 120 ", 120),
+        ("9" * 5000, 3600),
     ],
 )
 def test_the_subscription_interval_is_clamped_into_one_minute_to_one_hour(asked: str | None, granted: int) -> None:

@@ -1,27 +1,40 @@
 """Digest authentication of SIP requests (RFC 3261 §22, RFC 7616, RFC 8760)
 and blocking of addresses that keep failing it.
 
-Nonces are stateless: a nonce carries the time it was minted and an HMAC that
-binds it to the client's address, so verifying one needs no table of issued
-nonces, survives any request rate and cannot be reused from another address.
+A nonce carries the time it was minted, a serial number and an HMAC that
+binds both to the client's address, so a nonce cannot be forged, nor used
+from another address. What the HMAC cannot tell is whether a nonce was used
+before: a fixed ring of nonce counts indexed by the serial number (as
+Kamailio's auth module keeps its ``nc`` array) remembers the highest ``nc``
+seen for each recent nonce, so captured credentials cannot be replayed. The
+ring's size bounds memory whatever the rate of challenges; a nonce whose slot
+has since been given to a newer one is answered as stale, like an expired one.
+The credentials' ``uri`` must name the Request-URI (:func:`same_uri`), so a
+header written for one request cannot carry another.
 """
 
 from __future__ import annotations
 
+import array
 import base64
 import enum
 import hashlib
 import hmac
+import ipaddress
 import logging
+import re
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
 
 from pbx.events import EventBus
+from pbx.security import security_event
 from pbx.sip.messages import make_response
 from pbx.sip.stack import ServerTransaction
 
@@ -35,6 +48,14 @@ ALGORITHMS: dict[str, str] = {"SHA-256": "sha256", "MD5": "md5"}
 # nonce short on every challenge and every request.
 _NONCE_MAC_BYTES = 16
 
+# Nonces whose nonce count is remembered: the last NONCE_SLOTS minted. At
+# 4 bytes a slot the ring takes 512 KiB; a flood of 5,000 challenges a second
+# needs 26 s to push a nonce out, far longer than a phone takes to answer.
+NONCE_SLOTS = 1 << 17
+# Slot value of a nonce answered without qop: spent. Such credentials (RFC
+# 2069 style) carry no nc to tell one use from the next, so one use it is.
+_SPENT = 0xFFFFFFFF
+
 # Addresses whose recent failures AddressGuard remembers at most; beyond this
 # the address that failed least recently is forgotten first.
 MAX_TRACKED_ADDRESSES = 65536
@@ -45,7 +66,8 @@ class AuthStatus(enum.Enum):
 
     OK = "ok"
     MISSING = "missing"  # no credentials for us: answer with a challenge
-    STALE = "stale"  # right password, expired nonce: challenge with stale=true
+    STALE = "stale"  # right password, nonce expired or forgotten: challenge with stale=true
+    REPLAY = "replay"  # right password, but the nonce count is not new or the uri is not this request's
     FAILED = "failed"  # wrong password, unknown user, foreign nonce or malformed
 
 
@@ -82,10 +104,12 @@ class DigestAuthenticator:
         nonce_ttl: float = 300,
         clock: Callable[[], float] = time.time,
         algorithms: tuple[str, ...] = tuple(ALGORITHMS),
+        nonce_slots: int = NONCE_SLOTS,
     ) -> None:
         """``algorithms`` are the ones offered, in challenge order, and the
         only ones accepted (MD5 first helps clients that read only the first
-        challenge)."""
+        challenge). ``nonce_slots`` is how many of the newest nonces keep
+        their nonce count."""
         unknown = set(algorithms) - set(ALGORITHMS)
         if unknown or not algorithms:
             raise ValueError(f"unsupported digest algorithms: {sorted(unknown) or 'none given'}")
@@ -95,10 +119,14 @@ class DigestAuthenticator:
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
         self._opaque = hmac.new(self._secret, b"opaque", hashlib.sha256).hexdigest()[:16]
+        # Highest nc seen per nonce, at its serial modulo the ring's size;
+        # 0 until the nonce is first used.
+        self._counts = array.array("I", bytes(4 * nonce_slots))
+        self._next_serial = 0
 
     def challenge_headers(self, source_ip: str, *, stale: bool = False) -> list[str]:
         """Values for WWW-Authenticate (or Proxy-Authenticate): one challenge
-        per supported algorithm, the preferred one first."""
+        per supported algorithm, the preferred one first, all with one new nonce."""
         nonce = self._mint_nonce(source_ip)
         headers = []
         for algorithm in self.algorithms:
@@ -123,7 +151,8 @@ class DigestAuthenticator:
     ) -> AuthResult:
         """Check the digest credentials in ``header`` of ``request``, which
         came from ``source_ip``; ``password_for`` gives a user's password, or
-        None for a user that does not exist."""
+        None for a user that does not exist. Credentials that pass use up
+        their nonce count: the same ones again are a replay."""
         candidates = [parse_auth(value, credentials=True) for value in request.headers.get(header)]
         digests = [
             {key.lower(): value for key, value in c.params.items()} for c in candidates if c.scheme.lower() == "digest"
@@ -149,16 +178,19 @@ class DigestAuthenticator:
             return failed(f"algorithm {algorithm!r} is not offered")
         if "opaque" in params and params["opaque"] != self._opaque:
             return failed("wrong opaque")
+        nc: int | None = None
         qop = params.get("qop")
         if qop is not None:
             if qop.lower() != "auth":
                 return failed(f"unsupported qop {qop!r}")
-            nc, cnonce = params.get("nc", ""), params.get("cnonce", "")
-            if len(nc) != 8 or not all(ch in "0123456789abcdefABCDEF" for ch in nc) or not cnonce:
+            nc_hex, cnonce = params.get("nc", ""), params.get("cnonce", "")
+            if len(nc_hex) != 8 or not all(ch in "0123456789abcdefABCDEF" for ch in nc_hex) or not cnonce:
                 return failed("qop=auth without a valid nc and cnonce")
-        minted = self._nonce_time(params["nonce"], source_ip)
+            nc = int(nc_hex, 16)
+        minted = self._nonce_origin(params["nonce"], source_ip)
         if minted is None:
             return failed("nonce not issued to this address")
+        issued_at, serial = minted
 
         password = password_for(username)
         # An unknown user costs the same hashing as a known one, so response
@@ -171,8 +203,24 @@ class DigestAuthenticator:
             return failed("unknown user")
         if not matches:
             return failed("wrong password")
-        if self._clock() - minted > self.nonce_ttl:
+        # The response is right: whatever is wrong from here on, the client
+        # knew the password once, so it gets a challenge, not a 403.
+        if self._clock() - issued_at > self.nonce_ttl:
             return AuthResult(AuthStatus.STALE, username, "nonce expired")
+        if not same_uri(params["uri"], request.uri):
+            return AuthResult(AuthStatus.REPLAY, username, f"digest uri {params['uri']} is not the Request-URI")
+        if not self._next_serial - len(self._counts) < serial < self._next_serial:
+            return AuthResult(AuthStatus.STALE, username, "nonce forgotten: newer ones took its place")
+        slot = serial % len(self._counts)
+        last = self._counts[slot]
+        if nc is None:
+            if last:
+                return AuthResult(AuthStatus.REPLAY, username, "nonce without qop used again")
+            self._counts[slot] = _SPENT
+        else:
+            if nc <= last:
+                return AuthResult(AuthStatus.REPLAY, username, f"nonce count {nc} not above {last}")
+            self._counts[slot] = nc
         return AuthResult(AuthStatus.OK, username)
 
     def _response(self, params: dict[str, str], algorithm: str, method: str, password: str) -> str:
@@ -188,30 +236,85 @@ class DigestAuthenticator:
             return h(f"{ha1}:{params['nonce']}:{params['nc']}:{params['cnonce']}:auth:{ha2}")
         return h(f"{ha1}:{params['nonce']}:{ha2}")
 
-    def _mac(self, ts: int, source_ip: str) -> str:
-        digest = hmac.new(self._secret, f"{ts}:{source_ip}".encode(), hashlib.sha256).digest()
+    def _mac(self, ts: int, serial: int, source_ip: str) -> str:
+        digest = hmac.new(self._secret, f"{ts}:{serial}:{source_ip}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:_NONCE_MAC_BYTES]).rstrip(b"=").decode("ascii")
 
     def _mint_nonce(self, source_ip: str) -> str:
         ts = int(self._clock())
-        return f"{ts:x}.{self._mac(ts, source_ip)}"
+        serial = self._next_serial
+        self._next_serial += 1
+        self._counts[serial % len(self._counts)] = 0
+        return f"{ts:x}.{serial:x}.{self._mac(ts, serial, source_ip)}"
 
-    def _nonce_time(self, nonce: str, source_ip: str) -> int | None:
-        """When ``nonce`` was minted, or None unless we minted it for ``source_ip``."""
-        ts_hex, _, mac = nonce.partition(".")
+    def _nonce_origin(self, nonce: str, source_ip: str) -> tuple[int, int] | None:
+        """When ``nonce`` was minted and its serial number, or None unless
+        we minted it for ``source_ip``."""
+        ts_hex, serial_hex, mac = (nonce.split(".", 2) + ["", ""])[:3]
+        # Bounded lengths keep int() cheap on whatever a client sends.
+        if not (0 < len(ts_hex) <= 16 and 0 < len(serial_hex) <= 16):
+            return None
         try:
-            ts = int(ts_hex, 16)
+            ts, serial = int(ts_hex, 16), int(serial_hex, 16)
         except ValueError:
             return None
-        if not hmac.compare_digest(mac.encode("utf-8", "replace"), self._mac(ts, source_ip).encode()):
+        if not hmac.compare_digest(mac.encode("utf-8", "replace"), self._mac(ts, serial, source_ip).encode()):
             return None
-        return ts
+        return ts, serial
+
+
+_SIP_URI = re.compile(r"(sips?):(?:([^@]*)@)?(\[[0-9A-Fa-f:.]+\]|[^;?:@\[\]]+)(?::([0-9]{1,5}))?(?:[;?].*)?", re.I | re.S)
+
+
+def same_uri(digest_uri: str, request_uri: str) -> bool:
+    """Whether the credentials' ``uri`` names the Request-URI (RFC 7616 §3.4.6,
+    RFC 3261 §22.4): SIP and SIPS URIs compare by scheme, user (unescaped,
+    case-sensitive), host (case-insensitive) and port, a missing port being
+    the scheme's default; URI parameters and headers do not count, since
+    routing reads none of them. Other URIs must be the same text."""
+    return _uri_key(digest_uri) == _uri_key(request_uri)
+
+
+def _uri_key(uri: str) -> tuple[str, str, str, int] | str:
+    text = uri.strip()
+    match = _SIP_URI.fullmatch(text)
+    if match is None:
+        return text
+    scheme, user, host, port = match.groups()
+    scheme = scheme.lower()
+    host = host.lower()
+    if host.startswith("["):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            return text
+    return scheme, unquote(user or ""), host, int(port) if port else (5061 if scheme == "sips" else 5060)
+
+
+def ban_key(ip: str) -> str:
+    """What a ban covers: an IPv4 address, or the /64 an IPv6 address is in
+    (one subscriber's prefix, RFC 6177: a host may take any address in it)."""
+    if ":" not in ip:
+        return ip
+    # inet_pton rather than ipaddress: every packet asks while a ban is on,
+    # and this is some thirty times faster.
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return ip
+    if packed.startswith(_IPV4_MAPPED):
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_IPV4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 class AddressGuard:
     """Bans an address for ``ban_seconds`` after ``max_failures`` failed
     authentications within ``window`` seconds, so passwords cannot be
-    guessed at line rate."""
+    guessed at line rate. IPv6 addresses count and are banned per /64
+    (:func:`ban_key`); each ban is announced as a ``ban`` security event."""
 
     def __init__(
         self,
@@ -220,14 +323,16 @@ class AddressGuard:
         window: float = 60,
         ban_seconds: float = 600,
         clock: Callable[[], float] = time.monotonic,
+        events: EventBus | None = None,
     ) -> None:
         self.max_failures = max_failures
         self.window = window
         self.ban_seconds = ban_seconds
         self._clock = clock
-        # Both dicts are kept in time order (an address is moved to the end
-        # when it fails again; every ban lasts as long), so pruning only ever
-        # looks at the front.
+        self._events = events
+        # Both dicts are keyed by ban_key and kept in time order (a key is
+        # moved to the end when it fails again; every ban lasts as long), so
+        # pruning only ever looks at the front.
         self._failures: dict[str, deque[float]] = {}
         self._bans: dict[str, float] = {}
 
@@ -235,51 +340,80 @@ class AddressGuard:
         """Count a failed authentication from ``ip``; True when it causes a ban."""
         now = self._clock()
         self._prune(now)
-        if ip in self._bans:
+        key = ban_key(ip)
+        if key in self._bans:
             return False
-        times = self._failures.pop(ip, None) or deque(maxlen=self.max_failures)
+        times = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
         times.append(now)
         while times[0] <= now - self.window:
             times.popleft()
         if len(times) < self.max_failures:
-            self._failures[ip] = times
+            self._failures[key] = times
             if len(self._failures) > MAX_TRACKED_ADDRESSES:
                 del self._failures[next(iter(self._failures))]
             return False
-        self._bans[ip] = now + self.ban_seconds
+        self._bans[key] = now + self.ban_seconds
         logger.warning(
             "blocking %s for %g s after %d failed authentications in %g s",
-            ip,
+            key,
             self.ban_seconds,
             self.max_failures,
             self.window,
         )
+        if self._events is not None:
+            network = {"network": key} if key != ip else {}
+            security_event(self._events, "ban", ip, **network, seconds=self.ban_seconds)
         return True
 
     def is_banned(self, ip: str) -> bool:
-        """True while ``ip`` is banned."""
+        """True while ``ip`` (its /64, for IPv6) is banned."""
+        if not self._bans:  # every packet asks: keep the usual answer cheap
+            return False
         self._prune(self._clock())
-        return ip in self._bans
+        return ban_key(ip) in self._bans
 
     def banned(self) -> dict[str, float]:
-        """Banned addresses and the seconds left on each ban."""
+        """Banned addresses and IPv6 /64 networks, and the seconds left on each ban."""
         now = self._clock()
         self._prune(now)
-        return {ip: until - now for ip, until in self._bans.items()}
+        return {key: until - now for key, until in self._bans.items()}
 
     def _prune(self, now: float) -> None:
         """Lift expired bans and forget failures older than the window."""
         while self._bans:
-            ip, until = next(iter(self._bans.items()))
+            key, until = next(iter(self._bans.items()))
             if until > now:
                 break
-            del self._bans[ip]
-            logger.info("unblocking %s: ban expired", ip)
+            del self._bans[key]
+            logger.info("unblocking %s: ban expired", key)
         while self._failures:
-            ip, times = next(iter(self._failures.items()))
+            key, times = next(iter(self._failures.items()))
             if times[-1] > now - self.window:
                 break
-            del self._failures[ip]
+            del self._failures[key]
+
+
+def report_refusal(
+    result: AuthResult,
+    ip: str,
+    method: str,
+    *,
+    guard: AddressGuard,
+    events: EventBus,
+    extension: str | None = None,
+) -> None:
+    """Announce credentials that were refused (``FAILED`` or ``REPLAY``) and
+    count them against the address. A wrong password is ``auth_failure``
+    (also the ``auth_failure`` domain event behind pbx_auth_failures_total),
+    reused credentials are ``replay``: a phone never sends those, since a
+    retransmission is answered by its transaction before it gets here."""
+    extension = extension or result.username or ""
+    if result.status is AuthStatus.REPLAY:
+        security_event(events, "replay", ip, extension=extension, method=method, reason=result.reason)
+    else:
+        security_event(events, "auth_failure", ip, extension=extension, method=method, reason=result.reason)
+        events.emit("auth_failure", ip=ip, extension=extension)
+    guard.record_failure(ip)
 
 
 def authenticate_request(
@@ -293,21 +427,21 @@ def authenticate_request(
     passwords: Callable[[str], str | None],
 ) -> str | None:
     """The extension a request other than REGISTER (INVITE, SUBSCRIBE) comes
-    from, by digest; None once it has been answered: 401 with a challenge, or
-    403 for wrong credentials, which count against the address (``guard``)
-    and are announced as ``auth_failure``."""
+    from, by digest; None once it has been answered: 401 with a challenge
+    (stale=true when the password was right but the nonce is expired or
+    reused), or 403 for wrong credentials. Wrong and replayed credentials
+    count against the address (``guard``) and are security events."""
     result = authenticator.verify(request, ip, passwords)
     if result.ok:
         return result.username
+    if result.status in (AuthStatus.FAILED, AuthStatus.REPLAY):
+        report_refusal(result, ip, request.method, guard=guard, events=events)
     if result.status is AuthStatus.FAILED:
-        logger.warning("%s from %s: authentication failed (%s)", request.method, ip, result.reason)
-        events.emit("auth_failure", ip=ip, extension=result.username or "")
-        guard.record_failure(ip)
         txn.reply(403)
         return None
     response = make_response(request, 401, to_tag=txn.to_tag)
-    for challenge in authenticator.challenge_headers(ip, stale=result.status is AuthStatus.STALE):
+    stale = result.status in (AuthStatus.STALE, AuthStatus.REPLAY)
+    for challenge in authenticator.challenge_headers(ip, stale=stale):
         response.headers.append("WWW-Authenticate", challenge)
     txn.respond(response)
     return None
-

@@ -63,7 +63,8 @@ def granted_expires(value: str | None) -> int:
     value = value.strip()
     if not (value.isascii() and value.isdigit()):
         return DEFAULT_EXPIRES
-    seconds = int(value)
+    # Python refuses int() of over 4,300 digits; anything past ten is past the clamp anyway.
+    seconds = int(value) if len(value) <= 10 else MAX_EXPIRES
     return 0 if seconds == 0 else max(MIN_EXPIRES, min(seconds, MAX_EXPIRES))
 
 
@@ -311,7 +312,7 @@ class MessageWaiting:
                 "NOTIFY",
                 via_host=self._stack.advertised_host,
                 via_port=self._stack.local_port(flow.transport),
-                via_transport="TCP" if flow.transport.reliable else "UDP",
+                via_transport=flow.name.upper(),
             )
             if final:
                 state = "terminated;reason=timeout"

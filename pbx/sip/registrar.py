@@ -17,13 +17,17 @@ from typing import Any
 from aiosipua import SipRequest, SipResponse, parse_params
 
 from pbx.events import EventBus
-from pbx.sip.auth import AddressGuard, AuthStatus, DigestAuthenticator
+from pbx.sip.auth import AddressGuard, AuthResult, AuthStatus, DigestAuthenticator, report_refusal
 from pbx.sip.messages import make_response
 from pbx.store.db import Store
 
 logger = logging.getLogger(__name__)
 
 TABLE = "registrations"
+
+# Digits an Expires value may have: 2**32-1 (RFC 3261 §25's delta-seconds
+# bound) has ten; a longer one is an attack on the parser, not a duration.
+_MAX_EXPIRES_DIGITS = 10
 
 
 @dataclass
@@ -46,9 +50,11 @@ class _BadRequest(Exception):
 class Registrar:
     """Answers REGISTER requests and knows where each extension can be reached.
 
-    ``passwords`` gives an extension's password, or None for an unknown one.
-    Events: ``registrations_changed(count)`` after every change to the set of
-    bindings, ``auth_failure(ip, extension)`` after every refused REGISTER.
+    ``passwords`` gives an extension's password, or None for an unknown one;
+    ``max_contacts`` how many bindings it may have at once. Events:
+    ``registrations_changed(count)`` after every change to the set of
+    bindings, ``auth_failure(ip, extension)`` after every REGISTER refused for
+    its credentials, and the ``auth_failure`` and ``replay`` security events.
     ``on_bound(binding)`` is called for each binding a REGISTER added or
     refreshed, once it is stored and before the 200 OK goes out: it must
     not block (message-waiting indication schedules a NOTIFY from it).
@@ -67,8 +73,10 @@ class Registrar:
         default_expires: int = 3600,
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 5,
+        max_contacts: Callable[[str], int] = lambda extension: 10,
     ) -> None:
         self.passwords = passwords
+        self.max_contacts = max_contacts
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = default_expires
@@ -139,7 +147,15 @@ class Registrar:
         return len(gone)
 
     async def handle_register(self, request: SipRequest, source: tuple[str, int], transport: str) -> SipResponse:
-        """Answer a REGISTER that arrived from ``source`` over ``transport``."""
+        """Answer a REGISTER that arrived from ``source`` over ``transport``;
+        a failure of our own is a 500, never a REGISTER left unanswered."""
+        try:
+            return await self._handle_register(request, source, transport)
+        except Exception:
+            logger.exception("REGISTER from %s:%d failed", *source[:2])
+            return make_response(request, 500)
+
+    async def _handle_register(self, request: SipRequest, source: tuple[str, int], transport: str) -> SipResponse:
         ip = source[0]
         to = request.to_addr
         extension = to.uri.user if to is not None else None
@@ -151,17 +167,21 @@ class Registrar:
         # Unknown extensions are challenged like known ones and only fail on
         # the credentials, so the answers do not reveal which ones exist.
         result = self._auth.verify(request, ip, self.passwords)
-        if result.status in (AuthStatus.MISSING, AuthStatus.STALE):
+        if result.ok and result.username != extension:
+            result = AuthResult(AuthStatus.FAILED, result.username, f"authenticated as {result.username}")
+        if result.status in (AuthStatus.FAILED, AuthStatus.REPLAY):
+            report_refusal(result, ip, "REGISTER", guard=self._guard, events=self._events, extension=extension)
+        if result.status is AuthStatus.FAILED:
+            return make_response(request, 403)
+        if not result.ok:
+            # A replayed REGISTER (a foreign Contact, or `Contact: *` to wipe
+            # the phone's bindings) changes nothing: like a stale nonce, it
+            # gets a fresh challenge that only the password can answer.
             response = make_response(request, 401)
-            for challenge in self._auth.challenge_headers(ip, stale=result.status is AuthStatus.STALE):
+            stale = result.status is not AuthStatus.MISSING
+            for challenge in self._auth.challenge_headers(ip, stale=stale):
                 response.headers.append("WWW-Authenticate", challenge)
             return response
-        if result.status is AuthStatus.FAILED or result.username != extension:
-            reason = result.reason or f"authenticated as {result.username}"
-            logger.info("REGISTER for %s from %s refused: %s", extension, ip, reason)
-            self._events.emit("auth_failure", ip=ip, extension=extension)
-            self._guard.record_failure(ip)
-            return make_response(request, 403)
 
         try:
             changes = self._requested_changes(request)
@@ -169,6 +189,13 @@ class Registrar:
             return make_response(request, 400, str(exc))
         if any(0 < expires < self.min_expires for _, expires in changes):
             return make_response(request, 423, headers={"Min-Expires": str(self.min_expires)})
+        limit = self.max_contacts(extension)
+        if self._would_exceed(extension, changes, limit):
+            # Refused whole, as Kamailio's registrar does: evicting the oldest
+            # binding instead (Asterisk's remove_existing) would let whoever
+            # registers most often push the extension's own phones out.
+            logger.warning("REGISTER for %s from %s refused: more than %d contacts", extension, ip, limit)
+            return make_response(request, 503, "Too many registered contacts")
 
         now = self._clock()
         touched = []
@@ -208,6 +235,21 @@ class Registrar:
             remaining = max(0, math.ceil(binding.expires_at - now))
             response.headers.append("Contact", f"<{binding.contact}>;expires={remaining}")
         return response
+
+    def _would_exceed(self, extension: str, changes: list[tuple[str, int]], limit: int) -> bool:
+        """Whether applying ``changes`` adds a contact and leaves the extension
+        with more than ``limit`` bindings. Refreshing bindings that exist is
+        always allowed, so a limit lowered by a reload strands no phone."""
+        current = {b.contact for b in self.contacts(extension)}
+        after = set(current)
+        for contact, expires in changes:
+            if contact == "*":
+                after.clear()
+            elif expires == 0:
+                after.discard(contact)
+            else:
+                after.add(contact)
+        return len(after) > limit and not after <= current
 
     def _requested_changes(self, request: SipRequest) -> list[tuple[str, int]]:
         """(contact URI or "*", requested expires) for each Contact of the
@@ -286,11 +328,16 @@ def _split_contact(value: str) -> tuple[str, dict[str, str | None]]:
 
 def _expires(value: str | None) -> int | None:
     """An Expires value in seconds; None when absent. Malformed values count
-    as 3600 (RFC 3261 §20.19)."""
+    as 3600 (RFC 3261 §20.19); digits past 2**32-1 are a bad request."""
     if value is None:
         return None
     value = value.strip()
-    return int(value) if value.isascii() and value.isdigit() else 3600
+    if not (value.isascii() and value.isdigit()):
+        return 3600
+    digits = value.lstrip("0") or "0"
+    if len(digits) > _MAX_EXPIRES_DIGITS or int(digits) > 2**32 - 1:
+        raise _BadRequest("Bad Expires")
+    return int(digits)
 
 
 def _to_row(binding: Binding) -> dict[str, Any]:
