@@ -129,14 +129,14 @@ async def test_pool_allocates_even_ports_in_range_until_exhausted() -> None:
     assert pool.in_use == 0
 
 
-async def test_pool_rotates_instead_of_reusing_a_just_closed_port() -> None:
+async def test_pool_does_not_hand_back_a_just_closed_port() -> None:
     low, high = free_range(3)
     pool = RtpPortPool(HOST, low, high)
     first = await pool.open(asyncio.DatagramProtocol, asyncio.DatagramProtocol)
     first.close()
     await asyncio.sleep(0)
     second = await pool.open(asyncio.DatagramProtocol, asyncio.DatagramProtocol)
-    assert second.port == first.port + 2
+    assert second.port != first.port
     second.close()
 
 
@@ -242,6 +242,7 @@ async def test_telephone_event_payload_type_is_mapped(relay: RtpRelay, peers: tu
 async def test_replies_go_to_the_source_the_peer_actually_sends_from(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
     a, b_sdp = peers
     b_nat = await open_peer()  # the same phone as seen through a NAT
+    b_other = await open_peer()
     try:
         relay.a.set_remote(a.addr, PCMU, None)
         relay.b.set_remote(b_sdp.addr, PCMU, None)
@@ -255,8 +256,8 @@ async def test_replies_go_to_the_source_the_peer_actually_sends_from(relay: RtpR
         assert RtpPacket.parse((await b_nat.recv())[0]).sequence_number == 2
         assert await b_sdp.nothing()
 
-        # Once learnt, the source is the only one allowed to speak for B.
-        b_sdp.send(rtp(0, seq=99), relay.b.port)
+        # Latched once: no other source may speak for B now.
+        b_other.send(rtp(0, seq=99), relay.b.port)
         assert await a.nothing()
         assert relay.stats()["b_to_a"]["dropped"] == 1
 
@@ -264,8 +265,17 @@ async def test_replies_go_to_the_source_the_peer_actually_sends_from(relay: RtpR
         relay.b.set_remote(b_sdp.addr, PCMU, None)
         a.send(rtp(0, seq=3), relay.a.port)
         assert RtpPacket.parse((await b_nat.recv())[0]).sequence_number == 3
+
+        # The address the SDP named always speaks for B, and once it has, it alone.
+        b_sdp.send(rtp(0, seq=100), relay.b.port)
+        assert RtpPacket.parse((await a.recv())[0]).sequence_number == 100
+        a.send(rtp(0, seq=4), relay.a.port)
+        assert RtpPacket.parse((await b_sdp.recv())[0]).sequence_number == 4
+        b_nat.send(rtp(0, seq=101), relay.b.port)
+        assert await a.nothing()
     finally:
         b_nat.transport.close()
+        b_other.transport.close()
 
 
 async def test_new_sdp_address_starts_learning_again(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:

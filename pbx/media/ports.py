@@ -1,9 +1,11 @@
 """UDP port pairs for RTP (even port) and RTCP (the odd port above it).
 
 Ports are claimed by binding them: there is no probe-then-close step that
-another process could race. A cursor walks the configured range so a port
-that was just released is not handed out again at once, which keeps stray
-packets of an ended call from reaching the next one.
+another process could race. They are picked at random within the configured
+range (from the OS's random source), as Asterisk and rtpengine do, so the
+port of the next call cannot be guessed from the last one's. Recently released
+ports are handed out last, which keeps stray packets of an ended call from
+reaching the next one.
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
+
+# Random picks tried before walking the whole range: with a range mostly free
+# one or two do; the walk still finds the last free pair or proves there is none.
+_RANDOM_TRIES = 8
+# At most this many recently released ports are kept back (and at most half
+# the range, so a small range still has fresh ports to give).
+_RECENT_MAX = 256
 
 
 class RtpPortsExhausted(OSError):
@@ -60,8 +70,11 @@ class RtpPortPool:
         self._ports = range(first, port_max, 2)
         self._port_min = port_min
         self._port_max = port_max
-        self._cursor = 0
         self._in_use: set[int] = set()
+        self._random = random.SystemRandom()
+        # Released ports, oldest first, handed out only when no other is free.
+        self._recent: dict[int, None] = {}
+        self._recent_max = min(len(self._ports) // 2, _RECENT_MAX)
 
     @property
     def in_use(self) -> int:
@@ -76,18 +89,18 @@ class RtpPortPool:
     async def open[R: asyncio.DatagramProtocol, C: asyncio.DatagramProtocol](
         self, rtp_factory: Callable[[], R], rtcp_factory: Callable[[], C]
     ) -> RtpSocketPair[R, C]:
-        """Bind the next free even port and the one above it.
+        """Bind a free even port, picked at random, and the one above it.
 
         Ports bound by other processes are skipped. Raises RtpPortsExhausted
         when no pair in the range can be bound; other bind errors (an address
         this host does not have, say) propagate.
         """
         loop = asyncio.get_running_loop()
-        for _ in range(len(self._ports)):
-            port = self._ports[self._cursor]
-            self._cursor = (self._cursor + 1) % len(self._ports)
-            if port in self._in_use:
+        tried: set[int] = set()
+        for port in self._candidates():
+            if port in self._in_use or port in tried:
                 continue
+            tried.add(port)
             # Claimed before the first await so a concurrent open() skips it.
             self._in_use.add(port)
             try:
@@ -109,10 +122,36 @@ class RtpPortPool:
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 continue
+            self._recent.pop(port, None)
             return RtpSocketPair(port, rtp_transport, rtp_protocol, rtcp_transport, rtcp_protocol, self)
         logger.warning("RTP port range %d-%d exhausted (%d pairs open here)", self._port_min, self._port_max, len(self._in_use))
         raise RtpPortsExhausted(self._port_min, self._port_max)
 
     def release(self, port: int) -> None:
-        """Mark ``port`` free again; RtpSocketPair.close() calls this."""
+        """Mark ``port`` free again; RtpSocketPair.close() calls this.
+
+        It joins the recently released ports, which ``open`` hands out last.
+        """
         self._in_use.discard(port)
+        if self._recent_max:
+            self._recent[port] = None
+            if len(self._recent) > self._recent_max:
+                del self._recent[next(iter(self._recent))]
+
+    def _candidates(self) -> Iterator[int]:
+        """Ports to try, in order: a few random ones, then the whole range from a
+        random start, recently released ports left for last in both."""
+        ports = self._ports
+        count = len(ports)
+        recent = self._recent
+        for _ in range(_RANDOM_TRIES):
+            port = ports[self._random.randrange(count)]
+            if port not in recent:
+                yield port
+        start = self._random.randrange(count)
+        for index in range(count):
+            port = ports[(start + index) % count]
+            if port not in recent:
+                yield port
+        # A copy: release() may change the dict while open() awaits a bind.
+        yield from list(recent)

@@ -7,11 +7,28 @@ side's socket towards the other side's peer. Nothing is parsed into objects
 sent on as the very ``bytes`` object received; one that does (a different
 telephone-event number, PCMU <-> PCMA) is copied once and patched in place.
 
-Symmetric RTP (Asterisk's ``rtp_symmetric``/comedia): the first packet from a
-side's peer pins the address we send to that peer, whatever its SDP said, so
-phones behind NAT get audio back. After that, packets from other sources on
-that socket are dropped, so a stranger cannot inject audio into the call.
-A new SDP address from ``set_remote`` starts the learning again.
+Media belongs to the call (Asterisk's ``strictrtp``, rtpengine's
+``strict-source``): a side takes packets only from its peer. Until its SDP
+is known (``set_remote``) a side takes nothing and the other side sends it
+nothing. Then the peer is the address its SDP named: a packet from there
+becomes the side's ``source`` for good. A phone behind NAT sends from another
+address than its SDP says, so until the SDP address has spoken, the first
+RTP packet that comes from the peer's signalling IP (the source of its SIP
+messages) or its SDP IP and carries a negotiated payload type latches the
+source once; after that only the SDP address itself can still take over.
+One such packet is enough: Asterisk asks for a few in sequence (its
+``probation``) because it latches onto any host, but here a stranger on
+another host can never latch, and one on the peer's own host could send a
+sequence as easily as one packet; waiting would only cut the start of the
+call's audio. RTCP follows the same rules on the odd port, latching from the
+RTP source's, the SDP's or the signalling IP. Everything else is a
+stranger's: dropped, counted in ``side.strangers`` and reported as the
+``rtp_stranger`` security event, at most once per stranger IP per side and
+once every few seconds per side, so a spray cannot flood the log. (Packets
+that reach a side before its peer is known are dropped without a report: the
+callee's answer may still be on its way.) A new SDP address from
+``set_remote`` starts the learning again under the same rules. The accepted
+path pays one address comparison for all this.
 
 The server can also talk to a side itself (IVR prompts, music on hold, later
 queues) without a re-INVITE, since the peer's SDP already points at the side's
@@ -47,9 +64,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from pbx.events import EventBus
 from pbx.media.clock import ClockSubscription, MediaClock
 from pbx.media.codecs import Codec, transcoding_table
 from pbx.media.ports import RtpPortPool, RtpSocketPair
+from pbx.security import security_event
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +91,8 @@ _MAX_TRANSIT_STEP = 2.0
 _now = time.monotonic
 # RFC 4733 §3.2 event codes 0-15: the DTMF keys.
 _DTMF_KEYS = "0123456789*#ABCD"
+# A side reports strangers at most this often (seconds), each IP only once.
+_STRANGER_REPORT_INTERVAL = 5.0
 # One struct per payload size: a whole packet (version byte, marker and
 # payload type, sequence, timestamp, SSRC, payload) in one pack_into call.
 _PACKETS: dict[int, struct.Struct] = {}
@@ -295,6 +316,12 @@ class RelaySide(asyncio.DatagramProtocol):
         self.remote: Address | None = None  # the peer's last SDP address, holds aside
         self.held = False  # SDP said 0.0.0.0 or port 0: send the peer nothing
         self.source: Address | None = None  # where the peer's RTP actually comes from
+        self.signalling_ip: str | None = None  # where the peer's SIP comes from: its RTP may too
+        self.events: EventBus | None = None  # where strangers are reported; set by RtpRelay
+        self.strangers = 0  # packets (RTP and RTCP) dropped because a stranger sent them
+        self._remote_ip: str | None = None  # of ``remote``, written as the kernel reports sources
+        self._reported: set[str] = set()  # stranger IPs already reported
+        self._report_after = 0.0  # no stranger report before this time
         self.dest: Address | None = None  # where RTP for the peer goes, None: nowhere
         self.rules: PayloadRules = {}  # for packets received here
         self.counters = RelayCounters()
@@ -303,6 +330,9 @@ class RelaySide(asyncio.DatagramProtocol):
         self.on_dtmf: Callable[[str], None] | None = None
         # (payload, payload type) of every other RTP packet the peer sends us.
         self.on_audio: Callable[[bytes, int], None] | None = None
+        # SRTP (pbx.media.srtp): decrypts a packet from the peer, None when it
+        # is not authentic; that side's transports also encrypt on send.
+        self.unprotect: Callable[[bytes], bytes | None] | None = None
         self.played = 0  # frames of our own sent to the peer
         self.closed = False  # set by RtpRelay.close()
         self._media_clock = media_clock
@@ -322,17 +352,23 @@ class RelaySide(asyncio.DatagramProtocol):
         self._packer = _packet_struct(160)
         self._samples = 160  # RTP clock units per frame: 20 ms at 8000 Hz
 
-    def set_remote(self, addr: Address, codec: Codec, dtmf_pt: int | None) -> None:
+    def set_remote(self, addr: Address, codec: Codec, dtmf_pt: int | None, signalling_ip: str | None = None) -> None:
         """Record the peer's SDP: its RTP address, chosen codec and DTMF payload type.
 
         Call again on every re-INVITE. An unspecified address (``0.0.0.0``,
         ``::``) or port 0 puts the peer on hold: nothing is sent to it until a
         real address comes back. A different address forgets the learnt source.
+        ``signalling_ip``, the source address of the peer's SIP messages, is
+        where a peer behind NAT may send RTP from instead of its SDP address;
+        without it only the SDP's IP may.
         """
         host, port = addr
         self.held = port == 0 or host in ("0.0.0.0", "::")
+        if signalling_ip is not None:
+            self.signalling_ip = _ip_text(signalling_ip)
         if not self.held and addr != self.remote:
             self.remote = addr
+            self._remote_ip = _ip_text(host)
             self.source = None
             self.rtcp.source = None
         self.codec = codec
@@ -372,15 +408,16 @@ class RelaySide(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self.unprotect is not None:
+            # Before anything else: a packet that fails SRTP authentication latches nothing.
+            plain = self.unprotect(data)
+            if plain is None:
+                self.counters.dropped += 1
+                self.stats.stray += 1
+                return
+            data = plain
         counters = self.counters
-        source = self.source
-        if source is None:
-            if self.remote is not None:
-                self.source = addr
-                self._update_dest()
-            if self.stats.first_seq < 0 and len(data) >= _RTP_HEADER:
-                self.stats.first_seq = data[2] << 8 | data[3]
-        elif addr != source:
+        if addr != self.source and not self._admit(data, addr):
             counters.dropped += 1
             self.stats.stray += 1
             return
@@ -425,6 +462,49 @@ class RelaySide(asyncio.DatagramProtocol):
                     counters.transcoded += 1
             counters.relayed += 1
             counters.bytes += len(data)
+
+    def _admit(self, data: bytes, addr: Address) -> bool:
+        """Whether RTP from ``addr``, which is not the side's source, is the
+        peer's; if so ``addr`` becomes the source (the module docstring has the rules)."""
+        remote = self.remote
+        if remote is None:
+            return False  # no peer yet, so no stranger either: the peer's answer may be on its way
+        host = _source_ip(addr)
+        if not (host == self._remote_ip and addr[1] == remote[1]):
+            if (
+                self.source is not None
+                or (host != self._remote_ip and host != self.signalling_ip)
+                or len(data) < _RTP_HEADER
+                or data[0] & 0xC0 != 0x80
+                or not self._negotiated(data[1] & 0x7F)
+            ):
+                self.report_stranger(addr, "rtp")
+                return False
+            logger.debug("relay side %s port %d: peer's RTP comes from %s, not %s", self.name, self.port, addr, remote)
+        self.source = addr
+        self._update_dest()
+        if self.stats.first_seq < 0 and len(data) >= _RTP_HEADER:
+            self.stats.first_seq = data[2] << 8 | data[3]
+        return True
+
+    def _negotiated(self, payload_type: int) -> bool:
+        codec = self.codec
+        return (codec is not None and payload_type == codec.payload_type) or payload_type == self.dtmf_pt
+
+    def report_stranger(self, addr: Address, stream: str) -> None:
+        """Count a packet a stranger sent to this side's ``stream`` ("rtp", "rtcp")
+        and report it as a security event, unless reported lately (module docstring)."""
+        self.strangers += 1
+        events = self.events
+        if events is None:
+            return
+        host = _source_ip(addr)
+        now = _now()
+        if now < self._report_after or host in self._reported:
+            return
+        self._report_after = now + _STRANGER_REPORT_INTERVAL
+        self._reported.add(host)
+        security_event(events, "rtp_stranger", host, port=addr[1], side=self.name, local_port=self.port, stream=stream)
 
     def error_received(self, exc: Exception) -> None:
         # sendto() failures (unreachable peer, ICMP errors) land here; a lost
@@ -610,21 +690,47 @@ class _RtcpForwarder(asyncio.DatagramProtocol):
         self.side = side
         self.transport: asyncio.DatagramTransport  # set by connection_made
         self.source: Address | None = None
+        self.unprotect: Callable[[bytes], bytes | None] | None = None  # SRTCP, as RelaySide.unprotect
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.DatagramTransport)
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if self.source is None:
-            if self.side.remote is not None:
-                self.source = addr
-        elif addr != self.source:
+        if self.unprotect is not None:
+            plain = self.unprotect(data)
+            if plain is None:
+                return
+            data = plain
+        if addr != self.source and not self._admit(data, addr):
             return
         other = self.side.other
         dest = other.rtcp_dest()
         if dest is not None:
             other.rtcp.transport.sendto(data, dest)
+
+    def _admit(self, data: bytes, addr: Address) -> bool:
+        """Whether RTCP from ``addr``, which is not the latched source, is the
+        peer's: from the SDP's RTP port + 1 always, else once from the IP the
+        peer's RTP comes from, its SDP's or its signalling IP; then it is the source."""
+        side = self.side
+        remote = side.remote
+        if remote is None:
+            return False  # no peer yet (see RelaySide._admit)
+        host = _source_ip(addr)
+        if not (host == side._remote_ip and addr[1] == remote[1] + 1):
+            rtp_source = side.source
+            if (
+                self.source is not None
+                or (host != side._remote_ip and host != side.signalling_ip and (rtp_source is None or host != _source_ip(rtp_source)))
+                or len(data) < 8
+                or data[0] & 0xC0 != 0x80
+                or not 200 <= data[1] <= 207  # SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR
+            ):
+                side.report_stranger(addr, "rtcp")
+                return False
+        self.source = addr
+        return True
 
     def error_received(self, exc: Exception) -> None:
         logger.debug("relay side %s RTCP: %s", self.side.name, exc)
@@ -633,23 +739,26 @@ class _RtcpForwarder(asyncio.DatagramProtocol):
 class RtpRelay:
     """Relays the media of one bridged call between side ``a`` and side ``b``."""
 
-    def __init__(self, media_clock: MediaClock | None = None) -> None:
+    def __init__(self, media_clock: MediaClock | None = None, events: EventBus | None = None) -> None:
         """Use ``await RtpRelay.create(pool)``, which also binds the sockets."""
         self.a = RelaySide("a", media_clock)
         self.b = RelaySide("b", media_clock)
+        self.a.events = self.b.events = events
         self.a.other = self.b
         self.b.other = self.a
         self._pairs: list[RtpSocketPair[RelaySide, _RtcpForwarder]] = []
 
     @classmethod
-    async def create(cls, pool: RtpPortPool, clock: MediaClock | None = None) -> RtpRelay:
+    async def create(cls, pool: RtpPortPool, clock: MediaClock | None = None, events: EventBus | None = None) -> RtpRelay:
         """Bind a socket pair per side from ``pool``.
 
         ``clock`` (the process's one media clock) lets the sides ``play()``;
-        a relay without one only relays. Raises what the pool raises
-        (RtpPortsExhausted, an OSError) and then holds no port.
+        a relay without one only relays. Packets from strangers are reported
+        on ``events`` as ``rtp_stranger`` security events, when given.
+        Raises what the pool raises (RtpPortsExhausted, an OSError) and then
+        holds no port.
         """
-        relay = cls(clock)
+        relay = cls(clock, events)
         try:
             await relay._bind(relay.a, pool)
             await relay._bind(relay.b, pool)
@@ -743,6 +852,24 @@ def _payload_rules(source: RelaySide, target: RelaySide) -> PayloadRules:
     if source.dtmf_pt is not None and target.dtmf_pt is not None and source.dtmf_pt != target.dtmf_pt:
         rules[source.dtmf_pt] = (target.dtmf_pt, None)
     return rules
+
+
+def _ip_text(host: str) -> str:
+    """``host`` written as the kernel reports a datagram's source: IPv6
+    compressed, IPv4 without a ``::ffff:`` prefix; a host name unchanged."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _source_ip(addr: Address) -> str:
+    """The IP of a datagram's source; an IPv4 peer of a dual-stack socket without its ``::ffff:``."""
+    host = addr[0]
+    return host[7:] if host.startswith("::ffff:") else host
 
 
 def _is_ip(host: str) -> bool:
