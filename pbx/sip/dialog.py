@@ -105,7 +105,7 @@ class Leg:
             method,
             via_host=self.stack.advertised_host,
             via_port=self.stack.local_port(self.flow.transport),
-            via_transport="TCP" if self.flow.transport.reliable else "UDP",
+            via_transport=self.flow.name.upper(),
         )
         request.headers.set_single("User-Agent", self.stack.user_agent)
         self._stamp(request, body, contact=method == "INVITE")
@@ -154,7 +154,7 @@ class Leg:
             "ACK",
             via_host=self.stack.advertised_host,
             via_port=self.stack.local_port(self.flow.transport),
-            via_transport="TCP" if self.flow.transport.reliable else "UDP",
+            via_transport=self.flow.name.upper(),
         )
         self.dialog.local_cseq -= 1  # ACK does not consume a CSeq number
         ack.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} ACK")
@@ -285,7 +285,10 @@ class OutboundLeg(Leg):
         body: str,
         events: LegEvents,
         auth: SipDigestAuth | None = None,
+        fallback_offer: str | None = None,
     ) -> None:
+        """``fallback_offer``: sent in a new INVITE once if ``body`` gets 488
+        (an SRTP offer to a phone that does no SRTP)."""
         dialog = Dialog(
             call_id=generate_call_id(stack.advertised_host),
             local_tag=generate_tag(),
@@ -296,6 +299,7 @@ class OutboundLeg(Leg):
         )
         super().__init__(stack, flow, dialog, events)
         self.offer = body  # sent again when the INVITE is retried with credentials
+        self.fallback_offer = fallback_offer
         self.from_name = from_name
         self.auth = auth
         self._auth_tries = 0
@@ -353,6 +357,15 @@ class OutboundLeg(Leg):
                 self._auth_tries += 1
                 self._send_invite(credentials)
                 return
+        if status == 488 and self.fallback_offer is not None and not self.ended:
+            # As FreeSWITCH does when optional SRTP is refused: offer again, plainly.
+            logger.info("%s refused our offer (488); offering it again without SRTP", self.dialog.remote_target)
+            self.offer, self.fallback_offer = self.fallback_offer, None
+            self.dialog.remote_tag = ""  # a new INVITE, outside the early dialog the 488 ended
+            self._auth_tries = 0
+            self._provisional_seen = False
+            self._send_invite(None)
+            return
         if not self.ended:
             self._finish()
             self.events.failed(self, status, resp)

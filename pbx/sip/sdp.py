@@ -16,6 +16,7 @@ from aiosipua import SdpNegotiationError, parse_sdp
 STATIC_CODECS: dict[int, tuple[str, int]] = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
 TRANSCODABLE = ("PCMU", "PCMA")
 DTMF_PT = 101
+SECURE_PROFILES = ("RTP/SAVP", "RTP/SAVPF")
 _versions = itertools.count(1)
 
 
@@ -34,6 +35,8 @@ class MediaDescription:
     codecs: tuple[SdpCodec, ...]
     dtmf_pt: int | None
     direction: str
+    secure: bool = False  # RTP/SAVP: SRTP (RFC 3711)
+    cryptos: tuple[str, ...] = ()  # its a=crypto values (RFC 4568), in the sender's order
 
     def codec(self, name: str) -> SdpCodec | None:
         return next((c for c in self.codecs if c.name == name), None)
@@ -70,7 +73,16 @@ def parse_media(body: str, supported: tuple[str, ...]) -> MediaDescription:
     direction = audio.direction
     if addr[0] in ("0.0.0.0", "::") and direction == "sendrecv":
         direction = "sendonly"  # RFC 2543 hold
-    return MediaDescription(addr, tuple(codecs), dtmf_pt, direction)
+    secure = audio.proto.upper() in SECURE_PROFILES
+    cryptos = tuple(audio.attributes.get("crypto", ())) if secure else ()
+    return MediaDescription(addr, tuple(codecs), dtmf_pt, direction, secure, cryptos)
+
+
+def plain_offer(body: str) -> str:
+    """``body`` (one of our SRTP offers) as plain RTP: RTP/AVP and no keys,
+    for a leg whose signalling would carry the keys in the clear."""
+    lines = [line for line in body.split("\r\n") if not line.startswith("a=crypto:")]
+    return "\r\n".join(line.replace(" RTP/SAVP ", " RTP/AVP ", 1) if line.startswith("m=") else line for line in lines)
 
 
 def offer_codecs(peer: MediaDescription, supported: tuple[str, ...]) -> tuple[SdpCodec, ...]:
@@ -110,8 +122,10 @@ def build_sdp(
     dtmf_pt: int | None,
     direction: str = "sendrecv",
     session_id: int | None = None,
+    crypto: str | None = None,
 ) -> str:
-    """An SDP body with one audio stream (RFC 4566)."""
+    """An SDP body with one audio stream (RFC 4566); with ``crypto`` (our
+    ``a=crypto`` value, RFC 4568) the stream is SRTP, RTP/SAVP."""
     sid = session_id if session_id is not None else int(time.time())
     family = "IP6" if ":" in ip else "IP4"
     formats = [str(c.payload_type) for c in codecs] + ([str(dtmf_pt)] if dtmf_pt is not None else [])
@@ -121,8 +135,10 @@ def build_sdp(
         "s=pbx",
         f"c=IN {family} {ip}",
         "t=0 0",
-        f"m=audio {port} RTP/AVP {' '.join(formats)}",
+        f"m=audio {port} {'RTP/SAVP' if crypto else 'RTP/AVP'} {' '.join(formats)}",
     ]
+    if crypto:
+        lines.append(f"a=crypto:{crypto}")
     lines += [f"a=rtpmap:{c.payload_type} {c.name}/{c.clock_rate}" for c in codecs]
     if dtmf_pt is not None:
         lines += [f"a=rtpmap:{dtmf_pt} telephone-event/8000", f"a=fmtp:{dtmf_pt} 0-16"]

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiosipua import (
     SipRequest,
     SipResponse,
     SipTransport,
-    TcpSipTransport,
     UdpSipTransport,
     Via,
     generate_branch,
@@ -32,12 +34,22 @@ from aiosipua.transport import _stamp_via_received
 
 from pbx.events import EventBus
 from pbx.sip.messages import make_response
+from pbx.sip.syntax import check_request_line, request_problem
+from pbx.sip.tcp import BoundedTcp
 
 logger = logging.getLogger(__name__)
 
 T1 = 0.5
 T2 = 4.0
 TIMER_B = 64 * T1
+# RFC 3261 §17.2.1: a 100 (Trying) only when the answer takes longer than this.
+TRYING_DELAY = 0.2
+# One header line (name, colon, value) or Request-URI longer than this gets a
+# 400, or is dropped when it is one a response would copy back. Apache and
+# nginx refuse HTTP header fields past 8 KB; SIP headers are far shorter.
+MAX_HEADER_LINE = 8 * 1024
+# Headers a response copies from its request (RFC 3261 §8.2.6.2).
+_ECHOED_HEADERS = frozenset({"via", "from", "to", "call-id", "cseq"})
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,8 @@ class Flow:
 
     @property
     def name(self) -> str:
-        return "tcp" if self.transport.reliable else "udp"
+        """``udp``, ``tcp`` or ``tls``: as registrations store it and Via and Contact say it."""
+        return transport_kind(self.transport)
 
 
 RequestHandler = Callable[[SipRequest, Flow, "ServerTransaction"], None]
@@ -59,8 +72,17 @@ ResponseHandler = Callable[[SipResponse], None]
 class ServerTransaction:
     """One incoming request and the responses we give it.
 
-    A retransmitted request gets the last response again; a non-2xx final
-    answer to an INVITE is retransmitted over UDP until its ACK arrives.
+    A retransmitted request gets the last response again. An INVITE gets a
+    100 (Trying) only if it is not answered within :data:`TRYING_DELAY`.
+    A non-2xx final answer to an INVITE over UDP is retransmitted until its
+    ACK arrives (Timer G) only when a provisional response went before it and
+    it is no challenge (401, 407): a client that has had no provisional
+    response still retransmits its INVITE (Timer A) and gets the answer again
+    for each copy, so sending once loses nothing, and a spoofed source cannot
+    draw eleven copies of a response out of one datagram. This is Kamailio's
+    behaviour too: it challenges and refuses statelessly, once per request.
+    A non-INVITE request unanswered after 64*T1, when its client has given
+    up, gets a 500 and its transaction ends.
     """
 
     def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, key: tuple[str, str]) -> None:
@@ -71,7 +93,32 @@ class ServerTransaction:
         self.last_response: SipResponse | None = None
         self.to_tag: str | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.TimerHandle | None = None  # the delayed 100, or the unanswered guard
+        self._provisional_sent = False
         self._terminated = False
+
+    def start(self) -> None:
+        """Arm the delayed 100 (Trying) of an INVITE, or the guard that ends
+        a non-INVITE transaction its handler never answered."""
+        loop = asyncio.get_running_loop()
+        if self.request.method.upper() == "INVITE":
+            self._pending = loop.call_later(TRYING_DELAY, self._trying)
+        else:
+            self._pending = loop.call_later(TIMER_B, self._unanswered)
+
+    def _trying(self) -> None:
+        if self.last_response is None:
+            self.reply(100)
+
+    def _unanswered(self) -> None:
+        logger.error("no answer to %s from %s:%d after %.0f s: 500", self.request.method, *self.flow.addr, TIMER_B)
+        self.fail()
+        self.terminate()
+
+    def fail(self) -> None:
+        """Its handler failed: end the transaction with a 500 unless a final answer went out."""
+        if not self._terminated and not self.final:
+            self.reply(500)
 
     @property
     def final(self) -> bool:
@@ -83,12 +130,24 @@ class ServerTransaction:
         self.last_response = response
         self.stack.send_response(response, self.flow)
         if response.status_code < 200:
+            self._provisional_sent = True
             return
-        if self.request.method == "INVITE" and response.status_code >= 300 and not self.flow.transport.reliable:
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._timer_g(response.status_code):
             self._retransmit(T1, 0.0)
         else:
             # Linger to absorb retransmissions of the request (Timer J / H).
             self._schedule_end(TIMER_B if not self.flow.transport.reliable else 1.0)
+
+    def _timer_g(self, status: int) -> bool:
+        return (
+            self.request.method == "INVITE"
+            and status >= 300
+            and status not in (401, 407)
+            and self._provisional_sent
+            and not self.flow.transport.reliable
+        )
 
     def reply(self, status: int, reason: str | None = None, **kwargs: object) -> SipResponse:
         """Build a response to this request, send it and return it."""
@@ -122,8 +181,9 @@ class ServerTransaction:
             self.stack.send_response(self.last_response, self.flow)
 
     def terminate(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._pending):
+            if handle is not None:
+                handle.cancel()
         self._terminated = True
         self.stack._server.pop(self.key, None)
 
@@ -225,10 +285,22 @@ class SipStack:
     transports: list[SipTransport] = field(default_factory=list)
     _server: dict[tuple[str, str], ServerTransaction] = field(default_factory=dict)
     _client: dict[tuple[str, str], ClientTransaction] = field(default_factory=dict)
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def listen(self, transport_name: str, host: str, port: int) -> SipTransport:
-        cls = _Tcp if transport_name == "tcp" else _Udp
-        transport = cls(local_addr=(host, port))
+    async def listen(
+        self, transport_name: str, host: str, port: int, *, server_ssl: ssl.SSLContext | None = None, client_ssl: ssl.SSLContext | None = None
+    ) -> SipTransport:
+        """Start a transport; ``tls`` needs ``server_ssl`` (our certificate) and
+        may take ``client_ssl`` (how trunks' certificates are verified)."""
+        transport: SipTransport
+        if transport_name == "tls":
+            from pbx.sip.tls import TlsSipTransport, client_context  # it builds on _Tcp below
+
+            transport = TlsSipTransport(local_addr=(host, port), server_ssl=server_ssl, client_ssl=client_ssl or client_context())
+        else:
+            transport = (_Tcp if transport_name == "tcp" else _Udp)(local_addr=(host, port))
+        if isinstance(transport, BoundedTcp):
+            transport.events = self.events
         transport.on_message = lambda msg, addr, t=transport: self._received(msg, Flow(t, addr))
         await transport.start()
         if port == 0:
@@ -237,17 +309,51 @@ class SipStack:
         logger.info("listening on %s:%s:%d", transport_name, host, transport.local_addr[1])
         return transport
 
+    def spawn(self, txn: ServerTransaction, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Handle ``txn``'s request in the background: if ``work`` raises,
+        the transaction ends with a 500 instead of waiting forever."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._handlers.add(task)
+        task.add_done_callback(lambda done: self._handled(done, txn))
+        return task
+
+    def _handled(self, task: asyncio.Task[None], txn: ServerTransaction) -> None:
+        self._handlers.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("handling %s from %s:%d failed", txn.request.method, *txn.flow.addr, exc_info=task.exception())
+        txn.fail()
+
     async def close(self) -> None:
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         for transport in self.transports:
             await transport.stop()
         self.transports.clear()
 
     def transport(self, name: str) -> SipTransport:
-        """The first listening transport of that kind ("udp" or "tcp")."""
+        """The first listening transport of that kind ("udp", "tcp" or "tls")."""
         for transport in self.transports:
-            if (name == "tcp") == transport.reliable:
+            if transport_kind(transport) == name:
                 return transport
         raise LookupError(f"no {name} transport is listening")
+
+    async def flow_to(self, host: str, port: int, transport: str) -> Flow:
+        """A flow to ``host:port`` (a trunk) over ``udp`` or ``tls``; for TLS a
+        connection is opened (certificate checked against ``host``) unless one
+        is up. Raises LookupError (no such transport listens), OSError
+        (no address, refused, bad certificate) or TimeoutError."""
+        sock_type = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=sock_type)
+        addr = (str(infos[0][4][0]), int(infos[0][4][1]))
+        sip_transport = self.transport(transport)
+        if transport == "tls":
+            from pbx.sip.tls import TlsSipTransport
+
+            assert isinstance(sip_transport, TlsSipTransport)
+            await sip_transport.ensure_connection(addr, host)
+        return Flow(sip_transport, addr)
 
     def local_port(self, transport: SipTransport) -> int:
         return transport.local_addr[1]
@@ -256,7 +362,7 @@ class SipStack:
 
     def new_via(self, flow: Flow) -> str:
         via = Via(
-            transport="TCP" if flow.transport.reliable else "UDP",
+            transport=flow.name.upper(),
             host=self.advertised_host,
             port=self.local_port(flow.transport),
             params={"branch": generate_branch(), "rport": None},
@@ -265,7 +371,7 @@ class SipStack:
 
     def contact_uri(self, flow: Flow, user: str | None = None) -> str:
         userpart = f"{user}@" if user else ""
-        params = ";transport=tcp" if flow.transport.reliable else ""
+        params = f";transport={flow.name}" if flow.transport.reliable else ""
         return f"sip:{userpart}{self.advertised_host}:{self.local_port(flow.transport)}{params}"
 
     def send_request(self, request: SipRequest, flow: Flow) -> None:
@@ -297,16 +403,22 @@ class SipStack:
         if self.is_blocked(flow.addr[0]):
             return
         if isinstance(msg, SipResponse):
-            self._response_received(msg)
+            if _oversized_header(msg) is None:
+                self._response_received(msg)
+            else:
+                logger.warning("dropped a %d response from %s:%d: header over %d bytes", msg.status_code, *flow.addr, MAX_HEADER_LINE)
         else:
             self._request_received(msg, flow)
 
     def _response_received(self, response: SipResponse) -> None:
         vias = response.headers.get("via")
-        cseq = response.cseq
+        try:
+            cseq = response.cseq
+            branch = parse_via(vias[0]).branch or "" if vias else ""
+        except (ValueError, IndexError):
+            return  # a malformed Via or CSeq: no transaction of ours sent it (RFC 3261 §18.1.2)
         if not vias or cseq is None:
             return
-        branch = parse_via(vias[0]).branch or ""
         txn = self._client.get((branch, cseq.method.upper()))
         if txn is not None:
             txn.received(response)
@@ -316,6 +428,20 @@ class SipStack:
 
     def _request_received(self, request: SipRequest, flow: Flow) -> None:
         self.events.emit("sip_request", method=request.method.upper())
+        oversized = _oversized_header(request)
+        if oversized is not None:
+            echoed = oversized.lower() in _ECHOED_HEADERS
+            logger.warning(
+                "%s %s from %s:%d: %s over %d bytes",
+                "dropped" if echoed else "400 to",
+                request.method,
+                *flow.addr,
+                oversized,
+                MAX_HEADER_LINE,
+            )
+            if not echoed and _via_valid(request):
+                self.send_response(make_response(request, 400, "Header Too Long"), flow)
+            return
         missing = missing_required_headers(request)
         if missing or not _cseq_valid(request) or not _via_valid(request):
             logger.warning(
@@ -327,7 +453,14 @@ class SipStack:
             if "via" not in missing:
                 self.send_response(make_response(request, 400, "Missing or malformed header"), flow)
             return
-        branch = parse_via(request.headers.get("via")[0]).branch or ""
+        problem = request_problem(request, reliable=flow.transport.reliable)
+        if problem is not None:
+            status, reason, headers = problem
+            logger.warning("%d %s to %s from %s:%d", status, reason, request.method, *flow.addr)
+            if request.method.upper() != "ACK":  # an ACK is never answered
+                self.send_response(make_response(request, status, reason, headers=headers), flow)
+            return
+        branch = transaction_branch(request)
         method = request.method.upper()
         if method == "ACK":
             invite = self._server.get((branch, "INVITE"))
@@ -343,13 +476,28 @@ class SipStack:
                 return
             txn = ServerTransaction(self, request, flow, key)
             self._server[key] = txn
-            if method == "INVITE":
-                txn.reply(100)
-        if self.on_request is not None:
+            txn.start()
+        if self.on_request is None:
+            return
+        try:
             self.on_request(request, flow, txn)
+        except Exception:
+            logger.exception("handling %s from %s:%d failed", method, *flow.addr)
+            txn.fail()
 
     def server_transaction(self, branch: str, method: str) -> ServerTransaction | None:
+        """The transaction of ``method`` whose request had ``branch`` (a
+        :func:`transaction_branch`), if it is still alive."""
         return self._server.get((branch, method))
+
+
+def transaction_branch(request: SipRequest) -> str:
+    """What identifies a request's server transaction besides its method: the
+    top Via's branch and sent-by (RFC 3261 §17.2.3). Two clients that pick the
+    same branch (the RFC 4475 messages share one) are different transactions,
+    and a CANCEL from one cannot end the other's INVITE."""
+    via = parse_via(request.headers.get("via")[0])
+    return f"{via.branch or ''} {via.host.lower()}:{via.port or ''}"
 
 
 class _NoTransaction(ServerTransaction):
@@ -368,6 +516,7 @@ class _QuietDispatch(SipTransport):
         if not data.strip(b"\r\n"):
             return
         try:
+            check_request_line(data)
             msg = SipMessage.parse(data)
         except (ValueError, IndexError, UnicodeError) as exc:
             logger.warning("dropped an unparsable message from %s:%d: %s", addr[0], addr[1], exc)
@@ -382,8 +531,15 @@ class _Udp(_QuietDispatch, UdpSipTransport):
     pass
 
 
-class _Tcp(_QuietDispatch, TcpSipTransport):
-    pass
+class _Tcp(_QuietDispatch, BoundedTcp):
+    """SIP over TCP within the limits of :mod:`pbx.sip.tcp`; TLS subclasses it."""
+
+
+def transport_kind(transport: SipTransport) -> str:
+    """``tls`` for the TLS transport (it says so), else ``tcp`` or ``udp``."""
+    if getattr(transport, "secure", False):
+        return "tls"
+    return "tcp" if transport.reliable else "udp"
 
 
 def _cseq_valid(request: SipRequest) -> bool:
@@ -392,6 +548,16 @@ def _cseq_valid(request: SipRequest) -> bool:
     except (ValueError, IndexError):
         return False
     return cseq is not None and cseq.method.upper() == request.method.upper() and 0 <= cseq.seq < 2**31
+
+
+def _oversized_header(msg: SipRequest | SipResponse) -> str | None:
+    """The name of a header line (or "Request-URI") longer than :data:`MAX_HEADER_LINE`."""
+    if isinstance(msg, SipRequest) and len(msg.uri) > MAX_HEADER_LINE:
+        return "Request-URI"
+    for name, values in msg.headers.items():
+        if any(len(name) + 2 + len(value) > MAX_HEADER_LINE for value in values):
+            return name
+    return None
 
 
 def _via_valid(request: SipRequest) -> bool:
@@ -405,6 +571,6 @@ def _via_valid(request: SipRequest) -> bool:
 def _bound_port(transport: SipTransport) -> int:
     if isinstance(transport, UdpSipTransport) and transport._udp_transport is not None:
         return int(transport._udp_transport.get_extra_info("sockname")[1])
-    if isinstance(transport, TcpSipTransport) and transport._server is not None:
+    if isinstance(transport, BoundedTcp) and transport._server is not None:
         return int(transport._server.sockets[0].getsockname()[1])
     raise RuntimeError("transport is not bound")

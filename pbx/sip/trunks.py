@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 from aiosipua import SipDigestAuth, SipRequest, SipResponse, generate_call_id, generate_tag, parse_auth, stringify_auth
 from aiosipua.auth import build_credentials
@@ -38,6 +37,12 @@ class TrunkRegistration:
         self.cseq = 0
         self.state = "unregistered"
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def registrar_uri(self) -> str:
+        """The REGISTER's Request-URI (and digest uri): the trunk's host, with its transport unless UDP."""
+        params = f";transport={self.trunk.transport}" if self.trunk.transport != "udp" else ""
+        return f"sip:{self.trunk.host}:{self.trunk.port}{params}"
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -74,13 +79,12 @@ class TrunkRegistration:
 
     async def _register_once(self) -> int | None:
         """One REGISTER exchange; the granted interval on success."""
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.trunk.host, self.trunk.port, type=socket.SOCK_DGRAM)
-        flow = Flow(self.stack.transport("udp"), (str(infos[0][4][0]), int(infos[0][4][1])))
+        # Over TLS this opens (or reuses) the connection; a refused one or a bad certificate is an OSError.
+        flow = await self.stack.flow_to(self.trunk.host, self.trunk.port, self.trunk.transport)
         response = await self._send(flow, None)
         if response.status_code in (401, 407):
             header = "WWW-Authenticate" if response.status_code == 401 else "Proxy-Authenticate"
-            uri = f"sip:{self.trunk.host}:{self.trunk.port}"
+            uri = self.registrar_uri
             for raw in response.headers.get(header):
                 creds = build_credentials(self.auth, parse_auth(raw), "REGISTER", uri)
                 if creds is not None:
@@ -94,7 +98,7 @@ class TrunkRegistration:
 
     async def _send(self, flow: Flow, credentials: tuple[str, str] | None) -> SipResponse:
         self.cseq += 1
-        request = SipRequest(method="REGISTER", uri=f"sip:{self.trunk.host}:{self.trunk.port}")
+        request = SipRequest(method="REGISTER", uri=self.registrar_uri)
         request.headers.append("Via", self.stack.new_via(flow))
         request.headers.set_single("From", f"<{self.aor}>;tag={self.tag}")
         request.headers.set_single("To", f"<{self.aor}>")

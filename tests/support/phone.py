@@ -18,10 +18,11 @@ Event shapes (every event also has ``"event": <kind>``):
 * ``incoming {call, from, to}``
 * ``call_state {call, state, code, reason}``; ``state`` is one of ``calling``,
   ``incoming``, ``early``, ``connecting``, ``confirmed``, ``disconnected``
-* ``media {call, active, dir, status, codec}``; ``dir`` is ``sendrecv``,
+* ``media {call, active, dir, status, codec, srtp}``; ``dir`` is ``sendrecv``,
   ``sendonly``, ``recvonly`` or ``inactive``; ``status`` is ``active``,
   ``local_hold``, ``remote_hold``, ``none`` or ``error``; ``codec`` is the
-  negotiated encoding name (``"PCMU"``, ``"PCMA"``) or None
+  negotiated encoding name (``"PCMU"``, ``"PCMA"``) or None; ``srtp`` is
+  True when the stream is RTP/SAVP
 * ``dtmf {call, digit}``
 * ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
   for each message-summary NOTIFY (RFC 3842), in a subscription
@@ -91,10 +92,17 @@ class Phone:
         codecs: Sequence[str] = ("PCMU", "PCMA"),
         name: str = "phone",
         log_level: int = 1,
+        srtp: str = "off",
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> Phone:
         """Spawn a phone and wait until its SIP transport is bound.
 
-        ``transport`` is ``"udp"`` or ``"tcp"``; ``codecs`` lists the only
+        ``transport`` is ``"udp"``, ``"tcp"`` or ``"tls"`` (``tls_cert`` and
+        ``tls_key``: the certificate it shows when called over TLS);
+        ``srtp`` is ``"off"``, ``"optional"`` or ``"mandatory"`` (SDES
+        keys, sent only over TLS unless the transport is plain on purpose);
+        ``codecs`` lists the only
         codecs to enable, most preferred first (e.g. ``"PCMU"`` or
         ``"PCMA/8000"``); ``name`` is the user part of :attr:`uri` and labels
         the phone's log lines; ``log_level`` is pjsua2's (0-6), logged at debug
@@ -111,6 +119,9 @@ class Phone:
             ",".join(codecs),
             "--log-level",
             str(log_level),
+            "--srtp",
+            srtp,
+            *(("--tls-cert", str(tls_cert), "--tls-key", str(tls_key)) if tls_cert and tls_key else ()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -127,7 +138,7 @@ class Phone:
     @property
     def uri(self) -> str:
         """URI that reaches this phone directly, without a server."""
-        params = ";transport=tcp" if self.transport == "tcp" else ""
+        params = f";transport={self.transport}" if self.transport != "udp" else ""
         return f"sip:{self.name}@127.0.0.1:{self.sip_port}{params}"
 
     # -- registration --------------------------------------------------------

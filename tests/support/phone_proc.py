@@ -6,6 +6,10 @@ driver). It is started by path::
 
     python tests/support/phone_proc.py --name alice --transport udp --codecs PCMU,PCMA
 
+With ``--transport tls`` SIP runs over TLS (``--tls-cert``/``--tls-key``
+give the certificate it shows when it is the one called); ``--srtp
+optional|mandatory`` offers and takes SRTP with SDES keys (RFC 4568).
+
 Protocol (one JSON object per line):
 
 * Commands on stdin: ``{"id": 7, "cmd": "call", "args": {"uri": "sip:..."}}``.
@@ -19,9 +23,10 @@ Protocol (one JSON object per line):
   - ``call_state {call, state, code, reason}`` with ``state`` one of
     ``calling``, ``incoming``, ``early``, ``connecting``, ``confirmed``,
     ``disconnected``,
-  - ``media {call, active, dir, status, codec}`` with ``dir`` one of
-    ``sendrecv``, ``sendonly``, ``recvonly``, ``inactive``, and ``codec`` the
-    negotiated encoding name (e.g. ``PCMU``) or null without a stream,
+  - ``media {call, active, dir, status, codec, srtp}`` with ``dir`` one of
+    ``sendrecv``, ``sendonly``, ``recvonly``, ``inactive``, ``codec`` the
+    negotiated encoding name (e.g. ``PCMU``) or null without a stream, and
+    ``srtp`` whether the stream is RTP/SAVP,
   - ``dtmf {call, digit}``,
   - ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
     for every message-summary NOTIFY (RFC 3842): ``in_dialog`` tells a
@@ -242,13 +247,15 @@ class PhoneCall(pj.Call):
         for media in info.media:
             if media.type == pj.PJMEDIA_TYPE_AUDIO:
                 has_stream = media.status not in (pj.PJSUA_CALL_MEDIA_NONE, pj.PJSUA_CALL_MEDIA_ERROR)
+                stream = self.getStreamInfo(media.index) if has_stream else None
                 self.phone.channel.emit(
                     "media",
                     call=self.handle,
                     active=media.status == pj.PJSUA_CALL_MEDIA_ACTIVE,
                     dir=MEDIA_DIRECTIONS.get(media.dir, str(media.dir)),
                     status=MEDIA_STATUSES.get(media.status, str(media.status)),
-                    codec=self.getStreamInfo(media.index).codecName if has_stream else None,
+                    codec=stream.codecName if stream is not None else None,
+                    srtp=stream is not None and bool(stream.proto & pj.PJMEDIA_TP_PROFILE_SRTP),
                 )
                 break
         self.connect_media()
@@ -341,10 +348,22 @@ class Reply:
 class PhoneProcess:
     """The pjsua2 endpoint, its single transport and account, and the command loop."""
 
-    def __init__(self, *, name: str, transport: str, codecs: list[str], log_level: int, channel: Channel) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        transport: str,
+        codecs: list[str],
+        log_level: int,
+        channel: Channel,
+        srtp: str = "off",
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         self.name = name
         self.channel = channel
         self.transport = transport
+        self.srtp = srtp
         self.calls: dict[int, PhoneCall] = {}
         self.recordings: dict[int, Recording] = {}
         self.deferred: list[Deferred] = []
@@ -354,10 +373,13 @@ class PhoneProcess:
         self.ep = pj.Endpoint()
         self.ep.libCreate()
         self.ep.libInit(self._endpoint_config(log_level))
-        transport_type = pj.PJSIP_TRANSPORT_TCP if transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+        transport_type = {"tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}.get(transport, pj.PJSIP_TRANSPORT_UDP)
         transport_config = pj.TransportConfig()
         transport_config.boundAddress = "127.0.0.1"
         transport_config.port = 0
+        if tls_cert is not None and tls_key is not None:
+            transport_config.tlsConfig.certFile = tls_cert
+            transport_config.tlsConfig.privKeyFile = tls_key
         self.transport_id = self.ep.transportCreate(transport_type, transport_config)
         self.sip_port = int(self.ep.transportGetInfo(self.transport_id).localName.rsplit(":", 1)[1])
         self.ep.libStart()
@@ -408,8 +430,12 @@ class PhoneProcess:
         config.sipConfig.transportId = self.transport_id
         config.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
         config.mediaConfig.transportConfig.port = 0
+        if self.srtp != "off":
+            config.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY if self.srtp == "mandatory" else pj.PJMEDIA_SRTP_OPTIONAL
+            # SDES keys only over a secure next hop (TLS), pjsua's default, unless SIP is plain on purpose.
+            config.mediaConfig.srtpSecureSignaling = 1 if self.transport == "tls" else 0
         if server is not None:
-            params = ";transport=tcp" if self.transport == "tcp" else ""
+            params = f";transport={self.transport}" if self.transport != "udp" else ""
             config.regConfig.registrarUri = f"sip:{server}{params}"
             config.sipConfig.proxies.append(f"sip:{server}{params};lr")
         return config
@@ -657,7 +683,10 @@ class PhoneProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="phone", help="user part of the direct SIP URI")
-    parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    parser.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp")
+    parser.add_argument("--srtp", choices=("off", "optional", "mandatory"), default="off")
+    parser.add_argument("--tls-cert", help="PEM certificate the TLS listener shows")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--codecs", default="PCMU,PCMA", help="comma-separated, most preferred first")
     parser.add_argument("--log-level", type=int, default=1, help="pjsua2 log level (0-6) on stderr")
     options = parser.parse_args()
@@ -673,6 +702,9 @@ def main() -> None:
         codecs=[c for c in options.codecs.split(",") if c],
         log_level=options.log_level,
         channel=Channel(sys.stdin.fileno(), protocol_out),
+        srtp=options.srtp,
+        tls_cert=options.tls_cert,
+        tls_key=options.tls_key,
     )
     phone.run()
 
