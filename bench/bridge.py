@@ -299,7 +299,7 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
             service="1002",
             calls=run.calls,
             extra=[
-                "-au", "1001", "-ap", PASSWORDS["1001"],
+                "-au", "1001", "-ap", PASSWORDS["1001"], "-auth_uri", f"1002@{system.sip}",  # digest uri = Request-URI
                 "-set", "duration", str(int(run.duration * 1000)),
                 "-l", str(run.calls), "-r", str(run.rate),
             ],  # fmt: skip
@@ -334,6 +334,8 @@ async def pbx_run(run: Run, work: Path, log_level: str) -> None:
         log_level=log_level,
         rtp={"ip": "127.0.0.1", "ports": RTP_PORTS},
         sip={"auth_algorithms": ["MD5", "SHA-256"]},  # SIPp 3.6 answers only the first challenge, and only MD5
+        # 1001 places every call of the run at once: lift its max_calls (default 4).
+        extensions={"1001": {"name": "User 1001", "password": PASSWORDS["1001"], "max_calls": 1000}},
     )
     try:
         system = System(

@@ -36,11 +36,14 @@ SOUNDS = ("welcome", "invalid", "closed", "enter-account")
 CONFIG = """\
 sounds: {dir: sounds, tts: %s}
 ivr: {dir: flows}
+http: {token: test-token}
 extensions:
   "1001": {name: Alice, password: secret-1001, voicemail: {pin: "1234"}}
   "1002": {name: Bob, password: secret-1002}
 trunks:
   provider: {host: sip.example.net}
+outbound:
+  - {match: "^[+]1555", trunk: provider}
 queues:
   sales: {agents: ["1001"]}
   support: {agents: ["1002"]}
@@ -603,6 +606,7 @@ def test_check_and_serve_report_every_broken_flow_with_file_and_line(tmp_path: P
     config.write_text(
         f"ivr: {{dir: {BROKEN}}}\n"
         "sounds: {dir: sounds, tts: null}\n"
+        "http: {token: test-token}\n"
         "extensions:\n  '1001': {name: Alice, password: long-enough-1001}\n"
         "queues:\n  support: {agents: ['1001']}\n"
     )

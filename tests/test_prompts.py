@@ -45,11 +45,11 @@ CODECS = ("PCMU", "PCMA", "G722")
 SPEECH = [
     "welcome", "menu", "invalid", "goodbye", "please-hold", "closed", "transferring", "enter-account",
     "digits/hundred", "queue-position", "queue-wait", "minute", "minutes", "less-than-a-minute",
-    "callback-offer", "callback-confirm", "callback-enter-number", "callback-already",
+    "callback-offer", "callback-confirm", "callback-enter-number", "callback-already", "callback-not-allowed",
     "agent-logged-in", "agent-logged-out", "agent-paused", "agent-unpaused",
     "vm-greeting", "vm-enter-pin", "vm-invalid-pin", "vm-you-have", "vm-new", "vm-old", "vm-messages",
     "vm-message", "vm-no-messages", "vm-options", "vm-deleted", "vm-saved", "vm-record-greeting",
-    "vm-greeting-saved", "vm-enter-mailbox",
+    "vm-greeting-saved", "vm-enter-mailbox", "vm-locked",
     *[f"digits/{n}" for n in range(20)],
     *[f"digits/{n}" for n in range(20, 100, 10)],
 ]  # fmt: skip

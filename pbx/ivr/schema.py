@@ -23,7 +23,15 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from pbx.config import REFERENCE_KINDS, Config, Destination, mailbox_hint, parse_destination, read_destination
+from pbx.config import (
+    REFERENCE_KINDS,
+    Config,
+    Destination,
+    DestinationReader,
+    mailbox_hint,
+    parse_destination,
+    read_destination,
+)
 from pbx.schedule import Schedule, parse_schedule
 from pbx.yamlfile import (
     ConfigIssue,
@@ -231,7 +239,7 @@ def _check_braces(template: str) -> str | None:
 # --- Reading a flow file ----------------------------------------------------------
 
 
-class _FlowReader(Reader):
+class _FlowReader(DestinationReader):
     """Reads one flow file; destinations are looked up in ``config`` and the flow folder."""
 
     def __init__(
@@ -525,7 +533,7 @@ def _node(r: Reader, node: YamlNode) -> Node:
         flow.opaque.add(node.key)
         raise Invalid(f"{node.name} is missing 'type' (one of {', '.join(NODE_TYPES)})", node.key_line)
     kind = kind_node.value
-    if kind not in _NODE_FIELDS:
+    if not isinstance(kind, str) or kind not in _NODE_FIELDS:  # a list or mapping is unhashable
         flow.opaque.add(node.key)
         close = difflib.get_close_matches(str(kind), NODE_TYPES, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(NODE_TYPES)}"
@@ -639,6 +647,7 @@ def load_flow(
     except Reported:
         values = None
     reader.check_references()
+    reader.check_dialable(config)
     start = root.value.get("start") if isinstance(root.value, dict) else None
     if start is not None and isinstance(start.value, str):
         _check_reachable(reader, start.value)

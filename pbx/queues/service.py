@@ -35,6 +35,7 @@ from pbx.media.moh import MusicOnHold
 from pbx.media.prompts import PromptLibrary, number_parts
 from pbx.sip.b2bua import Call, CallService, Unreachable
 from pbx.sip.registrar import Registrar
+from pbx.sip.routing import DialRefused
 from pbx.sip.messages import uri_user
 from pbx.store.db import Store, iso_time
 from pbx.tasks import Background
@@ -358,6 +359,12 @@ class QueueService:
             number = await self._collect_number(audio)
             if number is None or entry.outcome.done():
                 return
+        try:
+            self.check_callback_number(number, src=_source(entry.call))
+        except DialRefused as exc:
+            logger.info("call %s: no callback to %s from queue %s: %s", entry.id, number, line.name, exc)
+            await audio.play(["callback-not-allowed"], interruptible=True)
+            return  # the caller keeps waiting in line
         if _has_callback(line, number):
             logger.info("call %s: %s already has a callback pending in %s", entry.id, number, line.name)
             await audio.play(["callback-already"], interruptible=True)
@@ -383,10 +390,20 @@ class QueueService:
                 return None
         return digits or None
 
-    async def request_callback(self, queue_name: str, number: str) -> Entry:
-        """A callback asked for from outside a call (the API): joins the end of the line."""
+    def check_callback_number(self, number: str, *, src: str = "-") -> None:
+        """DialRefused (with its security event from ``src``) when ``number`` may
+        not be called back: an extension may, a number only when an outbound
+        rule lets the server itself dial it (a callback is the server's call,
+        whoever asked for it: a caller's ID or digits, or the API)."""
+        if number not in self.config().extensions:
+            self.calls.dialing.outbound_trunk(self._callback_destination(number), None, src=src, now=False)
+
+    async def request_callback(self, queue_name: str, number: str, *, src: str = "-") -> Entry:
+        """A callback asked for from outside a call (the API): joins the end of
+        the line. DialRefused when the number may not be called back."""
         self._sync_lines()
         line = self.lines[queue_name]
+        self.check_callback_number(number, src=src)
         if _has_callback(line, number):
             raise ValueError(f"{number} already has a callback pending in {queue_name}")
         return await self._new_callback(line, number, time.time(), None)
@@ -448,11 +465,17 @@ class QueueService:
 
     async def _dial_callback(self, line: Line, entry: Entry, agent: str, queue: Queue) -> None:
         """Ring the agent, then the customer; a customer who cannot be reached is tried again later."""
+        destination = self._callback_destination(entry.number)
+        refused = self.calls.dialing.refusal(destination) if destination.kind == "external" else None
+        if refused is not None:  # asked for before the rules changed (a reload, or an older version)
+            line.remove(entry)
+            await self._finish_callback(line, entry, "failed", f"unattempted: {refused}")
+            return
         logger.info("queue %s offers callback %s (%s) to %s", line.name, entry.id, entry.number, agent)
         self._log(line.name, "callback-dial", agent=agent, number=entry.number, callback=entry.id, attempt=entry.attempts + 1)
         result = await self.calls.originate(
             agent,
-            self._callback_destination(entry.number),
+            destination,
             caller_id=entry.number,
             timeout=queue.ring_timeout,
             direction="callback",
@@ -493,11 +516,10 @@ class QueueService:
         await self.store.update("callbacks", entry.id, {"status": outcome, "attempts": entry.attempts, "ended": iso_time(time.time())})
 
     def _callback_destination(self, number: str) -> Destination:
-        cfg = self.config()
-        if number in cfg.extensions:
+        """An extension, or a number outside: the outbound rules pick its trunk."""
+        if number in self.config().extensions:
             return Destination("extension", number)
-        trunk = cfg.route_outbound(number)
-        return Destination("external", number, trunk.name if trunk else None)
+        return Destination("external", number)
 
     # --- offering calls to agents ---
 
@@ -530,6 +552,8 @@ class QueueService:
                 continue
             if entry.callback and self.calls.draining:  # the server is stopping: the callback waits for the next start
                 continue
+            if entry.callback and self._trunk_full(entry.number):  # waits for a free line, holding no agent
+                continue
             agents = self._pick(line, queue, entry, free)
             if not agents:
                 continue
@@ -541,6 +565,13 @@ class QueueService:
             else:
                 work = self._offer(line, entry, agents, queue)
             entry.offering = self._tasks.spawn(self._offering(line, entry, agents, work))
+
+    def _trunk_full(self, number: str) -> bool:
+        destination = self._callback_destination(number)
+        if destination.kind != "external":
+            return False
+        refused = self.calls.dialing.refusal(destination)
+        return refused is not None and refused.error == "call-limit"
 
     def _pick(self, line: Line, queue: Queue, entry: Entry, free: list[str]) -> list[str]:
         """The agents to ring for ``entry`` by the queue's strategy."""
@@ -804,6 +835,13 @@ def _futures(*futures: asyncio.Future[Any]) -> list[asyncio.Future[Any]]:
 
 def _has_callback(line: Line, number: str) -> bool:
     return any(e.callback and e.number == number for e in line.entries)
+
+
+def _source(call: Call) -> str:
+    """The address to name in a security event about what ``call``'s caller
+    asked: its phone's, for an extension; none for a caller from a trunk (the
+    trunk's address is not theirs, and must not be banned for them)."""
+    return call.a.flow.addr[0] if call.direction != "inbound" else "-"
 
 
 def _dialable(number: str) -> bool:

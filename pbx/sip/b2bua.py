@@ -19,15 +19,15 @@ import asyncio
 import enum
 import logging
 import math
-import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, generate_call_id, parse_address
+from aiosipua import SdpNegotiationError, SipDigestAuth, SipRequest, SipResponse, parse_address
 
 from pbx.config import Config, Destination, Trunk, parse_destination
 from pbx.events import EventBus, logfmt
@@ -40,11 +40,13 @@ from pbx.media.prompts import PromptLibrary
 from pbx.media.ports import RtpPortPool
 from pbx.media.quality import estimate_mos
 from pbx.media.relay import RelaySide, RtpRelay
+from pbx.media.srtp import SrtpSides
 from pbx.recordings import Recorder, Recording
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
 from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Registrar
+from pbx.sip.routing import DialPolicy, DialRefused
 from pbx.sip.sdp import (
     DTMF_PT,
     MediaDescription,
@@ -53,9 +55,10 @@ from pbx.sip.sdp import (
     build_sdp,
     offer_codecs,
     parse_media,
+    plain_offer,
     reverse_direction,
 )
-from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip.stack import Flow, ServerTransaction, SipStack, transaction_branch
 from pbx.store.db import Store, iso_time
 from pbx.tasks import Background
 
@@ -103,6 +106,12 @@ def call_event(call_id: str, event: str, **fields: object) -> None:
         pairs = "".join(f" {key}={logfmt(value)}" for key, value in fields.items() if value is not None)
         logger.info("call=%s event=%s%s", logfmt(call_id), event, pairs)
 
+
+def new_call_id() -> str:
+    """A new call's id. The server makes it: the CDR, the calls map, the API
+    and recordings are keyed by it, never by a SIP Call-ID, which any peer
+    chooses and may reuse."""
+    return uuid.uuid4().hex[:16]
 
 
 
@@ -158,8 +167,9 @@ class Voicemail(Protocol):
     async def deposit(self, audio: CallAudio, mailbox: str, caller: str) -> None:
         """Greeting, beep, and the caller's message."""
 
-    async def main(self, audio: CallAudio, mailbox: str | None, *, own: bool) -> None:
-        """Voicemail by phone: sign in, then hear and manage messages."""
+    async def main(self, audio: CallAudio, mailbox: str | None, *, own: bool, source: str) -> None:
+        """Voicemail by phone: sign in (wrong PINs charged to ``source``, the
+        caller's address), then hear and manage messages."""
 
 
 @dataclass
@@ -172,7 +182,11 @@ class Call:
     callee: str
     a: Leg  # an InboundLeg, or for calls the server places (callbacks) the agent's OutboundLeg
     a_media: MediaDescription
+    # The SIP Call-ID of the caller's INVITE (of the first leg, for calls the server
+    # places): in the log and the CDR to find the call in a SIP trace; never a key.
+    sip_call_id: str = ""
     relay: RtpRelay | None = None
+    srtp: SrtpSides = field(default_factory=SrtpSides)  # the SDES keys of the relay's sides
     forks: list[OutboundLeg] = field(default_factory=list)
     b: OutboundLeg | None = None
     a_codec: SdpCodec | None = None
@@ -250,6 +264,8 @@ class CallService:
         self.calls: dict[str, Call] = {}
         self._ringing: Counter[str] = Counter()  # extensions being dialed outside a call's forks
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
+        # Who may dial what: outbound rules, class of service, max_calls.
+        self.dialing = DialPolicy(config, events, self.calls_of)
         self._tasks = Background("call")
         self._drain_until: float | None = None  # loop time: set once the server is stopping
 
@@ -336,31 +352,66 @@ class CallService:
                 return
             caller = caller_ext
             destination = self._route_dialed(cfg, called)
-            if destination is None:
-                reason = "no extension, inbound number or outbound rule matches"
-                call_event(request.call_id or "", "refused", status=404, reason=reason, **{"from": caller, "to": called})
-                txn.reply(404)
+            try:
+                if destination.kind == "external":
+                    self.dialing.outbound_trunk(destination, caller, src=ip)
+                self.dialing.check_calls(caller, src=ip)
+            except DialRefused as exc:
+                call_event(request.call_id or "", "refused", status=exc.status, reason=str(exc), **{"from": caller, "to": called})
+                txn.reply(exc.status)
                 return
             direction = "outbound" if destination.kind == "external" else "internal"
+        merged = self._merged_with(request)
+        if merged is not None:
+            # RFC 3261 §8.2.2.2: the same INVITE (Call-ID, From tag, CSeq) by another path.
+            call_event(request.call_id or "", "refused", status=482, reason=f"merged with call {merged.id}")
+            txn.reply(482, "Loop Detected")
+            return
+        srtp = SrtpSides(cfg.rtp.srtp)
         try:
             a_media = parse_media(request.text, cfg.rtp.codecs)
+            refusal = srtp.refusal(a_media.secure, a_media.cryptos)
+            if refusal is not None:
+                raise SdpNegotiationError(refusal)
         except SdpNegotiationError as exc:
             call_event(request.call_id or "", "refused", status=488, reason=str(exc), **{"from": caller, "to": called})
             txn.reply(488)
             return
         a = InboundLeg(self.stack, flow, request, txn, self._a_events())
         a.on_ack_timeout = self._leg_hung_up
-        call = Call(id=request.call_id or "", direction=direction, caller=caller, callee=called, a=a, a_media=a_media)
+        call = Call(
+            id=new_call_id(), direction=direction, caller=caller, callee=called, a=a, a_media=a_media,
+            sip_call_id=request.call_id or "", srtp=srtp,
+        )  # fmt: skip
         if direction != "inbound":
             call.extensions.add(caller)
         self.calls[call.id] = call
         self._legs[call.a.key] = (call, call.a)
         self.events.emit("call_started", call_id=call.id, direction=direction)
         fields = {"direction": direction, "from": caller, "to": called, "destination": destination}
-        call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None)
-        self._tasks.spawn(self._connect(call, destination))
+        call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None, sip_call_id=call.sip_call_id)
+        # A number the extension dialed is dialed on its behalf (its class of service).
+        self._tasks.spawn(self._connect(call, destination, party=caller if direction == "outbound" else None))
 
-    def _route_dialed(self, cfg: Config, number: str) -> Destination | None:
+    def _merged_with(self, request: SipRequest) -> Call | None:
+        """The call in progress whose INVITE had this request's Call-ID, From
+        tag and CSeq: the same request again on another path (a loop or a
+        forking proxy), not a new call. A reused Call-ID alone (another From tag,
+        another CSeq) is a new call with an id of its own."""
+        from_addr, cseq = request.from_addr, request.cseq
+        key = (request.call_id, from_addr.tag if from_addr else None, cseq.seq if cseq else None)
+        for call in self.calls.values():
+            if isinstance(call.a, InboundLeg):
+                invite = call.a.invite
+                theirs = (invite.call_id, invite.from_addr.tag if invite.from_addr else None, invite.cseq.seq if invite.cseq else None)
+                if theirs == key:
+                    return call
+        return None
+
+    def _route_dialed(self, cfg: Config, number: str) -> Destination:
+        """Where a number an extension dials leads: an extension, an inbound
+        number, a feature code, else outside (whether it may go there is
+        the dial policy's to say)."""
         if number in cfg.extensions:
             return Destination("extension", number)
         if number in cfg.inbound:
@@ -368,15 +419,18 @@ class CallService:
         features = cfg.features
         if number in (features.voicemail_main, features.agent_login, features.agent_pause):
             return Destination("feature", number)
-        trunk = cfg.route_outbound(number)
-        if trunk is not None:
-            return Destination("external", number, trunk.name)
-        return None
+        return Destination("external", number)
 
-    async def _connect(self, call: Call, destination: Destination) -> None:
+    # --- who may dial what (outbound rules, class of service, max_calls) ---
+
+    def calls_of(self, extension: str) -> int:
+        """The calls ``extension`` is in now, being rung for one included (its ``max_calls`` counts them)."""
+        return self._ringing[extension] + sum(1 for call in self.calls.values() if extension in call.extensions)
+
+    async def _connect(self, call: Call, destination: Destination, party: str | None = None) -> None:
         call.task = asyncio.current_task()
         try:
-            call.relay = await RtpRelay.create(self.ports, self.clock)
+            call.relay = await RtpRelay.create(self.ports, self.clock, self.events)
         except OSError as exc:
             logger.error("call=%s no RTP port: %s", call.id, exc)
             self._fail_caller(call, 503, "failed")
@@ -384,7 +438,8 @@ class CallService:
         if call.state is CallState.ENDED:  # the caller cancelled meanwhile
             call.relay.close()
             return
-        await self._go(call, destination)
+        call.srtp.take_offer(call.relay.a, call.a_media.secure, call.a_media.cryptos)  # checked by _new_call
+        await self._go(call, destination, party)
 
     def _available(self, destination: Destination) -> bool:
         """Whether this server can take a call to ``destination`` now."""
@@ -405,8 +460,9 @@ class CallService:
         """Whether ``extension`` is on a call or being rung (queue agents are never rung then)."""
         return self._ringing[extension] > 0 or any(extension in call.extensions for call in self.calls.values())
 
-    async def _go(self, call: Call, destination: Destination) -> None:
-        """Send the call where ``destination`` says."""
+    async def _go(self, call: Call, destination: Destination, party: str | None = None) -> None:
+        """Send the call where ``destination`` says; a number outside is dialed
+        for ``party`` (see :class:`DialPolicy`), by default for the server."""
         cfg = self.config()
         assert call.relay is not None
         if destination.kind == "hangup":
@@ -431,7 +487,7 @@ class CallService:
         if destination.kind == "extension":
             call.mailbox = destination.target if self._available(Destination("voicemail", destination.target)) else None
         try:
-            legs = await self._make_legs(call.caller, destination, self.offer_sdp(call), self._b_events())
+            legs = await self._make_legs(call.caller, destination, self.offer_sdp(call), self._b_events(), party)
         except Unreachable as exc:
             self._callee_failed(call, exc.status, exc.disposition)
             return
@@ -446,7 +502,18 @@ class CallService:
     def offer_sdp(self, call: Call) -> str:
         """The SDP offer for ringing someone on the relay's b side on behalf of ``call``."""
         assert call.relay is not None
-        return build_sdp(self.media_ip, call.relay.b.port, self._offer_codecs(call), DTMF_PT)
+        # SRTP unless rtp.srtp is off; _leg_offer makes it plain RTP for legs that should not get keys.
+        return build_sdp(self.media_ip, call.relay.b.port, self._offer_codecs(call), DTMF_PT, crypto=call.srtp.offer(call.relay.b))
+
+    def _leg_offer(self, flow: Flow, offer: str) -> tuple[str, str | None]:
+        """``offer`` as sent over ``flow``, and what to offer instead on a 488.
+        With rtp.srtp optional, SDES keys go only to legs over TLS (over UDP or
+        TCP anyone on the path would read them), so other legs are offered
+        plain RTP; a TLS leg that refuses SRTP is offered plain RTP next."""
+        if self.config().rtp.srtp != "optional" or " RTP/SAVP " not in offer:
+            return offer, None
+        plain = plain_offer(offer)
+        return (offer, plain) if flow.name == "tls" else (plain, None)
 
     def _offer_codecs(self, call: Call) -> tuple[SdpCodec, ...]:
         """Codecs for the callee: the caller's offer, or once the caller is
@@ -462,9 +529,10 @@ class CallService:
         assert call.relay is not None
         if call.a_codec is None:
             call.a_codec = call.a_media.codecs[0]
-            call.relay.a.set_remote(call.a_media.addr, _codec(call.a_codec), call.a_media.dtmf_pt)
+            call.relay.a.set_remote(call.a_media.addr, _codec(call.a_codec), call.a_media.dtmf_pt, call.a.flow.addr[0])
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
-            call.a.answer(build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt))
+            crypto = call.srtp.crypto(call.relay.a)
+            call.a.answer(build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt, crypto=crypto))
             call.answered_at = time.time()
             self.events.emit("call_answered", call_id=call.id)
         return call.a_codec
@@ -522,7 +590,7 @@ class CallService:
         call_event(call.id, "feature", code=code)
         if code == self.config().features.voicemail_main:
             assert self.voicemail is not None
-            await self.voicemail.main(call.audio, call.caller, own=True)
+            await self.voicemail.main(call.audio, call.caller, own=True, source=call.a.flow.addr[0])
         else:
             assert self.queues is not None
             await call.audio.play([self.queues.feature(call.caller, code)], interruptible=False)
@@ -537,7 +605,7 @@ class CallService:
         call_event(call.id, "voicemail", mailbox=mailbox)
         call.voicemail = mailbox if mailbox != "main" else None
         if mailbox == "main":
-            await self.voicemail.main(call.audio, None, own=False)
+            await self.voicemail.main(call.audio, None, own=False, source=call.a.flow.addr[0])
         else:
             await self.voicemail.deposit(call.audio, mailbox, call.caller)
         self.hang_up(call, "answered" if mailbox == "main" else "voicemail")
@@ -554,26 +622,23 @@ class CallService:
 
     # --- what the admin API asks ---
 
-    def destination_for(self, text: str) -> Destination:
-        """Where ``text`` leads for an extension: a destination written
-        ``KIND:TARGET``, or a number as a phone would dial it (extension,
-        inbound number, feature code, outbound rule). ValueError says why
-        it leads nowhere."""
+    def destination_for(self, text: str, party: str, *, src: str = "-") -> Destination:
+        """Where ``text`` leads when extension ``party`` asks for it (click-to-call):
+        a destination written ``KIND:TARGET``, or a number as a phone would dial
+        it (extension, inbound number, feature code, else outside). ValueError
+        says why it leads nowhere; DialRefused when ``party`` may not dial that
+        number or its trunk is full (:meth:`DialPolicy.outbound_trunk`, events from ``src``)."""
         cfg = self.config()
-        if ":" in text or text == "hangup":
-            destination = parse_destination(text)
-        else:
-            found = self._route_dialed(cfg, text)
-            if found is None:
-                raise ValueError(f"{text!r} is no extension, inbound number or feature code and matches no outbound rule")
-            destination = found
+        destination = parse_destination(text) if ":" in text or text == "hangup" else self._route_dialed(cfg, text)
         if destination.kind == "hangup":
             raise ValueError("hangup connects to nobody")
         if destination.kind == "extension" and destination.target not in cfg.extensions:
             raise ValueError(f"there is no extension {destination.target}")
-        if destination.kind == "external" and (not cfg.trunks or (destination.trunk and destination.trunk not in cfg.trunks)):
-            raise ValueError(f"there is no trunk to reach {destination.target}")
-        if not self._available(destination):
+        if destination.kind == "external" and destination.trunk and destination.trunk not in cfg.trunks:
+            raise ValueError(f"there is no trunk {destination.trunk}")
+        if destination.kind == "external":
+            self.dialing.outbound_trunk(destination, party, src=src)
+        elif not self._available(destination):
             raise ValueError(f"{destination} does not exist")
         return destination
 
@@ -617,16 +682,22 @@ class CallService:
 
     # --- ringing someone for a call, and calls the server places ---
 
-    async def _make_legs(self, caller: str, destination: Destination, offer: str, events: LegEvents) -> list[OutboundLeg]:
+    async def _make_legs(
+        self, caller: str, destination: Destination, offer: str, events: LegEvents, party: str | None = None
+    ) -> list[OutboundLeg]:
         """Unstarted legs that ring ``destination`` (every contact of an
-        extension, or the trunk); Unreachable when there is none."""
+        extension, or the trunk the outbound rules give ``party``); Unreachable
+        when there is none or the number may not be dialed."""
         cfg = self.config()
         if destination.kind == "extension":
             return self._extension_legs(cfg, caller, destination.target, offer, events)
         if destination.kind == "external":
-            trunk = cfg.trunks[destination.trunk] if destination.trunk else next(iter(cfg.trunks.values()), None)
-            if trunk is not None:
-                return [await self._trunk_leg(cfg, trunk, caller, destination.target, offer, events)]
+            try:
+                trunk = self.dialing.outbound_trunk(destination, party)
+            except DialRefused as exc:
+                logger.warning("not dialing %s: %s", destination, exc)
+                raise Unreachable(exc.status, "failed") from exc
+            return [await self._trunk_leg(cfg, trunk, caller, destination.target, offer, events)]
         logger.warning("cannot dial %s", destination)
         raise Unreachable(503, "failed")
 
@@ -688,7 +759,7 @@ class CallService:
             leg.bye()
             return False
         try:
-            answer = self._bridge_media(call, resp.text)
+            answer = self._bridge_media(call, leg, resp.text)
         except SdpNegotiationError as exc:
             logger.warning("call=%s answer from %s unusable: %s", call.id, leg.dialog.remote_target, exc)
             leg.bye()
@@ -725,22 +796,32 @@ class CallService:
         timeout: float,
         direction: str,
         call_id: str | None = None,
+        party: str | None = None,
     ) -> Call | Unreachable:
         """A call the server places: ring ``extension`` first (showing
-        ``caller_id``), and once it answers ring ``destination`` for it. The
+        ``caller_id``), and once it answers ring ``destination`` for it, a
+        number outside as for ``party`` (see :class:`DialPolicy`). The
         returned call is under way; its ``done`` tells how it ended. Its id is
-        ``call_id`` (one handed out before it rang), else the first leg's Call-ID."""
+        ``call_id`` (one handed out before it rang), else a new one."""
         if self.draining:
             logger.info("not calling %s for %s: the server is stopping", extension, destination)
             return Unreachable(503, "unavailable")
+        if destination.kind == "external":
+            try:
+                self.dialing.outbound_trunk(destination, party)
+            except DialRefused as exc:  # asked for before the rules or the trunk's load changed
+                logger.info("not calling %s for %s: %s", extension, destination, exc)
+                return Unreachable(exc.status, "failed")
+        call_id = call_id or new_call_id()
         started = time.time()
         codecs = tuple(SdpCodec(name, pt) for name, pt in (("PCMU", 0), ("PCMA", 8)) if name in self.config().rtp.codecs)
         try:
-            relay = await RtpRelay.create(self.ports, self.clock)
+            relay = await RtpRelay.create(self.ports, self.clock, self.events)
         except OSError as exc:
             logger.error("no RTP port to call %s: %s", extension, exc)
             return Unreachable(503, "failed")
-        offer = build_sdp(self.media_ip, relay.a.port, codecs, DTMF_PT)
+        srtp = SrtpSides(self.config().rtp.srtp)
+        offer = build_sdp(self.media_ip, relay.a.port, codecs, DTMF_PT, crypto=srtp.offer(relay.a))
         try:
             result = await self.dial([Destination("extension", extension)], caller=caller_id, offer=offer, timeout=timeout)
         except asyncio.CancelledError:  # given up while ringing (the API's DELETE): dial cancelled the legs
@@ -756,39 +837,46 @@ class CallService:
             media = parse_media(resp.text, self.config().rtp.codecs)
             if not media.codecs:
                 raise SdpNegotiationError("no audio")
+            if not srtp.take_answer(relay.a, media.secure, media.cryptos):
+                raise SdpNegotiationError("no usable SRTP answer")
         except SdpNegotiationError as exc:
             logger.warning("%s answered with unusable media: %s", extension, exc)
             leg.bye()
             relay.close()
-            self._record_unconnected(call_id or leg.dialog.call_id, direction, extension, destination, "failed", started)
+            self._record_unconnected(call_id, direction, extension, destination, "failed", started, leg.dialog.call_id)
             return Unreachable(488, "failed")
         call = Call(
-            id=call_id or leg.dialog.call_id,
+            id=call_id,
+            sip_call_id=leg.dialog.call_id,
             direction=direction,
             caller=extension,
             callee=destination.target,
             a=leg,
             a_media=media,
             relay=relay,
+            srtp=srtp,
             a_codec=media.codecs[0],
             started=started,
             answered_at=time.time(),
         )
-        relay.a.set_remote(media.addr, _codec(media.codecs[0]), media.dtmf_pt)
+        relay.a.set_remote(media.addr, _codec(media.codecs[0]), media.dtmf_pt, leg.flow.addr[0])
         call.extensions.add(extension)
         leg.events = self._a_events()
         self.calls[call.id] = call
         self._legs[leg.key] = (call, leg)
         self.events.emit("call_started", call_id=call.id, direction=direction)
         self.events.emit("call_answered", call_id=call.id)
-        call_event(call.id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
+        call_event(
+            call.id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination,
+            sip_call_id=call.sip_call_id,
+        )  # fmt: skip
         call_event(call.id, "answered", by=extension, contact=leg.dialog.remote_target)
-        self._tasks.spawn(self._go_from_here(call, destination))
+        self._tasks.spawn(self._go_from_here(call, destination, party))
         return call
 
-    async def _go_from_here(self, call: Call, destination: Destination) -> None:
+    async def _go_from_here(self, call: Call, destination: Destination, party: str | None = None) -> None:
         call.task = asyncio.current_task()
-        await self._go(call, destination)
+        await self._go(call, destination, party)
 
     def _extension_legs(self, cfg: Config, caller: str, number: str, offer: str, events: LegEvents) -> list[OutboundLeg]:
         bindings = self.registrar.contacts(number)
@@ -803,40 +891,51 @@ class CallService:
                 transport = self.stack.transport(binding.transport)
             except LookupError:
                 continue
+            flow = Flow(transport, binding.source)
+            body, fallback = self._leg_offer(flow, offer)
             legs.append(
                 OutboundLeg(
                     self.stack,
-                    Flow(transport, binding.source),
+                    flow,
                     request_uri=binding.contact,
                     from_uri=f"sip:{caller}@{cfg.sip.domain}",
                     to_uri=f"sip:{number}@{cfg.sip.domain}",
                     from_name=from_name,
-                    body=offer,
+                    body=body,
                     events=events,
+                    fallback_offer=fallback,
                 )
             )
         return legs
 
     async def _trunk_leg(self, cfg: Config, trunk: Trunk, caller: str, number: str, offer: str, events: LegEvents) -> OutboundLeg:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(trunk.host, trunk.port, type=socket.SOCK_DGRAM)
-            addr = (str(infos[0][4][0]), int(infos[0][4][1]))
-        except OSError as exc:
-            logger.warning("trunk %s host %s does not resolve: %s", trunk.name, trunk.host, exc)
+            flow = await self.stack.flow_to(trunk.host, trunk.port, trunk.transport)
+        except (OSError, LookupError, TimeoutError) as exc:
+            logger.warning("trunk %s at %s:%d over %s is unreachable: %s", trunk.name, trunk.host, trunk.port, trunk.transport, exc)
             raise Unreachable(503, "failed") from exc
+        if self.dialing.trunk_full(trunk):
+            # Checked again after the await: calls started meanwhile may have filled it.
+            logger.warning("trunk %s has its %d calls up; not dialing %s", trunk.name, trunk.max_calls, number)
+            raise Unreachable(503, "failed")
         auth = SipDigestAuth(trunk.register.username, trunk.register.password) if trunk.register else None
         caller_id = trunk.caller_id or caller
-        return OutboundLeg(
+        params = f";transport={trunk.transport}" if trunk.transport != "udp" else ""
+        body, fallback = self._leg_offer(flow, offer)
+        leg = OutboundLeg(
             self.stack,
-            Flow(self.stack.transport("udp"), addr),
-            request_uri=f"sip:{number}@{trunk.host}:{trunk.port}",
+            flow,
+            request_uri=f"sip:{number}@{trunk.host}:{trunk.port}{params}",
             from_uri=f"sip:{caller_id}@{cfg.sip.domain}",
             to_uri=f"sip:{number}@{trunk.host}",
             from_name=None,
-            body=offer,
+            body=body,
             events=events,
             auth=auth,
+            fallback_offer=fallback,
         )
+        self.dialing.add_leg(trunk, leg)
+        return leg
 
     def _add_fork(self, call: Call, leg: OutboundLeg) -> None:
         call.forks.append(leg)
@@ -874,7 +973,7 @@ class CallService:
             return
         if resp.body and call.early_sdp is None:
             try:
-                call.early_sdp = self._bridge_media(call, resp.text)
+                call.early_sdp = self._bridge_media(call, leg, resp.text)
             except SdpNegotiationError as exc:
                 logger.info("call=%s ignoring early media: %s", call.id, exc)
         if not isinstance(call.a, InboundLeg):
@@ -892,7 +991,7 @@ class CallService:
             leg.bye()
             return
         try:
-            answer = self._bridge_media(call, resp.text)
+            answer = self._bridge_media(call, leg, resp.text)
         except SdpNegotiationError as exc:
             logger.warning("call=%s callee's answer unusable: %s", call.id, exc)
             leg.bye()
@@ -934,8 +1033,9 @@ class CallService:
         )
         return call.recording
 
-    def _bridge_media(self, call: Call, answer_body: str) -> str:
-        """Point the relay at both peers and return the SDP answer for the caller."""
+    def _bridge_media(self, call: Call, leg: Leg, answer_body: str) -> str:
+        """Point the relay at both peers (``leg``, which answered, on side b)
+        and return the SDP answer for the caller."""
         assert call.relay is not None
         b_media = parse_media(answer_body, self.config().rtp.codecs)
         if not b_media.codecs:
@@ -945,10 +1045,14 @@ class CallService:
             a_codec = answer_codec(call.a_media, chosen)
         else:  # the caller was answered earlier (IVR): its codec is settled
             a_codec = answer_codec(MediaDescription(call.a_media.addr, (call.a_codec,), None, "sendrecv"), chosen)
+        if not call.srtp.take_answer(call.relay.b, b_media.secure, b_media.cryptos):
+            raise SdpNegotiationError("callee's answer has no usable SRTP key, or is plain RTP while rtp.srtp is mandatory")
         call.a_codec, call.b_codec, call.b_dtmf_pt = a_codec, chosen, b_media.dtmf_pt
-        call.relay.b.set_remote(b_media.addr, _codec(chosen), b_media.dtmf_pt)
-        call.relay.a.set_remote(call.a_media.addr, _codec(a_codec), call.a_media.dtmf_pt)
-        return build_sdp(self.media_ip, call.relay.a.port, (a_codec,), call.a_media.dtmf_pt)
+        # The signalling IPs: where each peer's RTP may come from when NAT hides its SDP address.
+        call.relay.b.set_remote(b_media.addr, _codec(chosen), b_media.dtmf_pt, leg.flow.addr[0])
+        call.relay.a.set_remote(call.a_media.addr, _codec(a_codec), call.a_media.dtmf_pt, call.a.flow.addr[0])
+        crypto = call.srtp.crypto(call.relay.a)
+        return build_sdp(self.media_ip, call.relay.a.port, (a_codec,), call.a_media.dtmf_pt, crypto=crypto)
 
     def _fork_failed(self, leg: Leg, code: int, resp: SipResponse | None) -> None:
         call = self._call_of(leg)
@@ -989,10 +1093,11 @@ class CallService:
         self._tasks.spawn(self._go_from_here(call, Destination("voicemail", mailbox)))
 
     def _cancel(self, request: SipRequest, txn: ServerTransaction) -> None:
-        branch = request.via[0].branch or ""
-        invite_txn = self.stack.server_transaction(branch, "INVITE")
-        call = self.calls.get(request.call_id or "")
-        if invite_txn is None or call is None or not isinstance(call.a, InboundLeg) or call.a.txn is not invite_txn:
+        invite_txn = self.stack.server_transaction(transaction_branch(request), "INVITE")
+        # The call is the one whose INVITE this CANCEL matches (RFC 3261 §9.2), not
+        # the one its Call-ID names: another dialog may reuse that Call-ID.
+        call = next((c for c in self.calls.values() if isinstance(c.a, InboundLeg) and c.a.txn is invite_txn), None)
+        if invite_txn is None or call is None or not isinstance(call.a, InboundLeg):
             txn.reply(481)
             return
         txn.reply(200)
@@ -1036,7 +1141,7 @@ class CallService:
         this_dtmf = call.a_media.dtmf_pt if from_a else call.b_dtmf_pt
         other_dtmf = call.b_dtmf_pt if from_a else call.a_media.dtmf_pt
         other = call.b if from_a else call.a
-        direction = self._take_offer(request, txn, this_side, this_codec, this_dtmf)
+        direction = self._take_offer(call, request, txn, this_side, this_codec, this_dtmf)
         if direction is None:
             return
 
@@ -1050,22 +1155,32 @@ class CallService:
                     media = parse_media(resp.text, self.config().rtp.codecs)
                     answer_direction = media.direction
                     other_side.set_remote(media.addr, _codec(other_codec), other_dtmf)
+                    if not call.srtp.take_answer(other_side, media.secure, media.cryptos):
+                        logger.warning("call=%s re-INVITE answer has no usable SRTP key; keeping the old one", call.id)
                 except SdpNegotiationError:
                     pass
-            leg.answer_reinvite(txn, build_sdp(self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction))
+            body = build_sdp(
+                self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction, crypto=call.srtp.crypto(this_side)
+            )
+            leg.answer_reinvite(txn, body)
 
-        other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction), answered)
+        offer = build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction, crypto=call.srtp.crypto(other_side))
+        other.reinvite(offer, answered)
 
     def _take_offer(
-        self, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
+        self, call: Call, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
     ) -> str | None:
-        """Point ``side`` at a re-INVITE's offer and return the offered direction
-        ("sendrecv" without SDP); None once an unusable offer got 488."""
+        """Point ``side`` at a re-INVITE's offer (and its SRTP key) and return
+        the offered direction ("sendrecv" without SDP); None once an unusable
+        offer got 488."""
         if not request.body:
             return "sendrecv"
         try:
             offer = parse_media(request.text, self.config().rtp.codecs)
         except SdpNegotiationError:
+            txn.reply(488)
+            return None
+        if not call.srtp.take_offer(side, offer.secure, offer.cryptos):
             txn.reply(488)
             return None
         side.set_remote(offer.addr, _codec(codec), dtmf_pt)
@@ -1074,11 +1189,12 @@ class CallService:
     def _reinvite_to_us(self, call: Call, request: SipRequest, txn: ServerTransaction) -> None:
         """A re-INVITE from a caller talking to the server itself (the IVR)."""
         assert call.relay is not None and call.a_codec is not None
-        offered = self._take_offer(request, txn, call.relay.a, call.a_codec, call.a_media.dtmf_pt)
+        offered = self._take_offer(call, request, txn, call.relay.a, call.a_codec, call.a_media.dtmf_pt)
         if offered is None:
             return
         direction = reverse_direction(offered)
-        body = build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt, direction)
+        crypto = call.srtp.crypto(call.relay.a)
+        body = build_sdp(self.media_ip, call.relay.a.port, (call.a_codec,), call.a_media.dtmf_pt, direction, crypto=crypto)
         call.a.answer_reinvite(txn, body)
 
     # --- the end of a call ---
@@ -1124,13 +1240,15 @@ class CallService:
         row = _cdr_row(
             call.id, call.direction, call.caller, call.callee, disposition,
             started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
+            sip_call_id=call.sip_call_id,
         )  # fmt: skip
         self._tasks.spawn(self._write_cdr(row, call.hangup_by))
 
     async def _write_cdr(self, row: dict[str, Any], hangup_by: str | None = None) -> None:
         """Store the call's one CDR row, then log its ``ended`` event: whoever
-        reads the line finds the row."""
-        await self.store.upsert("cdr", row)
+        reads the line finds the row. Inserted, never upserted: the id is
+        the server's own and new, so no row is ever replaced."""
+        await self.store.insert("cdr", row)
         call_event(
             row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
             **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
@@ -1138,15 +1256,24 @@ class CallService:
         )  # fmt: skip
 
     def _record_unconnected(
-        self, call_id: str | None, direction: str, extension: str, destination: Destination, disposition: str, started: float
+        self,
+        call_id: str,
+        direction: str,
+        extension: str,
+        destination: Destination,
+        disposition: str,
+        started: float,
+        sip_call_id: str | None = None,
     ) -> None:
         """The CDR row of a call the server placed that never got going (the
         first phone did not answer): it has no Call, yet it rang someone."""
-        call_id = call_id or generate_call_id(self.stack.advertised_host)
         call_event(call_id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
         self.events.emit("call_started", call_id=call_id, direction=direction)
         self.events.emit("call_ended", call_id=call_id, direction=direction, disposition=disposition)
-        row = _cdr_row(call_id, direction, extension, destination.target, disposition, started=started, answered=None, ended=time.time())
+        row = _cdr_row(
+            call_id, direction, extension, destination.target, disposition, started=started, answered=None, ended=time.time(),
+            sip_call_id=sip_call_id,
+        )  # fmt: skip
         self._tasks.spawn(self._write_cdr(row))
 
 
@@ -1163,6 +1290,7 @@ def _cdr_row(
     queue: str | None = None,
     agent: str | None = None,
     wait: float | None = None,
+    sip_call_id: str | None = None,
 ) -> dict[str, Any]:
     return {
         "call_id": call_id,
@@ -1178,6 +1306,7 @@ def _cdr_row(
         "queue": queue,
         "agent": agent,
         "wait": round(wait, 3) if wait is not None else None,
+        "sip_call_id": sip_call_id or None,
     }
 
 

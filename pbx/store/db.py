@@ -52,6 +52,7 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "queue": str,  # the queue the call waited in (or the callback's queue)
             "agent": str,  # the queue agent who took it
             "wait": float,  # seconds in the queue before an agent answered or the caller left
+            "sip_call_id": str,  # the SIP Call-ID of the caller's INVITE; call_id is the server's own id
         },
         "call_id",
     ),
