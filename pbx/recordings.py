@@ -46,6 +46,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import Decoder, UnsupportedCodec
 from pbx.media.relay import RelaySide
 from pbx.store.db import Store
+from pbx.store.durable import make_folders, sync_folder
 from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
@@ -497,7 +498,7 @@ class _RecordingFile:
         self._wav: wave.Wave_write | None = None
 
     def open(self) -> None:
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(self.partial.parent)  # a new day's folder is durable too
         self._file = open(self.partial, "wb")
         wav = wave.open(self._file, "wb")
         wav.setnchannels(2 if self.stereo else 1)
@@ -521,6 +522,7 @@ class _RecordingFile:
         self._file.close()
         final = self._free_name()
         os.replace(self.partial, final)
+        sync_folder(final.parent)  # the new name too, before the row points at it
         self.size = final.stat().st_size
 
     def discard(self) -> None:

@@ -11,9 +11,19 @@ when ``smtp`` is configured; a failed send stays pending and is retried.
 
 Voicemail by phone (``*97`` or the ``voicemail:main`` destination) asks for
 the mailbox (unless known) and the PIN (skipped for the mailbox's own
-extension when it has no PIN), says how many new and old messages there are,
-then takes keys: 1 next message, 2 replay, 7 delete, 9 save, 5 record the
-greeting, # hang up. Hearing a message makes it old.
+extension when it has no PIN: a mailbox without a PIN opens only from its
+own phone), says how many new and old messages there are, then takes keys:
+1 next message, 2 replay, 7 delete, 9 save, 5 record the greeting, # hang
+up. Hearing a message makes it old.
+
+PINs cannot be guessed across calls: five wrong PINs in a row lock the
+mailbox for 15 minutes (:class:`pbx.pin_locks.PinLocks`; then even the right PIN
+is refused, the caller is told so and hung up), and every wrong PIN is a
+``pin_failure`` security event and a failure of the caller's address in the
+SIP address guard, which bans it as it bans password guessers. A caller who
+came through a trunk has the carrier's address: banning it would cut off
+every customer of that carrier, so such wrong PINs lock the mailbox but do
+not count against the address.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import uuid
 import wave
 from collections.abc import Callable, Mapping
@@ -40,7 +51,11 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import Decoder
 from pbx.media.prompts import number_parts
 from pbx.media.relay import RelaySide
+from pbx.pin_locks import PinLocks
+from pbx.security import security_event
+from pbx.sip.auth import AddressGuard
 from pbx.store.db import Store
+from pbx.store.durable import make_folders, sync_folder
 from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
@@ -50,7 +65,7 @@ FRAME = 160  # samples per 20 ms packet
 SILENCE_RMS = 300  # a packet quieter than this (about -41 dBFS) is silence
 SILENCE_END = 3.0  # seconds of silence that end a message
 GREETING_MAX = 60  # seconds
-PIN_TRIES = 3
+PIN_TRIES = 3  # per call
 IDLE_PROMPTS = 3  # menu prompts without a key before hanging up
 EMAIL_RETRY = 60.0  # seconds between attempts for messages whose mail failed
 
@@ -119,11 +134,14 @@ class VoicemailService:
         store: Store,
         events: EventBus,
         clock: MediaClock,
+        guard: AddressGuard,
     ) -> None:
         self.config = config
         self.store = store
         self.events = events
         self.clock = clock
+        self.guard = guard
+        self.locks = PinLocks()
         self.mwi: MessageWaiting | None = None
         self.counts: dict[str, tuple[int, int]] = {}  # mailbox -> (new, old), for the metrics
         self._tasks = Background("voicemail")
@@ -256,30 +274,57 @@ class VoicemailService:
 
     # --- voicemail by phone ---
 
-    async def main(self, audio: CallAudio, mailbox: str | None, *, own: bool) -> None:
+    async def main(self, audio: CallAudio, mailbox: str | None, *, own: bool, source: str) -> None:
         """Voicemail by phone. ``mailbox`` None: ask for it. ``own``: the caller
         is the mailbox's extension, signed in by digest, so no PIN is asked
-        when the mailbox has none."""
-        box = await self._sign_in(audio, mailbox, own)
+        when the mailbox has none. ``source``: the caller's signalling address,
+        charged with its wrong PINs."""
+        box = await self._sign_in(audio, mailbox, own, source)
         if box is not None:
             await self._menu(audio, box)
         await audio.play(["goodbye"], interruptible=False)
 
-    async def _sign_in(self, audio: CallAudio, mailbox: str | None, own: bool) -> str | None:
+    async def _sign_in(self, audio: CallAudio, mailbox: str | None, own: bool, source: str) -> str | None:
         cfg = self.config()
         for _ in range(PIN_TRIES):
             number = mailbox or await read_digits(audio, ["vm-enter-mailbox"], 10, "#", 5)
             box = cfg.mailbox(number)
             pin = box.pin if box is not None else None
             if own and box is not None and pin is None:
+                logger.info("voicemail: mailbox %s signed in from its own phone", number)
                 return number
             entered = await read_digits(audio, ["vm-enter-pin"], 12, "#", 5)
-            if pin is not None and hmac.compare_digest(entered.encode(), pin.encode()):
+            right = pin is not None and hmac.compare_digest(entered.encode(), pin.encode())
+            # A locked mailbox is checked after the PIN is typed, and refuses
+            # the right one too: the answer tells a guesser nothing.
+            locked = box is not None and self.locks.locked(number)
+            if right and not locked:
+                self.locks.succeeded(number)
                 logger.info("voicemail: mailbox %s signed in", number)
                 return number
-            await audio.play(["vm-invalid-pin"], interruptible=False)
+            if not right and entered:  # no key at all is no guess
+                locked = self._wrong_pin(number if box is not None else None, source) or locked
+            if locked:
+                logger.warning("voicemail: mailbox %s is locked after wrong PINs: sign-in refused", number)
+                await audio.play(["vm-locked"], interruptible=False)
+                return None
             logger.warning("voicemail: wrong PIN or mailbox for %r", number)
+            await audio.play(["vm-invalid-pin"], interruptible=False)  # keys typed meanwhile are kept
         return None
+
+    def _wrong_pin(self, mailbox: str | None, source: str) -> bool:
+        """Charge a wrong PIN to ``mailbox`` (None: no such mailbox) and to
+        the caller's address unless that is a trunk's; True when it locks the mailbox."""
+        trunk = self.config().trunk_for_source(source)
+        # trunk= comes first, right after src=: the fail2ban filter skips such
+        # lines (they name the carrier), and no client value can stand there.
+        security_event(self.events, "pin_failure", source, trunk=trunk.name if trunk else None, mailbox=mailbox)
+        if trunk is None:
+            self.guard.record_failure(source)
+        if mailbox is None or not self.locks.failed(mailbox):
+            return False
+        logger.warning("voicemail: mailbox %s locked for %d s after %d wrong PINs", mailbox, self.locks.seconds, self.locks.failures)
+        return True
 
     async def _menu(self, audio: CallAudio, mailbox: str) -> None:
         messages = await self.store.rows("voicemail", "mailbox = ? order by heard, received", [mailbox])
@@ -386,16 +431,22 @@ class VoicemailService:
 
 def write_wav(path: Path, pcm: npt.NDArray[np.int16]) -> None:
     """Write 8 kHz mono ``pcm`` to ``path`` through a temporary file renamed
-    when complete, so a crash never leaves a half message under its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    when complete, so a crash never leaves a half message under its name.
+    The data and the folder's new entry are fsynced before this returns: the
+    database row written next never points at a file a power cut took."""
+    make_folders(path.parent)
     temp = path.with_name(f".{path.name}.part")
     try:
-        with wave.open(str(temp), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(RATE)
-            out.writeframes(pcm.astype("<i2").tobytes())
+        with open(temp, "wb") as raw:
+            with wave.open(raw, "wb") as out:  # closing it patches the header, leaves `raw` open
+                out.setnchannels(1)
+                out.setsampwidth(2)
+                out.setframerate(RATE)
+                out.writeframes(pcm.astype("<i2").tobytes())
+            raw.flush()
+            os.fsync(raw.fileno())
         temp.replace(path)
+        sync_folder(path.parent)
     except OSError:
         temp.unlink(missing_ok=True)
         raise

@@ -61,7 +61,7 @@ class Api:
 
     async def call(self, method: str, path: str, *, token: str | None = TOKEN, **kwargs: Any) -> ClientResponse:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        return await self.client.request(method, path, headers=headers, **kwargs)
+        return await self.client.request(method, path, headers=headers | kwargs.pop("headers", {}), **kwargs)
 
     async def json(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
         response = await self.call(method, path, **kwargs)
@@ -191,7 +191,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         await seed(folder, folder / "pbx.db", sink)
         config, prompts, flows = load_setup(path)
         pbx = Pbx(config, prompts, flows)
-        app = make_http_app(config.http.token, pbx.metrics, pbx.healthy)
+        app = make_http_app(lambda: pbx.config.http.token, pbx.metrics, pbx.healthy, pbx.events)
         add_api(app, pbx)
         app.cleanup_ctx.append(pbx.lifetime)
         client = TestClient(TestServer(app, host="127.0.0.1"))
@@ -276,12 +276,13 @@ async def test_click_to_call_refuses_bad_bodies(api: Api) -> None:
     assert body["fields"]["from"] == "must be a string" and "via" in body["fields"]
     body = await api.error("POST", "/api/calls", 422, "invalid-body", json={"from": "9999", "to": "queue:nope"})
     assert set(body["fields"]) == {"from", "to"} and "nope" in body["fields"]["to"]
-    body = await api.error("POST", "/api/calls", 422, "invalid-body", json={"from": "1001", "to": "0900123"})
+    body = await api.error("POST", "/api/calls", 422, "number-not-allowed", json={"from": "1001", "to": "0900123"})
     assert "outbound rule" in body["fields"]["to"]
     body = await api.error("POST", "/api/calls", 422, "invalid-body", json={"from": "1001", "to": "1001"})
     assert "itself" in body["fields"]["to"]
     await api.error("POST", "/api/calls", 422, "invalid-body", json=["1001", "1002"])
-    await api.error("POST", "/api/calls", 400, "invalid-json", data="{from: 1001")
+    await api.error("POST", "/api/calls", 400, "invalid-json", data="{from: 1001", headers={"Content-Type": "application/json"})
+    await api.error("POST", "/api/calls", 415, "unsupported-media-type", data='{"from": "1001", "to": "1002"}')
     # Valid, but 1002 has no registered phone to ring.
     await api.error("POST", "/api/calls", 409, "extension-unavailable", json={"from": "1002", "to": "+4930123456"})
     await api.error("DELETE", "/api/calls/nope", 404, "no-such-call")

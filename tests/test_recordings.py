@@ -145,7 +145,8 @@ def all_files(data_dir: Path) -> list[str]:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    (tmp_path / "pbx.yaml").write_text("storage: {data_dir: data, db: pbx.db}\nrecording: {stereo: true, retention_days: 30}\n")
+    # The database outside data/, whose files the tests list.
+    (tmp_path / "pbx.yaml").write_text(f"storage: {{data_dir: data, db: {tmp_path / 'pbx.db'}}}\nrecording: {{stereo: true, retention_days: 30}}\n")
     config = load_config(tmp_path / "pbx.yaml", env={})
     store = Store(config.storage.db)
     await store.open()

@@ -24,6 +24,7 @@ def test_version() -> None:
 
 def test_check_accepts_the_shipped_config() -> None:
     env = {f"PBX_PASSWORD_{ext}": f"long-enough-{ext}" for ext in ("1001", "1002", "1003")}
+    env["PBX_ADMIN_TOKEN"] = "long-random-token"
     result = pbx("check", "--config", str(REPO / "pbx.yaml"), env={"PATH": "/usr/bin:/bin", **env})
     assert result.returncode == 0, result.stderr
 
@@ -81,7 +82,7 @@ async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
 
 def test_check_warns_when_the_tts_program_is_missing(tmp_path: Path) -> None:
     config = tmp_path / "pbx.yaml"
-    config.write_text("sounds: {tts: no-such-tts-program}\n")
+    config.write_text("sounds: {tts: no-such-tts-program}\nhttp: {token: test-token}\n")
     result = pbx("check", "--config", str(config))
     assert result.returncode == 0
     assert "warning: sounds.tts is no-such-tts-program, which is not installed" in result.stderr

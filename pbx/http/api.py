@@ -9,7 +9,9 @@ handlers validate against.
 Choices the document states too: lists answer a page
 ``{"items", "total", "limit", "offset"}`` (``?limit=`` default 100, at most
 1000; ``?offset=``), a CDR export in CSV carries the total in
-``X-Total-Count``. ``POST /api/calls`` answers 202 at once with the id the
+``X-Total-Count`` and neutralises cells a spreadsheet would run as formulas
+(:func:`csv_cell`); request bodies must be declared ``application/json``
+(415). ``POST /api/calls`` answers 202 at once with the id the
 call keeps: the call goes on in the background, ringing ``from`` first
 (state ``originating``), then ``to`` once ``from`` answers.
 """
@@ -21,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -49,9 +52,11 @@ from pbx.http.openapi import (
     ref,
     validate_body,
 )
+from pbx.http.server import JSON_TYPE, not_json
 from pbx.ivr.schema import flow_files, load_flows
 from pbx.recordings import Recording
 from pbx.sip.b2bua import Call, CallConflict, CallService, Unreachable
+from pbx.sip.routing import DialRefused
 from pbx.store.db import SCHEMA, Store, iso_time
 from pbx.tasks import Background
 
@@ -70,6 +75,7 @@ _STATUS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
     404: web.HTTPNotFound,
     409: web.HTTPConflict,
+    415: web.HTTPUnsupportedMediaType,
     422: web.HTTPUnprocessableEntity,
     503: web.HTTPServiceUnavailable,
 }
@@ -126,6 +132,7 @@ class ClickToCalls:
                 timeout=self.config().sip.ring_timeout,
                 direction=CLICK_TO_CALL,
                 call_id=placing.id,
+                party=placing.from_ext,  # a number outside is dialed for `from`, by its class of service
             )
         finally:
             self.placing.pop(placing.id, None)
@@ -226,7 +233,10 @@ class _Query:
 
 
 async def _body(request: web.Request, schema: Schema) -> dict[str, Any]:
-    """The JSON body, valid by ``schema`` (400 when it is no JSON, 422 with field errors)."""
+    """The JSON body, valid by ``schema`` (415 when it is not declared
+    application/json, 400 when it is no JSON, 422 with field errors)."""
+    if request.content_type != JSON_TYPE:
+        fail(415, "unsupported-media-type", not_json(request))
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -341,17 +351,19 @@ async def place_call(request: web.Request) -> web.Response:
     body = await _body(request, ref("ClickToCall"))
     from_ext, to = body["from"], body["to"]
     problems: dict[str, str] = {}
+    refused: DialRefused | None = None
     if from_ext not in pbx.config.extensions:
         problems["from"] = f"there is no extension {from_ext}"
     try:
-        destination = pbx.calls.destination_for(to)
+        destination = pbx.calls.destination_for(to, from_ext, src=request.remote or "-")
     except ValueError as exc:
         problems["to"] = str(exc)
+    except DialRefused as exc:
+        refused = exc
     else:
         if destination.kind == "extension" and destination.target == from_ext:
             problems["to"] = "is the `from` extension itself"
-    if problems:
-        fail(422, "invalid-body", "the body has invalid fields", fields=problems)
+    _refuse(problems, refused, "to")
     if pbx.calls.draining:
         fail(503, "stopping", "the server is stopping and takes no new calls")
     if not pbx.registrar.contacts(from_ext):
@@ -361,6 +373,18 @@ async def place_call(request: web.Request) -> web.Response:
         fail(409, "extension-busy", f"extension {from_ext} is on a call")
     placing = clicks.start(from_ext, to, destination)
     return web.json_response(_placing_json(placing), status=202)
+
+
+def _refuse(problems: dict[str, str], refused: DialRefused | None, field: str) -> None:
+    """Answer the body's problems (422 invalid-body), else a number the
+    server will not dial: 422 number-not-allowed (no outbound rule lets
+    the party dial it), 409 call-limit (its trunk has max_calls calls up)."""
+    if problems:
+        if refused is not None:
+            problems[field] = str(refused)
+        fail(422, "invalid-body", "the body has invalid fields", fields=problems)
+    if refused is not None:
+        fail(409 if refused.error == "call-limit" else 422, refused.error, str(refused), fields={field: str(refused)})
 
 
 async def hang_up_call(request: web.Request) -> web.Response:
@@ -511,16 +535,20 @@ async def request_callback(request: web.Request) -> web.Response:
     cfg = pbx.config
     name, number = body["queue"], body["number"]
     problems: dict[str, str] = {}
+    refused: DialRefused | None = None
     if name not in cfg.queues:
         problems["queue"] = f"there is no queue {name}"
-    if number not in cfg.extensions and cfg.route_outbound(number) is None:
-        problems["number"] = "is no extension and matches no outbound rule"
-    if problems:
-        fail(422, "invalid-body", "the body has invalid fields", fields=problems)
+    try:
+        pbx.queues.check_callback_number(number, src=request.remote or "-")
+    except DialRefused as exc:
+        refused = exc
+    _refuse(problems, refused, "number")
     if not cfg.queues[name].callback.enabled:
         fail(409, "callbacks-disabled", f"queue {name} does not take callbacks")
     try:
         entry = await pbx.queues.request_callback(name, number)
+    except DialRefused as exc:  # the rules changed since the check above (a reload)
+        fail(422, exc.error, str(exc), fields={"number": str(exc)})
     except ValueError as exc:
         fail(409, "callback-exists", str(exc))
     row = {"id": entry.id, "queue": name, "number": number, "requested": iso_time(entry.entered), "status": "pending", "attempts": 0}
@@ -644,6 +672,28 @@ async def delete_recording(request: web.Request) -> web.Response:
 # --- call detail records ---
 
 
+# A cell a spreadsheet would evaluate: a formula (= + - @) or one behind a
+# tab or carriage return (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CDR value as a CSV cell a spreadsheet shows as text, never runs.
+
+    Caller ids and numbers come from outside (a SIP From header): text
+    starting like a formula gets a leading ``'`` (OWASP), so
+    ``=HYPERLINK(...)`` shows as written. A plain number such as
+    ``+15551234567`` or ``-3`` is left alone: it can only ever be a number,
+    and a quote would change the phone numbers of every exported call.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def cdr_columns(store: Store) -> list[str]:
     """The cdr table's columns: the schema's in its order, then any the table has besides."""
     actual = [column.name for column in store.db["cdr"].columns]
@@ -671,7 +721,7 @@ async def list_cdr(request: web.Request) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(columns)
-    writer.writerows([["" if row[name] is None else row[name] for name in columns] for row in rows])
+    writer.writerows([[csv_cell(row[name]) for name in columns] for row in rows])
     return web.Response(text=out.getvalue(), content_type=CSV_TYPE, charset="utf-8", headers={"X-Total-Count": str(total)})
 
 
@@ -751,7 +801,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "calls", body=ref("ClickToCall"), errors=(409, 503),
         description="Answers at once. Once `from` answers, the call rings `to` for it; if `from` does not answer "
         "within sip.ring_timeout the call disappears from GET /api/calls with a CDR row. "
-        "409: `from` has no registered phone or is on a call; 503: the server is stopping.",
+        "409: `from` has no registered phone or is on a call (`extension-busy`), or the trunk `to` needs has its "
+        "max_calls calls up (`call-limit`); 422 `number-not-allowed`: no outbound rule lets `from` dial `to`; "
+        "503: the server is stopping.",
     ),
     Operation(
         "DELETE", "/api/calls/{id}", "hangUpCall", "Hang up a call (or stop ringing a click-to-call's `from`)",
@@ -794,7 +846,9 @@ OPERATIONS: tuple[Operation, ...] = (
         {201: Reply("the callback, pending in the queue's line", ref("Callback"))}, "callbacks",
         body=ref("CallbackRequest"), errors=(409,),
         description="Joins the end of the queue's line like a caller who pressed the callback digit: a free "
-        "agent's phone rings first, then the number. 409: the queue takes no callbacks, or the number has one pending.",
+        "agent's phone rings first, then the number. 409: the queue takes no callbacks, or the number has one pending; "
+        "422 `number-not-allowed`: the number is no extension and no outbound rule without an `extensions` list "
+        "matches it (a callback is the server's own call).",
     ),
     Operation(
         "DELETE", "/api/callbacks/{id}", "cancelCallback", "Cancel a pending callback", cancel_callback,
@@ -841,7 +895,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/api/cdr", "listCdr", "Call detail records, oldest first", list_cdr,
         {
             200: Reply(
-                "a page of records (JSON), or the same page as CSV with a header row of the cdr table's columns",
+                "a page of records (JSON), or the same page as CSV with a header row of the cdr table's columns; "
+                "in CSV a text cell starting with = + - @, a tab or a carriage return (not a plain number) gets a "
+                "leading ' so that no spreadsheet runs it as a formula",
                 content={"application/json": page_of("CallRecord"), CSV_TYPE: {"type": "string"}},
                 headers={"X-Total-Count": {"type": "integer"}},
             )

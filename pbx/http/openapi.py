@@ -5,8 +5,9 @@ An :class:`Operation` names its method, path, handler and request body
 schema; the body schema also drives the request validation
 (:func:`validate_body`), so what the document promises is what the server
 checks. Error responses every operation shares (401, 400 for unreadable
-JSON, 404 for unknown ids, 422 for bad input) are added here from what the
-operation has: auth, a body, path or query parameters.
+JSON, 415 for a body that is not declared application/json, 404 for unknown
+ids, 422 for bad input) are added here from what the operation has: auth, a
+body, path or query parameters.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "required": ["id", "from", "to", "direction", "state", "started", "answered", "queue", "agent", "recording"],
         "properties": {
-            "id": _TEXT,
+            "id": {"type": "string", "description": "made by the server (never the SIP Call-ID); the CDR row's call_id"},
             "from": _TEXT,
             "to": _TEXT,
             "direction": {"type": "string", "description": "internal, inbound, outbound, callback or click-to-call"},
@@ -273,7 +274,8 @@ SCHEMAS: dict[str, Schema] = {
         "description": "one row of the cdr table: these columns and any the table has besides",
         "required": ["call_id", "direction", "from_number", "to_number", "started", "ended", "disposition", "duration", "billsec"],
         "properties": {
-            "call_id": _TEXT,
+            "call_id": {"type": "string", "description": "the call's id, made by the server (as in GET /api/calls)"},
+            "sip_call_id": {**nullable(_TEXT), "description": "the SIP Call-ID of the caller's INVITE, to find it in a trace"},
             "direction": _TEXT,
             "from_number": nullable(_TEXT),
             "to_number": nullable(_TEXT),
@@ -343,6 +345,7 @@ ERROR_TEXT = {
     401: "no valid bearer token",
     404: "no such resource",
     409: "the request does not fit the current state",
+    415: "the body is not declared `Content-Type: application/json`",
     422: "invalid input; `fields` says what is wrong with each field",
     503: "the server is stopping",
 }
@@ -359,7 +362,8 @@ def document(operations: tuple[Operation, ...], version: str) -> dict[str, Any]:
             "title": "pbx admin API",
             "version": version,
             "description": (
-                "Every endpoint but /healthz needs `Authorization: Bearer TOKEN`. Errors are JSON "
+                "Every endpoint but /healthz needs `Authorization: Bearer TOKEN`. Request bodies are JSON, "
+                "sent as `Content-Type: application/json` (anything else: 415). Errors are JSON "
                 '`{"error": ID, "message": TEXT}`. Lists answer a page, `{"items", "total", "limit", "offset"}`, '
                 f"chosen with `?limit=` (default {PAGE_LIMIT_DEFAULT}, at most {PAGE_LIMIT_MAX}) and `?offset=`; "
                 "CSV answers carry the total in the X-Total-Count header. Times are ISO-8601 in UTC."
@@ -383,7 +387,7 @@ def _operation(op: Operation) -> dict[str, Any]:
     if op.auth:
         errors.add(401)
     if op.body is not None:
-        errors |= {400, 422}
+        errors |= {400, 415, 422}
     if op.path_parameters:
         errors.add(404)
     if op.parameters:

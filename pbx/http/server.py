@@ -1,27 +1,37 @@
-"""The HTTP side: /healthz and /metrics now, the admin API of CONTRACT §4 later.
+"""The HTTP side: /healthz, /metrics and the admin API of CONTRACT §4 (pbx.http.api).
 
-Every route but /healthz needs ``Authorization: Bearer <http.token>``; with an
-empty token (allowed on loopback only) the token check is off.
+Every route but /healthz needs ``Authorization: Bearer <http.token>``, on
+loopback too (the config refuses an empty token). The token is read for
+each request, so a reload that changes it takes effect at once: the old one
+is refused from then on. A request that carries a body must say
+``Content-Type: application/json``; anything else gets 415 before a handler
+reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from pbx.events import EventBus
 from pbx.metrics import Metrics
+from pbx.security import security_event
 
 Health = Callable[[], Awaitable[bool]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 
 OPEN_PATHS = frozenset({"/healthz"})
+JSON_TYPE = "application/json"
 
 
-def make_http_app(token: str, metrics: Metrics, health: Health) -> web.Application:
-    app = web.Application(middlewares=[_error_middleware, _token_middleware(token)])
+def make_http_app(token: Callable[[], str], metrics: Metrics, health: Health, events: EventBus) -> web.Application:
+    """The aiohttp application: ``token()`` is the bearer token in force."""
+    app = web.Application(middlewares=[_error_middleware, _token_middleware(token, events), _json_body_middleware])
     app[METRICS] = metrics
     app[HEALTH] = health
     app.router.add_get("/healthz", _healthz)
@@ -29,26 +39,56 @@ def make_http_app(token: str, metrics: Metrics, health: Health) -> web.Applicati
     return app
 
 
-def json_error(status: int, error: str, message: str) -> web.Response:
-    return web.json_response({"error": error, "message": message}, status=status)
+def json_error(status: int, error: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": error, "message": message}, status=status, headers=headers)
 
 
-def _token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {token}".encode()
+def bearer_matches(header: str, token: str) -> bool:
+    """Whether an Authorization header carries ``token`` as a bearer token.
 
+    The scheme is case-insensitive (RFC 7235 §2.1); the token is compared in
+    constant time, as digests of equal length, so the time of a refusal tells
+    nothing about how much of a guess was right, nor the token's length. An
+    empty ``token`` matches nothing.
+    """
+    scheme, _, credentials = header.strip().partition(" ")
+    if not token or scheme.lower() != "bearer":
+        return False
+    given = hashlib.sha256(credentials.strip().encode(errors="surrogateescape")).digest()  # undecodable bytes too
+    return hmac.compare_digest(given, hashlib.sha256(token.encode()).digest())
+
+
+def _token_middleware(token: Callable[[], str], events: EventBus) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
-    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if token and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return json_error(401, "unauthorized", "a valid bearer token is required")
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS and not bearer_matches(request.headers.get("Authorization", ""), token()):
+            # Counted like a wrong SIP password: a token guesser shows up in the
+            # same fail2ban line (RFC 6750 §3: the challenge names the scheme).
+            security_event(events, "auth_failure", request.remote or "", service="http")
+            challenge = {"WWW-Authenticate": 'Bearer realm="pbx"'}
+            return json_error(401, "unauthorized", "a valid bearer token is required", challenge)
         return await handler(request)
 
     return check
 
 
 @web.middleware
-async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _json_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """415 for a body that is not JSON, whatever the route: a form or text/plain
+    post is never read as JSON (routes that need a body check the type too, see
+    pbx.http.api._body)."""
+    if request.body_exists and request.content_type != JSON_TYPE:
+        return json_error(415, "unsupported-media-type", not_json(request))
+    return await handler(request)
+
+
+def not_json(request: web.Request) -> str:
+    """The message of a 415: what the body was declared as."""
+    return f"the body must be {JSON_TYPE}, not {request.headers.get('Content-Type') or 'undeclared'}"
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
