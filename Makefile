@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) apt-get
 
-.PHONY: run test test-deps bench bench-deps check clean
+.PHONY: run test test-deps bench bench-deps check clean .env
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.12 or newer is required (none found on PATH or under ~/.pyenv)"; exit 1; }
@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Phony, so that every `make run` checks it: created 0600 with random
+# passwords and admin token (printed once), completed, its mode tightened.
 .env:
-	@./config/make-env > .env
-	@echo "Wrote random extension passwords to .env (keep it private):"
-	@cat .env
+	@./config/make-env .env
 
 run: $(VENV)/.installed .env
 	set -a && . ./.env && set +a && exec $(VENV)/bin/pbx serve --config pbx.yaml
@@ -33,6 +33,11 @@ check: $(VENV)/.installed .env
 
 test-deps:
 	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
+	@command -v svwar >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sipvicious; }
+	@command -v openssl >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq openssl; }
+# fail2ban-regex checks the shipped fail2ban filter; the service the package enables is not wanted here.
+	@command -v fail2ban-regex >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends fail2ban \
+	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now fail2ban; }; }
 
 test: $(VENV)/.installed test-deps
 	$(PY) -m mypy

@@ -37,6 +37,7 @@ from pbx.sip.b2bua import CallService
 from pbx.sip.mwi import MessageWaiting
 from pbx.sip.registrar import Registrar
 from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip.tls import client_context, server_context
 from pbx.sip.trunks import TrunkRegistration
 from pbx.store.db import Store
 from pbx.voicemail import VoicemailService
@@ -57,9 +58,11 @@ class Pbx:
         host = advertised_host(config)
         self.stack = SipStack(events=self.events, advertised_host=host, user_agent=config.sip.user_agent)
         self.authenticator = DigestAuthenticator(config.sip.domain, algorithms=config.sip.auth_algorithms)
-        self.guard = AddressGuard()
+        self.guard = AddressGuard(events=self.events)
         self.stack.is_blocked = self.guard.is_banned
-        self.registrar = Registrar(self._password, self.store, self.authenticator, self.guard, self.events)
+        self.registrar = Registrar(
+            self._password, self.store, self.authenticator, self.guard, self.events, max_contacts=self._max_contacts
+        )
         self.clock = MediaClock()
         self.ports = RtpPortPool(config.rtp.ip, config.rtp.port_min, config.rtp.port_max)
         self.prompts, self.flows = prompts, flows
@@ -100,7 +103,9 @@ class Pbx:
             events=self.events,
         )
         self.registrar.on_bound = self.mwi.registered
-        self.voicemail = VoicemailService(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
+        self.voicemail = VoicemailService(
+            config=lambda: self.config, store=self.store, events=self.events, clock=self.clock, guard=self.guard
+        )
         self.voicemail.mwi = self.mwi
         self.calls.voicemail = self.voicemail
         self.recorder = Recorder(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
@@ -110,17 +115,18 @@ class Pbx:
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.handle_stray_response
         self.trunks: list[TrunkRegistration] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def _password(self, extension: str) -> str | None:
         ext = self.config.extensions.get(extension)
         return ext.password if ext else None
 
+    def _max_contacts(self, extension: str) -> int:
+        ext = self.config.extensions.get(extension)
+        return ext.max_contacts if ext else 0
+
     def _on_request(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         if request.method.upper() == "REGISTER":
-            task = asyncio.get_running_loop().create_task(self._register(request, flow, txn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.stack.spawn(txn, self._register(request, flow, txn))
         elif request.method.upper() == "SUBSCRIBE":
             self.mwi.handle_subscribe(request, flow, txn)
         else:
@@ -139,8 +145,12 @@ class Pbx:
         await self.store.open()
         await self.recorder.start()
         await self.registrar.load()
+        tls = self.config.sip.tls
+        # Checked by load_config; the contexts serve every tls: listener.
+        server_ssl = server_context(tls.cert, tls.key) if tls is not None else None
+        client_ssl = client_context(tls.ca) if tls is not None else None
         for listen in self.config.sip.listen:
-            await self.stack.listen(listen.transport, listen.host, listen.port)
+            await self.stack.listen(listen.transport, listen.host, listen.port, server_ssl=server_ssl, client_ssl=client_ssl)
         self.clock.start()
         self._start_trunks()
         self.registrar.start()
@@ -198,9 +208,6 @@ class Pbx:
         await self.registrar.stop()
         for trunk in self.trunks:
             await trunk.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.clock.stop()
         if self._http is not None:
             await self._http.close()
@@ -223,8 +230,10 @@ class Pbx:
                 logger.error("reload refused: %s", issue)
             self.events.emit("config_reload_failed", errors=len(exc.issues))
             return exc.issues
-        if new.sip.listen != self.config.sip.listen or new.rtp != self.config.rtp:
-            logger.warning("sip.listen and rtp changes take effect at the next restart")
+        if new.sip.listen != self.config.sip.listen or new.sip.tls != self.config.sip.tls or new.rtp != self.config.rtp:
+            logger.warning("sip.listen, sip.tls and rtp changes take effect at the next restart")
+        if new.http.token != self.config.http.token:
+            logger.info("http.token changed: the old admin token is refused from now on")
         self.config = new
         self.flows = flows
         self.prompts = prompts
@@ -248,7 +257,8 @@ class Pbx:
 async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow]) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
     pbx = Pbx(config, prompts, flows)
-    app = make_http_app(config.http.token, pbx.metrics, pbx.healthy)
+    # The token is read per request: a reload that changes it takes effect at once.
+    app = make_http_app(lambda: pbx.config.http.token, pbx.metrics, pbx.healthy, pbx.events)
     add_api(app, pbx)
     app.cleanup_ctx.append(pbx.lifetime)
     runner = web.AppRunner(app, access_log=None)
@@ -283,7 +293,7 @@ def load_setup(path: Path) -> tuple[Config, PromptLibrary, dict[str, IvrFlow]]:
     """pbx.yaml, its prompt library and every flow of ``ivr.dir``, as
     `pbx check`, `pbx serve` and a reload see them: ConfigError with every
     issue when anything is broken."""
-    config = load_config(path)
+    config = load_config(path, require_token=True)
     prompts = PromptLibrary(config.sounds.dir, config.sounds.tts, config.storage.data_dir / "cache")
     flows, issues = load_flows(config.ivr.dir, config, prompts.exists)
     if issues:

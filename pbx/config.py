@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ CODECS: Final = ("PCMU", "PCMA", "G722")
 QUEUE_STRATEGIES: Final = ("ringall", "round-robin", "longest-idle", "fewest-calls", "random", "linear")
 DESTINATION_KINDS: Final = ("ivr", "queue", "extension", "voicemail", "external", "hangup")
 MIN_PASSWORD_LENGTH: Final = 8
+SRTP_MODES: Final = ("optional", "mandatory", "off")
 
 
 # --- Errors ---------------------------------------------------------------
@@ -67,9 +69,18 @@ class ConfigError(Exception):
 class Listen:
     """A SIP listening socket, written ``udp:0.0.0.0:5060`` or ``tcp:[::1]:5060``."""
 
-    transport: str  # "udp" | "tcp"
+    transport: str  # "udp" | "tcp" | "tls"
     host: str  # IPv6 without brackets
     port: int
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``sip.tls``: our certificate for ``tls:`` listeners, and whom we trust as a client."""
+
+    cert: Path  # PEM certificate chain
+    key: Path  # PEM private key
+    ca: Path | None  # PEM bundle that trunks' certificates must chain to; None: the system's CAs
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class SipConfig:
     drain_timeout: int = 30
     # Digest algorithms offered in every challenge, in this order (RFC 8760).
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    tls: TlsConfig | None = None  # required when `listen` has a tls: address
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class RtpConfig:
     port_min: int  # even: RTP takes even ports, RTCP the odd one above
     port_max: int
     codecs: tuple[str, ...]  # in order of preference
+    srtp: str = "optional"  # SRTP_MODES: optional (on TLS legs) | mandatory | off
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ class HttpConfig:
 
     host: str
     port: int
-    token: str  # empty only when host is a loopback address
+    token: str  # never empty for `pbx check`, `serve` and reloads (load_config's require_token)
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ class StorageConfig:
     """``storage``: the database and the folder holding recordings/ and voicemail/."""
 
     data_dir: Path  # recordings/ and voicemail/ live under it
-    db: Path
+    db: Path  # a relative storage.db resolves under data_dir, which the server may write
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,8 @@ class Extension:
     password: str
     voicemail: VoicemailBox | None
     record: bool  # record its answered calls, in and out
+    max_contacts: int  # registered bindings at most; a REGISTER beyond it is refused
+    max_calls: int  # calls it may be in at once; the next one it places is refused (toll fraud)
 
 
 @dataclass(frozen=True)
@@ -167,14 +182,25 @@ class Trunk:
     inbound_from: tuple[Network, ...]  # source networks trusted for inbound calls
     register: TrunkRegister | None
     caller_id: str | None
+    max_calls: int | None = None  # calls through it at once; None: no limit
+    transport: str = "udp"  # "udp" | "tls" (host written with ;transport=tls)
 
 
 @dataclass(frozen=True)
 class OutboundRule:
-    """Dialed numbers matching ``pattern`` (``re.search``) leave through ``trunk``."""
+    """Dialed numbers matching ``pattern`` (``re.search``) leave through ``trunk``;
+    ``extensions`` are the only ones that may use the rule (None: every
+    extension, and the calls the server places itself)."""
 
     pattern: re.Pattern[str]
     trunk: str
+    extensions: frozenset[str] | None = None
+
+    def allows(self, number: str, party: str | None) -> bool:
+        """Whether ``party`` (an extension; None: the server) may dial ``number`` by this rule."""
+        if self.extensions is not None and party not in self.extensions:
+            return False
+        return self.pattern.search(number) is not None
 
 
 @dataclass(frozen=True)
@@ -299,10 +325,14 @@ class Config:
         ext = self.extensions.get(number)
         return ext.voicemail if ext is not None else None
 
-    def route_outbound(self, number: str) -> Trunk | None:
-        """The trunk of the first outbound rule matching ``number``; None: refuse the call."""
+    def route_outbound(self, number: str, party: str | None = None) -> Trunk | None:
+        """The trunk of the first outbound rule that matches ``number`` and that
+        ``party`` may use; None: refuse the call. ``party`` is the extension
+        dialing (itself, or by click-to-call); None is the server placing a
+        call of its own (callbacks, flows, queue exits), which may use only
+        the rules without an ``extensions`` list."""
         for rule in self.outbound:
-            if rule.pattern.search(number):
+            if rule.allows(number, party):
                 return self.trunks[rule.trunk]
         return None
 
@@ -367,7 +397,36 @@ REFERENCE_KINDS: Final = {
 }
 
 
-class _ConfigReader(_Reader):
+class DestinationReader(_Reader):
+    """A reader of files holding destinations (pbx.yaml, IVR flows): it keeps
+    the ``external:`` ones, whose numbers must pass the outbound rules."""
+
+    def __init__(
+        self,
+        file: Path,
+        issues: list[ConfigIssue] | None = None,
+        *,
+        base_dir: Path | None = None,
+        reference_kinds: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(file, issues, base_dir=base_dir, reference_kinds=reference_kinds)
+        self.external: list[tuple[Destination, _Node]] = []
+
+    def check_dialable(self, config: Config) -> None:
+        """Report every ``external:`` destination whose number no outbound rule
+        lets the server dial: the call would be refused when it got there."""
+        for destination, node in self.external:
+            if destination.trunk is not None and destination.trunk not in config.trunks:
+                continue  # reported as an unknown trunk
+            if config.route_outbound(destination.target) is None:
+                self.report(
+                    node.line,
+                    f"{node.path}: no outbound rule lets the server dial {destination.target!r} "
+                    "(rules with an `extensions` list serve only those extensions)",
+                )
+
+
+class _ConfigReader(DestinationReader):
     """Reads pbx.yaml: ${ENV} expansion, and the IVR folder for `ivr:` hints."""
 
     def __init__(self, file: Path, base_dir: Path, env: Mapping[str, str], issues: list[ConfigIssue]) -> None:
@@ -399,8 +458,17 @@ class _ConfigReader(_Reader):
         return replace(node, value=expanded, from_env=True) if count else node
 
 
+def _user_path(r: _Reader, node: _Node) -> Path:
+    """A path as written, with ``~`` expanded; relative ones stay relative."""
+    text = _text(r, node)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~name of no user
+        raise _Invalid(f"{node.name}: {text!r} names the home of an unknown user") from None
+
+
 def _path(r: _Reader, node: _Node) -> Path:
-    return r.base_dir / Path(_text(r, node)).expanduser()
+    return r.base_dir / _user_path(r, node)
 
 
 def _flow_dir(r: _Reader, node: _Node) -> Path:
@@ -491,12 +559,70 @@ def _listen(r: _Reader, node: _Node) -> Listen:
     text = _text(r, node)
     transport, _, address = text.partition(":")
     try:
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be udp or tcp, not {transport!r}")
-        return Listen(transport, *_split_host_port(address, None))
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"transport must be udp, tcp or tls, not {transport!r}")
+        listen = Listen(transport, *_split_host_port(address, None))
     except ValueError as exc:
-        example = "like udp:0.0.0.0:5060 or tcp:[::1]:5060"
+        example = "like udp:0.0.0.0:5060, tcp:[::1]:5060 or tls:0.0.0.0:5061"
         raise _Invalid(f"{node.name}: bad listen address {text!r}: {exc} ({example})") from None
+
+
+    # Trunks (read after sip) may use ;transport=tls only when a TLS listener exists.
+    r.declared.setdefault("transport", set()).add(transport)
+    return listen
+
+
+def _trunk_host(r: _Reader, node: _Node) -> tuple[str, int, str]:
+    """``host[:port][;transport=udp|tls]``; TLS defaults to port 5061 and needs a tls: listener."""
+    text = _text(r, node)
+    address, _, params = text.partition(";")
+    transport = "udp"
+    if params:
+        name, _, value = params.partition("=")
+        if name.strip().lower() != "transport" or value.strip().lower() not in ("udp", "tls"):
+            raise _Invalid(f"{node.name}: bad parameter {params!r}: only ;transport=udp or ;transport=tls")
+        transport = value.strip().lower()
+    if transport == "tls" and "tls" not in r.declared.get("transport", set()):
+        raise _Invalid(f"{node.name}: ;transport=tls needs a tls: address in sip.listen (and sip.tls)")
+    try:
+        host, port = _split_host_port(address, 5061 if transport == "tls" else 5060)
+    except ValueError as exc:
+        raise _Invalid(f"{node.name}: {exc} (like sip.example.net:5060 or sip.example.net:5061;transport=tls)") from None
+    return host, port, transport
+
+
+def _existing_file(r: _Reader, node: _Node) -> Path:
+    path = _path(r, node)
+    if not path.is_file():
+        raise _Invalid(f"{node.name}: no file {path}")
+    return path
+
+
+def _build_tls(node: _Node, values: dict[str, Any]) -> TlsConfig:
+    tls = TlsConfig(values["cert"], values["key"], values["ca"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise _Invalid(f"sip.tls: cannot use {tls.cert} with {tls.key}: {exc}", node.line_of("cert")) from None
+    if tls.ca is not None:
+        try:
+            context.load_verify_locations(tls.ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise _Invalid(f"sip.tls.ca: {tls.ca} is no PEM bundle of certificates: {exc}", node.line_of("ca")) from None
+    return tls
+
+
+def _build_sip(node: _Node, values: dict[str, Any]) -> SipConfig:
+    if values["tls"] is None and any(listen.transport == "tls" for listen in values["listen"]):
+        raise _Invalid("sip.listen has a tls: address but sip.tls (cert and key) is missing", node.line_of("listen"))
+    return SipConfig(**values)
+
+
+def _srtp_mode(r: _Reader, node: _Node) -> str:
+    if node.value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    return _choice(*SRTP_MODES)(r, node)
 
 
 def _port_range(r: _Reader, node: _Node) -> tuple[int, int]:
@@ -548,6 +674,8 @@ def read_destination(r: _Reader, node: _Node) -> Destination:
             r.refer("mailbox", destination.target, node)
         case "external":
             r.refer("trunk", destination.trunk, node)
+            if isinstance(r, DestinationReader):
+                r.external.append((destination, node))
     return destination
 
 
@@ -556,23 +684,18 @@ def read_destination(r: _Reader, node: _Node) -> Destination:
 
 def _build_rtp(node: _Node, values: dict[str, Any]) -> RtpConfig:
     port_min, port_max = values["ports"]
-    return RtpConfig(values["ip"], port_min, port_max, values["codecs"])
+    return RtpConfig(values["ip"], port_min, port_max, values["codecs"], srtp=values["srtp"])
 
 
 def _build_http(node: _Node, values: dict[str, Any]) -> HttpConfig:
     host, port = values["listen"]
-    if not values["token"] and not _is_loopback(host):
-        raise _Invalid("http.token is empty: the API must listen on a loopback address", node.line_of("token"))
     return HttpConfig(host, port, values["token"])
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _build_storage(node: _Node, values: dict[str, Any]) -> StorageConfig:
+    # The database lives with the rest of the data (the systemd unit lets the
+    # server write only data_dir), unless storage.db is an absolute path.
+    return StorageConfig(values["data_dir"], values["data_dir"] / values["db"])
 
 
 def _build_extension(node: _Node, values: dict[str, Any]) -> Extension:
@@ -585,8 +708,16 @@ def _build_extension(node: _Node, values: dict[str, Any]) -> Extension:
 
 
 def _build_trunk(node: _Node, values: dict[str, Any]) -> Trunk:
-    host, port = values["host"]
-    return Trunk(node.key, host, port, values["inbound_from"], values["register"], values["caller_id"])
+    host, port, transport = values["host"]
+    return Trunk(
+        node.key, host, port, values["inbound_from"], values["register"], values["caller_id"], max_calls=values["max_calls"],
+        transport=transport,
+    )
+
+
+def _build_outbound_rule(node: _Node, values: dict[str, Any]) -> OutboundRule:
+    extensions = frozenset(values["extensions"]) if values["extensions"] is not None else None
+    return OutboundRule(values["match"], values["trunk"], extensions)
 
 
 def _build_voicemail(node: _Node, values: dict[str, Any]) -> VoicemailConfig:
@@ -631,6 +762,11 @@ _name = _matching(_NAME, "a name of letters, digits, '_', '.' or '-'")
 _dtmf_digit = _matching(r"[0-9*#]", "one DTMF key (0-9, * or #)")
 _feature_code = _matching(r"[0-9*#]+", "a code of DTMF keys, like \"*97\"")
 
+_TLS_FIELDS = (
+    _Field("cert", _existing_file),
+    _Field("key", _existing_file),
+    _Field("ca", _optional(_existing_file), None),
+)
 _SIP_FIELDS = (
     _Field("listen", _list_of(_listen, non_empty=True, unique=True), ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]),
     _Field("domain", _text, "pbx.local"),
@@ -639,17 +775,22 @@ _SIP_FIELDS = (
     _Field("ring_timeout", _integer(1, 600), 30),
     _Field("drain_timeout", _integer(0, 3600), 30),
     _Field("auth_algorithms", _list_of(_choice("SHA-256", "MD5"), non_empty=True, unique=True), ["SHA-256", "MD5"]),
+    _Field("tls", _optional(_section(_TLS_FIELDS, _build_tls)), None),
 )
 _RTP_FIELDS = (
     _Field("ip", _ip_address, "0.0.0.0"),
     _Field("ports", _port_range, [10000, 20000]),
     _Field("codecs", _list_of(_choice(*CODECS), non_empty=True, unique=True), list(CODECS)),
+    _Field("srtp", _srtp_mode, "optional"),
 )
 _HTTP_FIELDS = (
     _Field("listen", _host_port(None, "127.0.0.1:8080"), "127.0.0.1:8080"),
     _Field("token", _string, "${PBX_ADMIN_TOKEN:-}"),
 )
-_STORAGE_FIELDS = (_Field("data_dir", _path, "."), _Field("db", _path, "pbx.db"))
+_STORAGE_FIELDS = (
+    _Field("data_dir", _path, "."),
+    _Field("db", _user_path, "pbx.db"),  # under data_dir when relative
+)
 _SOUNDS_FIELDS = (_Field("dir", _path, "config/sounds"), _Field("tts", _optional(_text), "espeak-ng"))
 _IVR_FIELDS = (_Field("dir", _flow_dir, "ivr_flows"),)
 _MAILBOX_FIELDS = (
@@ -661,6 +802,8 @@ _EXTENSION_FIELDS = (
     _Field("password", _string),
     _Field("voicemail", _optional(_section(_MAILBOX_FIELDS, _fields_of(VoicemailBox))), None),
     _Field("record", _boolean, False),
+    _Field("max_contacts", _integer(1, 100), 10),
+    _Field("max_calls", _integer(1, 1000), 4),
 )
 _REGISTER_FIELDS = (
     _Field("username", _text),
@@ -668,14 +811,16 @@ _REGISTER_FIELDS = (
     _Field("expires", _integer(60, 86400), 300),
 )
 _TRUNK_FIELDS = (
-    _Field("host", _host_port(5060, "sip.example.net:5060")),
+    _Field("host", _trunk_host),
     _Field("inbound_from", _list_of(_network), []),
     _Field("register", _optional(_section(_REGISTER_FIELDS, _fields_of(TrunkRegister))), None),
     _Field("caller_id", _optional(_matching(r"\+?[0-9]+", "a phone number like \"+15550100\"")), None),
+    _Field("max_calls", _optional(_integer(1, 100000)), None),
 )
 _OUTBOUND_FIELDS = (
     _Field("match", _regex),
     _Field("trunk", _reference("trunk", _name)),
+    _Field("extensions", _optional(_list_of(_reference("extension", _number), non_empty=True, unique=True)), None),
 )
 _ANNOUNCE_FIELDS = (
     _Field("position", _boolean, True),
@@ -727,16 +872,16 @@ _FEATURES_FIELDS = (
     _Field("agent_pause", _feature_code, "*46"),
 )
 _CONFIG_FIELDS = (
-    _Field("sip", _section(_SIP_FIELDS, _fields_of(SipConfig)), {}),
+    _Field("sip", _section(_SIP_FIELDS, _build_sip), {}),
     _Field("rtp", _section(_RTP_FIELDS, _build_rtp), {}),
     _Field("http", _section(_HTTP_FIELDS, _build_http), {}),
-    _Field("storage", _section(_STORAGE_FIELDS, _fields_of(StorageConfig)), {}),
+    _Field("storage", _section(_STORAGE_FIELDS, _build_storage), {}),
     _Field("sounds", _section(_SOUNDS_FIELDS, _fields_of(SoundsConfig)), {}),
     _Field("ivr", _section(_IVR_FIELDS, _fields_of(IvrConfig)), {}),
     _Field("timezone", _timezone, "UTC"),
     _Field("extensions", _extensions, {}),
     _Field("trunks", _table("trunk", _name, _section(_TRUNK_FIELDS, _build_trunk)), {}),
-    _Field("outbound", _list_of(_section(_OUTBOUND_FIELDS, lambda n, v: OutboundRule(v["match"], v["trunk"]))), []),
+    _Field("outbound", _list_of(_section(_OUTBOUND_FIELDS, _build_outbound_rule)), []),
     _Field("inbound", _table(None, _matching(r"[^\s:@]+", "a number or SIP user"), read_destination), {}),
     _Field("queues", _table("queue", _name, _section(_QUEUE_FIELDS, lambda n, v: Queue(n.key, **v))), {}),
     _Field("recording", _section(_RECORDING_FIELDS, _fields_of(RecordingConfig)), {}),
@@ -746,12 +891,15 @@ _CONFIG_FIELDS = (
 )
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: Path, env: Mapping[str, str] | None = None, *, require_token: bool = False) -> Config:
     """Read and validate pbx.yaml; raise ConfigError listing every problem.
 
     ``${VAR}`` and ``${VAR:-default}`` in string values are taken from ``env``
     (default ``os.environ``); the default applies when VAR is unset or empty.
-    Relative paths resolve against the folder holding ``path``.
+    Relative paths resolve against the folder holding ``path``, but a relative
+    ``storage.db`` resolves under ``storage.data_dir``. ``require_token``
+    (`pbx check`, `serve` and reloads) makes an empty ``http.token`` an error:
+    the admin API answers nothing without one, on loopback too.
     """
     path = Path(path)
     root, issues = _load_yaml(path)
@@ -763,6 +911,15 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except _Reported:
         values = None
     reader.check_references()
+    if require_token and values is not None and "http" in values and not values["http"].token:
+        http = root.value.get("http") if isinstance(root.value, dict) else None
+        line = http.line_of("token") if http is not None else 0
+        message = "http.token is empty: the admin API needs a token on every address (`make run` writes PBX_ADMIN_TOKEN to .env)"
+        reader.issues.append(ConfigIssue(path, line, message))
     if values is None or reader.issues:
         raise ConfigError(sorted(reader.issues, key=lambda issue: issue.line))
-    return Config(path=path, **values)
+    config = Config(path=path, **values)
+    reader.check_dialable(config)
+    if reader.issues:
+        raise ConfigError(sorted(reader.issues, key=lambda issue: issue.line))
+    return config

@@ -161,7 +161,12 @@ def load_yaml(path: Path) -> tuple[YamlNode | None, list[ConfigIssue]]:
         return None, [ConfigIssue(path, line, "file is not valid UTF-8")]
     except OSError as exc:
         return None, [ConfigIssue(path, 0, f"cannot read file: {exc.strerror or exc}")]
-    loader = _Loader(text, path)
+    try:
+        loader = _Loader(text, path)
+    except yaml.reader.ReaderError as exc:
+        # The reader refuses control characters in the whole text before parsing.
+        line = text[: exc.position].count("\n") + 1
+        return None, [ConfigIssue(path, line, f"invalid YAML: character U+{exc.character:04X} is not allowed")]
     try:
         return loader.located_root(), loader.issues
     except yaml.MarkedYAMLError as exc:

@@ -151,7 +151,7 @@ def test_bad_listen_string(tmp_path: Path) -> None:
 sip:
   listen:
     - "udp:0.0.0.0:5060"
-    - "tls:0.0.0.0:5061"
+    - "sctp:0.0.0.0:5061"
     - "tcp:::1:5060"
 """
     issues = errors(tmp_path, text)
@@ -160,7 +160,7 @@ sip:
         f"{prefix}:4: sip.listen[1]:",
         f"{prefix}:5: sip.listen[2]:",
     ]
-    assert "transport must be udp or tcp, not 'tls'" in issues[0]
+    assert "transport must be udp, tcp or tls, not 'sctp'" in issues[0]
 
 
 def test_listen_accepts_bracketed_ipv6(tmp_path: Path) -> None:
@@ -238,7 +238,6 @@ queues:
         f"{prefix}:1: sip.ring_timeout must be between 1 and 600, not 0",
         f"{prefix}:2: rtp.ports: the first port must be even (RTP uses even ports, RTCP the odd one above)",
         f"{prefix}:2: rtp.codecs[1] must be one of PCMU, PCMA, G722, not 'OPUS'",
-        f"{prefix}:3: http.token is empty: the API must listen on a loopback address",
         f"{prefix}:4: timezone: unknown time zone 'Mars/Olympus'",
         f"{prefix}:6: password of extension 1001 is shorter than 8 characters",
         f"{prefix}:7: MISSING is not set",
@@ -271,6 +270,8 @@ extensions:
   1001: {name: Alice, password: secret-1001, voicemail: {pin: 0123}}
 trunks:
   provider: {host: "[2001:db8::1]:5080", caller_id: +15550100}
+outbound:
+  - {match: "^[+]49", trunk: provider}
 inbound:
   +15551234567: external:+4930123
 """
