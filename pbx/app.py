@@ -36,7 +36,8 @@ from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.sip.b2bua import CallService
 from pbx.sip.mwi import MessageWaiting
 from pbx.sip.registrar import Registrar
-from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip.stack import Flow, SipStack
+from pbx.sip.transactions import ServerTransaction
 from pbx.sip.tls import client_context, server_context
 from pbx.sip.trunks import TrunkRegistration
 from pbx.store.db import Store

@@ -36,7 +36,8 @@ from pbx.events import EventBus
 from pbx.ivr.schema import load_flow
 from pbx.sip.messages import make_response, uri_user
 from pbx.sip.sdp import parse_media
-from pbx.sip.stack import Flow, ServerTransaction, SipStack, _Udp
+from pbx.sip.stack import Flow, SipStack, _Udp
+from pbx.sip.transactions import ServerTransaction
 
 EXAMPLES = int(os.environ.get("PBX_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

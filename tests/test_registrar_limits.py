@@ -15,9 +15,6 @@ import pytest
 import yaml
 
 from pbx.config import ConfigError, load_config
-from pbx.events import EventBus
-from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.registrar import Registrar
 from pbx.store.db import Store
 from tests.support.server import PASSWORDS, Server, base_config, start_server
 from tests.test_digest_replay import DOMAIN, RawClient

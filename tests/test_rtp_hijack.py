@@ -51,10 +51,10 @@ SPRAY_INTERVAL = 0.010  # one sweep of the whole range every 10 ms
 
 # The caller hears the prompt, then 1.5 s of nothing while the menu waits for
 # a key (a quiet stretch where injected audio would stand out), then is hung up.
-FLOW = f"""
+FLOW = """
 start: menu
 nodes:
-  menu: {{type: menu, prompt: tone, options: {{"1": hangup}}, timeout: 1.5, retries: 0, on_fail: hangup}}
+  menu: {type: menu, prompt: tone, options: {"1": hangup}, timeout: 1.5, retries: 0, on_fail: hangup}
 """
 
 

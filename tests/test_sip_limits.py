@@ -17,8 +17,9 @@ import pytest
 from aiosipua import SipDigestAuth, SipMessage, SipRequest, SipResponse, build_credentials, parse_auth, stringify_auth
 
 from pbx.events import EventBus
-from pbx.sip import stack as stack_module
-from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip import transactions as transactions_module
+from pbx.sip.stack import Flow, SipStack
+from pbx.sip.transactions import ServerTransaction
 from pbx.sip.tcp import MAX_CONNECTIONS_PER_ADDRESS, MAX_WRITE_BUFFER, BoundedTcp, address_key
 from tests.support.phone import Phone, exchange_tones
 from tests.support.server import PASSWORDS, Server, start_server
@@ -292,7 +293,7 @@ async def test_a_handler_task_that_raises_ends_its_transaction_with_500() -> Non
 
 
 async def test_a_request_no_handler_answers_gets_500_once_its_client_gave_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack_module, "TIMER_B", 0.5)
+    monkeypatch.setattr(transactions_module, "TIMER_B", 0.5)
     stack, port = await stack_answering(lambda request, flow, txn: None)
     try:
         assert (await ask(port, options)).status_code == 500

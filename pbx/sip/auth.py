@@ -36,7 +36,7 @@ from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
 from pbx.events import EventBus
 from pbx.security import security_event
 from pbx.sip.messages import make_response
-from pbx.sip.stack import ServerTransaction
+from pbx.sip.transactions import ServerTransaction
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,8 @@ from pbx.sip.sdp import (
     plain_offer,
     reverse_direction,
 )
-from pbx.sip.stack import Flow, ServerTransaction, SipStack, transaction_branch
+from pbx.sip.stack import Flow, SipStack, transaction_branch
+from pbx.sip.transactions import ServerTransaction
 from pbx.store.db import Store, iso_time
 from pbx.tasks import Background
 

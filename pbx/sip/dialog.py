@@ -31,7 +31,8 @@ from aiosipua import (
 from aiosipua.auth import build_credentials
 
 from pbx.sip.messages import make_response
-from pbx.sip.stack import T1, T2, TIMER_B, ClientTransaction, Flow, ServerTransaction, SipStack, invite_sibling
+from pbx.sip.stack import Flow, SipStack
+from pbx.sip.transactions import T1, T2, TIMER_B, ClientTransaction, ServerTransaction, invite_sibling
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Binding, Registrar
-from pbx.sip.stack import Flow, ServerTransaction, SipStack
+from pbx.sip.stack import Flow, SipStack
+from pbx.sip.transactions import ServerTransaction
 from pbx.store.db import Store
 from pbx.tasks import Background
 

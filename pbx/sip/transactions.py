@@ -1,0 +1,238 @@
+"""SIP transactions (RFC 3261 §17): the server and client state machines
+that retransmit, absorb retransmissions and time out, over the transports
+of :mod:`pbx.sip.stack`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiosipua import SipRequest, SipResponse
+
+from pbx.sip.messages import make_response
+
+if TYPE_CHECKING:
+    from pbx.sip.stack import Flow, SipStack
+
+logger = logging.getLogger(__name__)
+
+T1 = 0.5
+T2 = 4.0
+TIMER_B = 64 * T1
+# RFC 3261 §17.2.1: a 100 (Trying) only when the answer takes longer than this.
+TRYING_DELAY = 0.2
+
+ResponseHandler = Callable[[SipResponse], None]
+
+
+class ServerTransaction:
+    """One incoming request and the responses we give it.
+
+    A retransmitted request gets the last response again. An INVITE gets a
+    100 (Trying) only if it is not answered within :data:`TRYING_DELAY`.
+    A non-2xx final answer to an INVITE over UDP is retransmitted until its
+    ACK arrives (Timer G) only when a provisional response went before it and
+    it is no challenge (401, 407): a client that has had no provisional
+    response still retransmits its INVITE (Timer A) and gets the answer again
+    for each copy, so sending once loses nothing, and a spoofed source cannot
+    draw eleven copies of a response out of one datagram. This is Kamailio's
+    behaviour too: it challenges and refuses statelessly, once per request.
+    A non-INVITE request unanswered after 64*T1, when its client has given
+    up, gets a 500 and its transaction ends.
+    """
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, key: tuple[str, str]) -> None:
+        self.stack = stack
+        self.request = request
+        self.flow = flow
+        self.key = key
+        self.last_response: SipResponse | None = None
+        self.to_tag: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.TimerHandle | None = None  # the delayed 100, or the unanswered guard
+        self._provisional_sent = False
+        self._terminated = False
+
+    def start(self) -> None:
+        """Arm the delayed 100 (Trying) of an INVITE, or the guard that ends
+        a non-INVITE transaction its handler never answered."""
+        loop = asyncio.get_running_loop()
+        if self.request.method.upper() == "INVITE":
+            self._pending = loop.call_later(TRYING_DELAY, self._trying)
+        else:
+            self._pending = loop.call_later(TIMER_B, self._unanswered)
+
+    def _trying(self) -> None:
+        if self.last_response is None:
+            self.reply(100)
+
+    def _unanswered(self) -> None:
+        logger.error("no answer to %s from %s:%d after %.0f s: 500", self.request.method, *self.flow.addr, TIMER_B)
+        self.fail()
+        self.terminate()
+
+    def fail(self) -> None:
+        """Its handler failed: end the transaction with a 500 unless a final answer went out."""
+        if not self._terminated and not self.final:
+            self.reply(500)
+
+    @property
+    def final(self) -> bool:
+        return self.last_response is not None and self.last_response.status_code >= 200
+
+    def respond(self, response: SipResponse) -> None:
+        if self._terminated or self.final:
+            return
+        self.last_response = response
+        self.stack.send_response(response, self.flow)
+        if response.status_code < 200:
+            self._provisional_sent = True
+            return
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._timer_g(response.status_code):
+            self._retransmit(T1, 0.0)
+        else:
+            # Linger to absorb retransmissions of the request (Timer J / H).
+            self._schedule_end(TIMER_B if not self.flow.transport.reliable else 1.0)
+
+    def _timer_g(self, status: int) -> bool:
+        return (
+            self.request.method == "INVITE"
+            and status >= 300
+            and status not in (401, 407)
+            and self._provisional_sent
+            and not self.flow.transport.reliable
+        )
+
+    def reply(self, status: int, reason: str | None = None, **kwargs: object) -> SipResponse:
+        """Build a response to this request, send it and return it."""
+        response = make_response(self.request, status, reason, to_tag=self.to_tag, **kwargs)  # type: ignore[arg-type]
+        self.respond(response)
+        return response
+
+    def _retransmit(self, interval: float, elapsed: float) -> None:
+        def fire() -> None:
+            if self._terminated or self.last_response is None:
+                return
+            if elapsed + interval >= TIMER_B:
+                self.terminate()
+                return
+            self.stack.send_response(self.last_response, self.flow)
+            self._retransmit(min(interval * 2, T2), elapsed + interval)
+
+        self._timer = asyncio.get_running_loop().call_later(interval, fire)
+
+    def _schedule_end(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self.terminate)
+
+    def acked(self) -> None:
+        """The ACK for our non-2xx final response arrived."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._schedule_end(T2 if not self.flow.transport.reliable else 0.0)
+
+    def retransmission(self) -> None:
+        if self.last_response is not None:
+            self.stack.send_response(self.last_response, self.flow)
+
+    def terminate(self) -> None:
+        for handle in (self._timer, self._pending):
+            if handle is not None:
+                handle.cancel()
+        self._terminated = True
+        self.stack._server.pop(self.key, None)
+
+
+class ClientTransaction:
+    """One request we sent: retransmitted over UDP, timed out after 64*T1,
+    and (for INVITE) ACKed when the final answer is not a 2xx."""
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> None:
+        self.stack = stack
+        self.request = request
+        self.flow = flow
+        self.on_response = on_response
+        self.branch = request.via[0].branch or ""
+        self.key = (self.branch, request.method)
+        self.final_response: SipResponse | None = None
+        self._provisional = False
+        self._retrans: asyncio.TimerHandle | None = None
+        self._timeout: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stack._client[self.key] = self
+        self.stack.send_request(self.request, self.flow)
+        if not self.flow.transport.reliable:
+            self._retrans = loop.call_later(T1, self._retransmit, T1)
+        self._timeout = loop.call_later(TIMER_B, self._timed_out)
+
+    def _retransmit(self, interval: float) -> None:
+        if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
+            return
+        self.stack.send_request(self.request, self.flow)
+        # Timer A doubles without bound; Timer E is capped at T2.
+        next_interval = interval * 2 if self.request.method == "INVITE" else min(interval * 2, T2)
+        self._retrans = asyncio.get_running_loop().call_later(next_interval, self._retransmit, next_interval)
+
+    def _timed_out(self) -> None:
+        if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
+            return
+        self._stop()
+        self.on_response(make_response(self.request, 408))
+
+    def received(self, response: SipResponse) -> None:
+        status = response.status_code
+        if status < 200:
+            if self.final_response is None:
+                self._provisional = True
+                self.on_response(response)
+            return
+        first = self.final_response is None
+        if self.request.method == "INVITE" and status >= 300:
+            self._send_ack(response)
+        if first:
+            self.final_response = response
+            self._stop()
+            linger = 0.0 if self.flow.transport.reliable else TIMER_B
+            asyncio.get_running_loop().call_later(linger, self.stack._client.pop, self.key, None)
+            self.on_response(response)
+        elif self.request.method == "INVITE" and status < 300:
+            self.on_response(response)
+
+    def _stop(self) -> None:
+        for handle in (self._retrans, self._timeout):
+            if handle is not None:
+                handle.cancel()
+
+    def _send_ack(self, response: SipResponse) -> None:
+        """ACK for a non-2xx final response: same branch, To from the response (§17.1.1.3)."""
+        ack = invite_sibling(self.request, "ACK", to=response.headers.get_first("to") or "")
+        self.stack.send_request(ack, self.flow)
+
+
+def invite_sibling(invite: SipRequest, method: str, *, to: str | None = None) -> SipRequest:
+    """A CANCEL, or the ACK of a non-2xx answer, for ``invite`` (RFC 3261
+    §9.1, §17.1.1.3): its Request-URI, top Via, From, Call-ID, Route and CSeq
+    number; To as the INVITE's, or ``to`` (the answer's, with its tag)."""
+    request = SipRequest(method=method, uri=invite.uri)
+    request.headers.append("Via", invite.headers.get("via")[0])
+    for name in ("From", "Call-ID", "Route"):
+        for value in invite.headers.get(name):
+            request.headers.append(name, value)
+    request.headers.set_single("To", to if to is not None else invite.headers.get_first("to") or "")
+    cseq = invite.cseq
+    request.headers.set_single("CSeq", f"{cseq.seq if cseq else 1} {method}")
+    request.headers.set_single("Max-Forwards", "70")
+    return request
+
+
+class NoTransaction(ServerTransaction):
+    """ACKs for 2xx have no transaction; handlers get a stand-in that never answers."""
+
+    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow) -> None:
+        super().__init__(stack, request, flow, ("", "ACK"))
+        self._terminated = True
