@@ -14,7 +14,8 @@ read. :class:`BoundedTcp` takes over its connection handling:
   for :data:`IDLE_TIMEOUT` seconds is closed, and so is one whose message has
   not been completed :data:`READ_TIMEOUT` seconds after its first byte;
 - a peer that lets more than :data:`MAX_WRITE_BUFFER` bytes of our messages
-  pile up unread has its connection dropped instead of the process growing.
+  pile up unread (beyond a kernel send buffer of :data:`SOCKET_SEND_BUFFER`)
+  has its connection dropped instead of the process growing.
 
 Tests shorten the two timeouts with the environment variables
 ``PBX_SIP_TCP_IDLE_TIMEOUT`` and ``PBX_SIP_TCP_READ_TIMEOUT`` (seconds); they
@@ -27,6 +28,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -52,6 +54,12 @@ READ_TIMEOUT = 10.0
 # Unsent bytes a peer may leave unread before its connection is dropped
 # (on top of the kernel's socket buffer); Kamailio's tcp_conn_wq_max is 32 KB.
 MAX_WRITE_BUFFER = 256 * 1024
+# The kernel's send buffer of each connection: what a peer that does not read
+# can make us queue beyond MAX_WRITE_BUFFER. Loopback and LAN defaults grow to
+# megabytes, thousands of responses whose requests would all be processed (and
+# their transactions held) before the peer's silence shows; SIP messages are
+# small, so 64 KB still holds a burst of NOTIFYs or a large INVITE.
+SOCKET_SEND_BUFFER = 64 * 1024
 # One connection_refused line per address this often; refusals in between are counted in the next.
 REFUSAL_LOG_INTERVAL = 60.0
 
@@ -94,6 +102,9 @@ class BoundedTcp(TcpSipTransport):
         self._open += 1
         self._per_address[key] += 1
         self._connections[addr] = (reader, writer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
         try:
             await self._serve(reader, writer, addr)
         except (OSError, _Unframable) as exc:
