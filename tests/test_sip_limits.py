@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from aiosipua import SipDigestAuth, SipMessage, SipRequest, SipResponse, build_credentials, parse_auth, stringify_auth
 
+from pbx.app import Pbx, load_setup
 from pbx.events import EventBus
 from pbx.sip import transactions as transactions_module
 from pbx.sip.stack import Flow, SipStack
 from pbx.sip.transactions import ServerTransaction
 from pbx.sip.tcp import MAX_CONNECTIONS_PER_ADDRESS, MAX_WRITE_BUFFER, BoundedTcp, address_key
 from tests.support.phone import Phone, exchange_tones
-from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.server import PASSWORDS, Server, base_config, free_port, start_server
 from tests.test_calls import connect, phone
 from tests.test_hostile_input import options, raw_udp, register
 
@@ -328,3 +330,31 @@ def test_an_ipv6_slash_64_counts_as_one_address() -> None:
     assert address_key("2001:db8:1:2::a") == address_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
     assert address_key("2001:db8:1:3::a") != address_key("2001:db8:1:2::a")
     assert address_key("::ffff:192.0.2.7") == address_key("192.0.2.7") == "192.0.2.7"
+
+
+async def test_a_call_whose_own_task_fails_gets_500_and_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the call application (here: destination dispatch raising)
+    ends the call with a 500 to the caller, not with an INVITE left ringing."""
+    folder = tmp_path / "pbx"
+    (folder / "ivr_flows").mkdir(parents=True)
+    sip_port = free_port()
+    cfg = base_config(sip_port, free_port(socket.SOCK_STREAM), folder)
+    cfg["sounds"] = {"dir": str(Path(__file__).parents[1] / "config" / "sounds"), "tts": None}
+    cfg["ivr"] = {"dir": str(folder / "ivr_flows")}
+    cfg["trunks"] = {"carrier": {"host": "127.0.0.2:5060", "inbound_from": ["127.0.0.1/32"]}}
+    cfg["inbound"] = {"1002": "extension:1002"}
+    path = folder / "pbx.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    pbx = Pbx(*load_setup(path))
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the call's task")
+
+    monkeypatch.setattr(pbx.calls, "_go", broken)
+    await pbx.start()
+    try:
+        response = await ask(sip_port, lambda ip, port: invite(ip, port, f"z9hG4bK{uuid.uuid4().hex}"))
+        assert response.status_code == 500
+        assert not pbx.calls.calls
+    finally:
+        await pbx.stop()

@@ -22,7 +22,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -392,7 +392,22 @@ class CallService:
         fields = {"direction": direction, "from": caller, "to": called, "destination": destination}
         call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None, sip_call_id=call.sip_call_id)
         # A number the extension dialed is dialed on its behalf (its class of service).
-        self._tasks.spawn(self._connect(call, destination, party=caller if direction == "outbound" else None))
+        self._run(call, self._connect(call, destination, party=caller if direction == "outbound" else None))
+
+    def _run(self, call: Call, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work``, the call's own task; if it fails the call ends
+        (``failed``; a caller still ringing gets 500) instead of staying up
+        with nobody to end it."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                logger.exception("call=%s failed", call.id)
+                if call.state is not CallState.ENDED:
+                    self.hang_up(call, "failed", ringing_status=500)
+
+        self._tasks.spawn(guarded())
 
     def _merged_with(self, request: SipRequest) -> Call | None:
         """The call in progress whose INVITE had this request's Call-ID, From
@@ -872,7 +887,7 @@ class CallService:
             sip_call_id=call.sip_call_id,
         )  # fmt: skip
         call_event(call.id, "answered", by=extension, contact=leg.dialog.remote_target)
-        self._tasks.spawn(self._go_from_here(call, destination, party))
+        self._run(call, self._go_from_here(call, destination, party))
         return call
 
     async def _go_from_here(self, call: Call, destination: Destination, party: str | None = None) -> None:
@@ -1091,7 +1106,7 @@ class CallService:
             call.ring_timer.cancel()
         call.extensions.discard(mailbox)
         call.early_sdp = None
-        self._tasks.spawn(self._go_from_here(call, Destination("voicemail", mailbox)))
+        self._run(call, self._go_from_here(call, Destination("voicemail", mailbox)))
 
     def _cancel(self, request: SipRequest, txn: ServerTransaction) -> None:
         invite_txn = self.stack.server_transaction(transaction_branch(request), "INVITE")
