@@ -27,7 +27,8 @@ from aiosipua import (
 )
 
 from tests.support.phone import Phone
-from tests.support.server import PASSWORDS, Server, free_port, start_server
+from tests.support.raw_sip import RawTrunk, open_trunk
+from tests.support.server import PASSWORDS, Server, start_server
 from tests.support.sipp import run_sipp
 
 DOMAIN = "pbx.local"
@@ -198,46 +199,25 @@ def _response_bytes(request: SipRequest, status: int) -> bytes:
     return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
 
 
-class Trunk(asyncio.DatagramProtocol):
-    """Stands as the provider: records every request and answers INVITEs 486."""
-
-    def __init__(self) -> None:
-        self.requests: asyncio.Queue[SipRequest] = asyncio.Queue()
-        self._transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        message = SipMessage.parse(data)
-        if not isinstance(message, SipRequest) or self._transport is None:
-            return
-        self.requests.put_nowait(message)
-        if message.method == "INVITE":
-            self._transport.sendto(_response_bytes(message, 486).replace(b"486 OK", b"486 Busy Here"), addr)
-
-
 # --- end to end ---
 
 
 @pytest.fixture
-async def trunk() -> AsyncIterator[tuple[Trunk, int]]:
-    port = free_port(host="127.0.0.2")
-    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(Trunk, local_addr=("127.0.0.2", port))
-    yield protocol, port
-    transport.close()
+async def trunk() -> AsyncIterator[RawTrunk]:
+    """The provider: keeps every INVITE and answers it 486."""
+    provider = await open_trunk("127.0.0.2", final=486)
+    yield provider
+    provider.close()
 
 
 @pytest.fixture
-async def server(tmp_path: Path, trunk: tuple[Trunk, int]) -> AsyncIterator[Server]:
-    _, port = trunk
+async def server(tmp_path: Path, trunk: RawTrunk) -> AsyncIterator[Server]:
     extensions = {ext: {"name": f"User {ext}", "password": pw, "voicemail": {}} for ext, pw in PASSWORDS.items()}
     srv = await start_server(
         tmp_path / "pbx",
         sip={"auth_algorithms": ["MD5", "SHA-256"]},  # SIPp answers only the first challenge, and only MD5
         extensions=extensions,
-        trunks={"carrier": {"host": f"127.0.0.2:{port}"}},
+        trunks={"carrier": {"host": f"127.0.0.2:{trunk.address[1]}"}},
         outbound=[{"match": r"^\+?[0-9]{7,15}$", "trunk": "carrier"}],
     )
     yield srv
@@ -266,9 +246,8 @@ def assert_fresh_challenge(response: SipResponse, captured: SipRequest) -> None:
 
 
 async def test_a_header_captured_from_an_invite_places_no_call_through_the_trunk(
-    server: Server, client: RawClient, trunk: tuple[Trunk, int]
+    server: Server, client: RawClient, trunk: RawTrunk
 ) -> None:
-    provider, _ = trunk
     invite = client.build("INVITE", f"sip:1002@{DOMAIN}", "1001", body=SDP)
     answer, captured = await client.authorized(invite, PASSWORDS["1001"])
     assert answer.status_code not in (401, 403, 407)  # authenticated: 1002 is simply not registered
@@ -284,14 +263,12 @@ async def test_a_header_captured_from_an_invite_places_no_call_through_the_trunk
     assert await server.metric("pbx_security_events_total", event="replay") == 3
     assert await server.metric("pbx_security_events_total", event="auth_failure") == 0
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(1.5):
-            await provider.requests.get()
+        await trunk.next_invite(1.5)
 
     # The trunk is reachable: a call with fresh credentials does get there.
     legit = client.build("INVITE", f"sip:{TOLL_NUMBER}@{DOMAIN}", "1001", body=SDP)
     answer, _ = await client.authorized(legit, PASSWORDS["1001"])
-    async with asyncio.timeout(5):
-        reached = await provider.requests.get()
+    reached = await trunk.next_invite(5)
     assert reached.method == "INVITE" and TOLL_NUMBER in reached.uri
     assert answer.status_code == 486
 
