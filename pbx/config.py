@@ -210,7 +210,7 @@ class Destination:
 
     kind: str
     target: str  # "" for hangup
-    trunk: str | None = None  # only for external; None means the first trunk
+    trunk: str | None = None  # only for external; None: the trunk of the first outbound rule that allows the number
 
     def __str__(self) -> str:
         if self.kind == "hangup":
