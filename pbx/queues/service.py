@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 import uuid
 from collections import deque
@@ -33,6 +32,7 @@ from pbx.events import EventBus
 from pbx.ivr.audio import CallAudio
 from pbx.media.moh import MusicOnHold
 from pbx.media.prompts import PromptLibrary, number_parts
+from pbx.queues import strategies
 from pbx.sip.b2bua import Call, CallService, Unreachable
 from pbx.sip.registrar import Registrar
 from pbx.sip.routing import DialRefused
@@ -583,16 +583,15 @@ class QueueService:
             candidates = list(free)
         order = list(line.members)
         if queue.strategy == "linear":
-            choice = min(candidates, key=order.index)
+            choice = strategies.linear(candidates, order)
         elif queue.strategy == "round-robin":
-            last = order.index(line.last_agent) if line.last_agent in order else -1
-            choice = min(candidates, key=lambda a: (order.index(a) - last - 1) % len(order))
+            choice = strategies.round_robin(candidates, order, line.last_agent)
         elif queue.strategy == "longest-idle":
-            choice = min(candidates, key=lambda a: (self._idle_since.get(a, 0.0), order.index(a)))
+            choice = strategies.longest_idle(candidates, order, self._idle_since)
         elif queue.strategy == "fewest-calls":
-            choice = min(candidates, key=lambda a: (line.members[a].calls, order.index(a)))
+            choice = strategies.fewest_calls(candidates, order, {a: m.calls for a, m in line.members.items()})
         else:  # random
-            choice = random.choice(candidates)
+            choice = strategies.random_agent(candidates)
         line.last_agent = choice
         return [choice]
 
