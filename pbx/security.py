@@ -15,6 +15,7 @@ attacker sends.
 from __future__ import annotations
 
 import logging
+import socket
 
 from pbx.events import EventBus, logfmt
 
@@ -39,3 +40,24 @@ def security_event(events: EventBus, kind: str, src: str, **fields: object) -> N
     pairs = "".join(f" {key}={logfmt(value)}" for key, value in fields.items() if value is not None)
     logger.warning("event=security kind=%s src=%s%s", kind, logfmt(src), pairs)
     events.emit("security", kind=kind, src=src, **fields)
+
+
+def address_key(ip: str) -> str:
+    """What one attacker's address counts as, for bans and connection caps:
+    an IPv4 address (also when written IPv4-mapped), or the /64 an IPv6
+    address is in (one subscriber's prefix, RFC 6177: a host may take any
+    address in it)."""
+    if ":" not in ip:
+        return ip
+    # inet_pton rather than ipaddress: every packet asks while a ban is on,
+    # and this is some thirty times faster.
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except OSError:
+        return ip
+    if packed.startswith(_IPV4_MAPPED):
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_IPV4_MAPPED = bytes(10) + b"\xff\xff"

@@ -19,7 +19,8 @@ import pytest
 from aiosipua import SipDigestAuth, SipMessage, SipResponse, build_credentials, parse_auth, stringify_auth
 
 from pbx.events import EventBus
-from pbx.sip.auth import AddressGuard, ban_key
+from pbx.security import address_key
+from pbx.sip.auth import AddressGuard
 from tests.support.server import Server, start_server
 
 
@@ -51,7 +52,7 @@ def guard_with_events() -> tuple[AddressGuard, Clock, list[dict[str, Any]]]:
     ],
 )
 def test_a_ban_covers_an_ipv4_address_or_an_ipv6_64(ip: str, key: str) -> None:
-    assert ban_key(ip) == key
+    assert address_key(ip) == key
 
 
 def test_failures_from_anywhere_in_a_64_add_up_and_the_ban_covers_the_64() -> None:

@@ -22,7 +22,8 @@ from pbx.events import EventBus
 from pbx.sip import transactions as transactions_module
 from pbx.sip.stack import Flow, SipStack
 from pbx.sip.transactions import ServerTransaction
-from pbx.sip.tcp import MAX_CONNECTIONS_PER_ADDRESS, MAX_WRITE_BUFFER, BoundedTcp, address_key
+from pbx.security import address_key
+from pbx.sip.tcp import MAX_CONNECTIONS_PER_ADDRESS, MAX_WRITE_BUFFER, BoundedTcp
 from tests.support.phone import Phone, exchange_tones
 from tests.support.server import PASSWORDS, Server, base_config, free_port, start_server
 from tests.test_calls import connect, phone

@@ -24,7 +24,6 @@ import ipaddress
 import logging
 import re
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from urllib.parse import unquote
 from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
 
 from pbx.events import EventBus
-from pbx.security import security_event
+from pbx.security import address_key, security_event
 from pbx.sip.messages import make_response
 from pbx.sip.transactions import ServerTransaction
 
@@ -291,30 +290,13 @@ def _uri_key(uri: str) -> tuple[str, str, str, int] | str:
     return scheme, unquote(user or ""), host, int(port) if port else (5061 if scheme == "sips" else 5060)
 
 
-def ban_key(ip: str) -> str:
-    """What a ban covers: an IPv4 address, or the /64 an IPv6 address is in
-    (one subscriber's prefix, RFC 6177: a host may take any address in it)."""
-    if ":" not in ip:
-        return ip
-    # inet_pton rather than ipaddress: every packet asks while a ban is on,
-    # and this is some thirty times faster.
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
-    except OSError:
-        return ip
-    if packed.startswith(_IPV4_MAPPED):
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_IPV4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 class AddressGuard:
     """Bans an address for ``ban_seconds`` after ``max_failures`` failed
     authentications within ``window`` seconds, so passwords cannot be
     guessed at line rate. IPv6 addresses count and are banned per /64
-    (:func:`ban_key`); each ban is announced as a ``ban`` security event."""
+    (:func:`address_key`); each ban is announced as a ``ban`` security event."""
 
     def __init__(
         self,
@@ -330,7 +312,7 @@ class AddressGuard:
         self.ban_seconds = ban_seconds
         self._clock = clock
         self._events = events
-        # Both dicts are keyed by ban_key and kept in time order (a key is
+        # Both dicts are keyed by address_key and kept in time order (a key is
         # moved to the end when it fails again; every ban lasts as long), so
         # pruning only ever looks at the front.
         self._failures: dict[str, deque[float]] = {}
@@ -340,7 +322,7 @@ class AddressGuard:
         """Count a failed authentication from ``ip``; True when it causes a ban."""
         now = self._clock()
         self._prune(now)
-        key = ban_key(ip)
+        key = address_key(ip)
         if key in self._bans:
             return False
         times = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
@@ -370,7 +352,7 @@ class AddressGuard:
         if not self._bans:  # every packet asks: keep the usual answer cheap
             return False
         self._prune(self._clock())
-        return ban_key(ip) in self._bans
+        return address_key(ip) in self._bans
 
     def banned(self) -> dict[str, float]:
         """Banned addresses and IPv6 /64 networks, and the seconds left on each ban."""

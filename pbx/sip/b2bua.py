@@ -474,7 +474,7 @@ class CallService:
 
     def extension_busy(self, extension: str) -> bool:
         """Whether ``extension`` is on a call or being rung (queue agents are never rung then)."""
-        return self._ringing[extension] > 0 or any(extension in call.extensions for call in self.calls.values())
+        return self.calls_of(extension) > 0
 
     async def _go(self, call: Call, destination: Destination, party: str | None = None) -> None:
         """Send the call where ``destination`` says; a number outside is dialed

@@ -25,7 +25,6 @@ are not configuration an admin is meant to need.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -36,7 +35,7 @@ from aiosipua import SipRequest, SipResponse, TcpSipTransport
 from aiosipua.transport import MAX_BODY_BYTES, MAX_HEADER_BYTES
 
 from pbx.events import EventBus
-from pbx.security import security_event
+from pbx.security import address_key, security_event
 
 logger = logging.getLogger(__name__)
 
@@ -193,19 +192,6 @@ class BoundedTcp(TcpSipTransport):
         self._refusals[key] = (now, 0)
         if self.events is not None:
             security_event(self.events, "connection_refused", ip, limit=limit, refused=folded + 1)
-
-
-def address_key(ip: str) -> str:
-    """What the per-address cap counts: the IPv4 address, or the IPv6 /64."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 def _keepalive(buffer: bytearray, writer: asyncio.StreamWriter) -> bool:
