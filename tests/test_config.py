@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pbx.config import (
-    Config,
-    ConfigError,
-    ConfigIssue,
-    Destination,
-    Listen,
-    load_config,
-    parse_destination,
-)
+from pbx.config.destinations import parse_destination
+from pbx.config.load import load_config
+from pbx.config.model import Config, ConfigError, Destination, Listen
+from pbx.yamlfile import ConfigIssue
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pbx.config import ConfigError, Listen, load_config
+from pbx.config.load import load_config
+from pbx.config.model import ConfigError, Listen
 
 EXTENSIONS = """\
 extensions:
