@@ -18,8 +18,9 @@ from aiortp.dtmf import DtmfEvent
 
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, Codec
+from pbx.media.playback import NoMediaClock
 from pbx.media.ports import RtpPortPool
-from pbx.media.relay import NoMediaClock, RtpRelay
+from pbx.media.relay import RtpRelay
 from tests.test_media import free_range
 
 HOST = "127.0.0.1"
@@ -404,7 +405,7 @@ async def test_a_failing_listener_does_not_stop_the_relay(
     relay.a.on_dtmf = broken
     relay.a.set_remote(a.addr, PCMU, 101)
     relay.b.set_remote(b.addr, PCMU, 101)
-    with caplog.at_level(logging.ERROR, logger="pbx.media.relay"):
+    with caplog.at_level(logging.ERROR, logger="pbx.media.relay_side"):
         event_stream(a, relay.a.port, 1, seq=1, ts=0)
         assert len([await b.recv() for _ in range(7)]) == 7
     assert "listener bug" in caplog.text

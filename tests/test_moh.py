@@ -28,7 +28,8 @@ from pbx.media.codecs import G722, PCMU, Codec
 from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import PromptLibrary
-from pbx.media.relay import RelaySide, RtpRelay
+from pbx.media.relay import RtpRelay
+from pbx.media.relay_side import RelaySide
 from tests.test_media import free_range
 from tests.test_media_playback import HOST, PHONE_SSRC, Phone, assert_one_stream, open_phone
 

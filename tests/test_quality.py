@@ -29,7 +29,8 @@ from pbx.media.quality import (
     r_factor,
 )
 from pbx.media.quality import G722 as G722_VALUES
-from pbx.media.relay import ReceiveReport, RtpRelay
+from pbx.media.relay import RtpRelay
+from pbx.media.relay_stats import ReceiveReport
 from tests.test_media import HOST, Peer, free_range, open_peer
 
 DTMF_PT = TELEPHONE_EVENT.payload_type

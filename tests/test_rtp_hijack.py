@@ -495,7 +495,7 @@ async def test_rtcp_is_taken_only_from_the_peers_addresses(pool: RtpPortPool, st
 
 async def test_stranger_reports_are_rate_limited_per_side(pool: RtpPortPool, monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr("pbx.media.relay._now", lambda: now[0])
+    monkeypatch.setattr("pbx.media.relay_side._now", lambda: now[0])
     reports = Reports()
     relay = await RtpRelay.create(pool, events=reports.bus)
     a = await open_peer()

@@ -63,16 +63,6 @@ _PCM16: dict[str, npt.NDArray[np.int16]] = {
 }
 
 
-def ulaw_to_alaw(payload: bytes) -> bytes:
-    """Convert a G.711 μ-law payload to A-law."""
-    return payload.translate(ULAW_TO_ALAW)
-
-
-def alaw_to_ulaw(payload: bytes) -> bytes:
-    """Convert a G.711 A-law payload to μ-law."""
-    return payload.translate(ALAW_TO_ULAW)
-
-
 def transcoding_table(source: str, target: str) -> bytes | None:
     """The translate table turning ``source`` payloads into ``target`` ones.
 

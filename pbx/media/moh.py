@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from functools import partial
 
 from pbx.media.clock import ClockSubscription, MediaClock
+from pbx.media.playback import Playback
 from pbx.media.prompts import AUDIO_RATE, FRAME_MS, PromptLibrary, PromptNotFound
-from pbx.media.relay import Playback, RelaySide
+from pbx.media.relay_side import RelaySide
 from pbx.tasks import Shared
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pylibsrtp
 
-from pbx.media.relay import RelaySide
+from pbx.media.relay_side import RelaySide
 
 logger = logging.getLogger(__name__)
 

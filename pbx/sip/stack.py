@@ -1,12 +1,13 @@
-"""SIP transport glue on aiosipua's message layer, and the routing of every
-message to its transaction (:mod:`pbx.sip.transactions`).
+"""SIP transport glue on aiosipua's message layer: the listening transports
+(:mod:`pbx.sip.transport`), and the routing of every message to its
+transaction (:mod:`pbx.sip.transactions`).
 
 aiosipua parses and serialises messages and owns the UDP and TCP sockets. Its
 UAS/UAC classes are built for an endpoint, not a B2BUA: they send no ACK for a
 non-2xx final response, never retransmit a request over UDP, write ``UDP`` in
 every Via and treat a retransmitted INVITE as a new call. So the project keeps
 the transactions itself; dialogs and calls live in :mod:`pbx.sip.dialog` and
-:mod:`pbx.sip.b2bua`.
+:mod:`pbx.calls.service`.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from aiosipua import (
     parse_via,
     stringify_via,
 )
-from aiosipua import SipMessage
 from aiosipua.message import missing_required_headers
-from aiosipua.transport import _stamp_via_received
 
 from pbx.events import EventBus
 from pbx.sip.messages import make_response
-from pbx.sip.syntax import check_request_line, request_problem
+from pbx.sip.syntax import request_problem
 from pbx.sip.tcp import BoundedTcp
+from pbx.sip.tls import TlsSipTransport, client_context
 from pbx.sip.transactions import ClientTransaction, NoTransaction, ResponseHandler, ServerTransaction
+from pbx.sip.transport import Flow, TcpTransport, UdpTransport, transport_kind
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +48,6 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_LINE = 8 * 1024
 # Headers a response copies from its request (RFC 3261 §8.2.6.2).
 _ECHOED_HEADERS = frozenset({"via", "from", "to", "call-id", "cseq"})
-
-
-@dataclass(frozen=True)
-class Flow:
-    """Where a peer is: the transport we reach it on and its address there."""
-
-    transport: SipTransport
-    addr: tuple[str, int]
-
-    @property
-    def name(self) -> str:
-        """``udp``, ``tcp`` or ``tls``: as registrations store it and Via and Contact say it."""
-        return transport_kind(self.transport)
 
 
 RequestHandler = Callable[[SipRequest, Flow, ServerTransaction], None]
@@ -87,11 +75,9 @@ class SipStack:
         may take ``client_ssl`` (how trunks' certificates are verified)."""
         transport: SipTransport
         if transport_name == "tls":
-            from pbx.sip.tls import TlsSipTransport, client_context  # it builds on _Tcp below
-
             transport = TlsSipTransport(local_addr=(host, port), server_ssl=server_ssl, client_ssl=client_ssl or client_context())
         else:
-            transport = (_Tcp if transport_name == "tcp" else _Udp)(local_addr=(host, port))
+            transport = (TcpTransport if transport_name == "tcp" else UdpTransport)(local_addr=(host, port))
         if isinstance(transport, BoundedTcp):
             transport.events = self.events
         transport.on_message = lambda msg, addr, t=transport: self._received(msg, Flow(t, addr))
@@ -142,8 +128,6 @@ class SipStack:
         addr = (str(infos[0][4][0]), int(infos[0][4][1]))
         sip_transport = self.transport(transport)
         if transport == "tls":
-            from pbx.sip.tls import TlsSipTransport
-
             assert isinstance(sip_transport, TlsSipTransport)
             await sip_transport.ensure_connection(addr, host)
         return Flow(sip_transport, addr)
@@ -278,6 +262,15 @@ class SipStack:
             logger.exception("handling %s from %s:%d failed", method, *flow.addr)
             txn.fail()
 
+    def client_started(self, txn: ClientTransaction) -> None:
+        self._client[txn.key] = txn
+
+    def client_ended(self, key: tuple[str, str]) -> None:
+        self._client.pop(key, None)
+
+    def server_ended(self, key: tuple[str, str]) -> None:
+        self._server.pop(key, None)
+
     def server_transaction(self, branch: str, method: str) -> ServerTransaction | None:
         """The transaction of ``method`` whose request had ``branch`` (a
         :func:`transaction_branch`), if it is still alive."""
@@ -291,40 +284,6 @@ def transaction_branch(request: SipRequest) -> str:
     and a CANCEL from one cannot end the other's INVITE."""
     via = parse_via(request.headers.get("via")[0])
     return f"{via.branch or ''} {via.host.lower()}:{via.port or ''}"
-
-
-class _QuietDispatch(SipTransport):
-    """aiosipua's dispatch without its traceback per bad packet, and with
-    RFC 5626 CRLF keep-alives ignored instead of logged as parse failures."""
-
-    def _dispatch(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not data.strip(b"\r\n"):
-            return
-        try:
-            check_request_line(data)
-            msg = SipMessage.parse(data)
-        except (ValueError, IndexError, UnicodeError) as exc:
-            logger.warning("dropped an unparsable message from %s:%d: %s", addr[0], addr[1], exc)
-            return
-        if isinstance(msg, SipRequest):
-            _stamp_via_received(msg, addr)
-        if self.on_message is not None:
-            self.on_message(msg, addr)
-
-
-class _Udp(_QuietDispatch, UdpSipTransport):
-    pass
-
-
-class _Tcp(_QuietDispatch, BoundedTcp):
-    """SIP over TCP within the limits of :mod:`pbx.sip.tcp`; TLS subclasses it."""
-
-
-def transport_kind(transport: SipTransport) -> str:
-    """``tls`` for the TLS transport (it says so), else ``tcp`` or ``udp``."""
-    if getattr(transport, "secure", False):
-        return "tls"
-    return "tcp" if transport.reliable else "udp"
 
 
 def _cseq_valid(request: SipRequest) -> bool:

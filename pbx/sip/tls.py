@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pbx.sip.stack import _Tcp
+from pbx.sip.transport import TcpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def client_context(ca: Path | None = None) -> ssl.SSLContext:
 
 
 @dataclass
-class TlsSipTransport(_Tcp):
+class TlsSipTransport(TcpTransport):
     """The TCP transport with TLS on every connection, both ways."""
 
     secure: ClassVar[bool] = True  # SipStack names its flows "tls" and writes TLS in Via

@@ -1,20 +1,18 @@
 """SIP transactions (RFC 3261 §17): the server and client state machines
 that retransmit, absorb retransmissions and time out, over the transports
-of :mod:`pbx.sip.stack`."""
+of :mod:`pbx.sip.stack`, which they know only as a :class:`TransactionOwner`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiosipua import SipRequest, SipResponse
 
 from pbx.sip.messages import make_response
-
-if TYPE_CHECKING:
-    from pbx.sip.stack import Flow, SipStack
+from pbx.sip.transport import Flow
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +23,24 @@ TIMER_B = 64 * T1
 TRYING_DELAY = 0.2
 
 ResponseHandler = Callable[[SipResponse], None]
+
+
+class TransactionOwner(Protocol):
+    """What a transaction needs of the SIP stack (:class:`pbx.sip.stack.SipStack`):
+    sending on a flow, and its tables that route messages to live transactions."""
+
+    def send_request(self, request: SipRequest, flow: Flow) -> None: ...
+
+    def send_response(self, response: SipResponse, flow: Flow) -> None: ...
+
+    def client_started(self, txn: ClientTransaction) -> None:
+        """Route responses to ``txn`` from now on."""
+
+    def client_ended(self, key: tuple[str, str]) -> None:
+        """Stop routing responses to the client transaction of ``key``."""
+
+    def server_ended(self, key: tuple[str, str]) -> None:
+        """Stop routing requests to the server transaction of ``key``."""
 
 
 class ServerTransaction:
@@ -43,7 +59,7 @@ class ServerTransaction:
     up, gets a 500 and its transaction ends.
     """
 
-    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, key: tuple[str, str]) -> None:
+    def __init__(self, stack: TransactionOwner, request: SipRequest, flow: Flow, key: tuple[str, str]) -> None:
         self.stack = stack
         self.request = request
         self.flow = flow
@@ -143,14 +159,14 @@ class ServerTransaction:
             if handle is not None:
                 handle.cancel()
         self._terminated = True
-        self.stack._server.pop(self.key, None)
+        self.stack.server_ended(self.key)
 
 
 class ClientTransaction:
     """One request we sent: retransmitted over UDP, timed out after 64*T1,
     and (for INVITE) ACKed when the final answer is not a 2xx."""
 
-    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> None:
+    def __init__(self, stack: TransactionOwner, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> None:
         self.stack = stack
         self.request = request
         self.flow = flow
@@ -164,7 +180,7 @@ class ClientTransaction:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.stack._client[self.key] = self
+        self.stack.client_started(self)
         self.stack.send_request(self.request, self.flow)
         if not self.flow.transport.reliable:
             self._retrans = loop.call_later(T1, self._retransmit, T1)
@@ -198,7 +214,7 @@ class ClientTransaction:
             self.final_response = response
             self._stop()
             linger = 0.0 if self.flow.transport.reliable else TIMER_B
-            asyncio.get_running_loop().call_later(linger, self.stack._client.pop, self.key, None)
+            asyncio.get_running_loop().call_later(linger, self.stack.client_ended, self.key)
             self.on_response(response)
         elif self.request.method == "INVITE" and status < 300:
             self.on_response(response)
@@ -233,6 +249,6 @@ def invite_sibling(invite: SipRequest, method: str, *, to: str | None = None) ->
 class NoTransaction(ServerTransaction):
     """ACKs for 2xx have no transaction; handlers get a stand-in that never answers."""
 
-    def __init__(self, stack: SipStack, request: SipRequest, flow: Flow) -> None:
+    def __init__(self, stack: TransactionOwner, request: SipRequest, flow: Flow) -> None:
         super().__init__(stack, request, flow, ("", "ACK"))
         self._terminated = True

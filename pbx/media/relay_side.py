@@ -1,0 +1,378 @@
+"""One side of a relay: the RTP and RTCP sockets facing one leg's peer, and
+the rules for what they take from whom.
+
+Media belongs to the call (Asterisk's ``strictrtp``, rtpengine's
+``strict-source``): a side takes packets only from its peer. Until its SDP
+is known (``set_remote``) a side takes nothing and the other side sends it
+nothing. Then the peer is the address its SDP named: a packet from there
+becomes the side's ``source`` for good. A phone behind NAT sends from another
+address than its SDP says, so until the SDP address has spoken, the first
+RTP packet that comes from the peer's signalling IP (the source of its SIP
+messages) or its SDP IP and carries a negotiated payload type latches the
+source once; after that only the SDP address itself can still take over.
+One such packet is enough: Asterisk asks for a few in sequence (its
+``probation``) because it latches onto any host, but here a stranger on
+another host can never latch, and one on the peer's own host could send a
+sequence as easily as one packet; waiting would only cut the start of the
+call's audio. RTCP follows the same rules on the odd port, latching from the
+RTP source's, the SDP's or the signalling IP. Everything else is a
+stranger's: dropped, counted in ``side.strangers`` and reported as the
+``rtp_stranger`` security event, at most once per stranger IP per side and
+once every few seconds per side, so a spray cannot flood the log. (Packets
+that reach a side before its peer is known are dropped without a report: the
+callee's answer may still be on its way.) A new SDP address from
+``set_remote`` starts the learning again under the same rules. The accepted
+path pays one address comparison for all this.
+
+A packet taken from the peer leaves through the other side's socket towards
+the other side's peer: as the very ``bytes`` object received when its payload
+type needs no change, else copied once and patched in place (a different
+telephone-event number, PCMU <-> PCMA). Received RFC 4733 events are reported
+through ``side.on_dtmf`` and received audio through ``side.on_audio``; the
+statistics of what the peer sends are in ``side.stats``
+(:mod:`pbx.media.relay_stats`). What a side sends its peer of its own is in
+:mod:`pbx.media.playback`, its base class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+
+from pbx.events import EventBus
+from pbx.media.clock import MediaClock
+from pbx.media.codecs import Codec, transcoding_table
+from pbx.media.playback import PeerStream
+from pbx.media.relay_stats import ReceiveStats, RelayCounters
+from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRules, payload_bounds, rewrite, unpack_timestamp
+from pbx.security import security_event
+
+logger = logging.getLogger(__name__)
+
+_now = time.monotonic
+# RFC 4733 §3.2 event codes 0-15: the DTMF keys.
+_DTMF_KEYS = "0123456789*#ABCD"
+# A side reports strangers at most this often (seconds), each IP only once.
+_STRANGER_REPORT_INTERVAL = 5.0
+
+
+class RelaySide(PeerStream, asyncio.DatagramProtocol):
+    """One leg of a relay: the RTP socket facing that leg's peer.
+
+    What it sends the peer of its own (``play``, ``send_frame``) comes from
+    its base, :class:`~pbx.media.playback.PeerStream`, whose ``codec``,
+    ``dest`` and ``transport`` this class keeps.
+
+    ``counters`` count the packets this side receives, i.e. the direction from
+    this side to the other one; packets held back while the other side plays
+    count as dropped there.
+    """
+
+    def __init__(self, name: str, media_clock: MediaClock | None = None) -> None:
+        self.name = name
+        self.port = 0
+        self.other: RelaySide  # set by RtpRelay once both sides exist
+        self.rtcp = RtcpForwarder(self)
+        self.codec = None
+        self.dtmf_pt: int | None = None
+        self.remote: Address | None = None  # the peer's last SDP address, holds aside
+        self.held = False  # SDP said 0.0.0.0 or port 0: send the peer nothing
+        self.source: Address | None = None  # where the peer's RTP actually comes from
+        self.signalling_ip: str | None = None  # where the peer's SIP comes from: its RTP may too
+        self.events: EventBus | None = None  # where strangers are reported; set by RtpRelay
+        self.strangers = 0  # packets (RTP and RTCP) dropped because a stranger sent them
+        self._remote_ip: str | None = None  # of ``remote``, written as the kernel reports sources
+        self._reported: set[str] = set()  # stranger IPs already reported
+        self._report_after = 0.0  # no stranger report before this time
+        self.dest = None
+        self.rules: PayloadRules = {}  # for packets received here
+        self.counters = RelayCounters()
+        self.stats = ReceiveStats(self.counters)  # of the RTP the peer sends us
+        # Each RFC 4733 key press once, as "0"-"9", "*", "#", "A"-"D".
+        self.on_dtmf: Callable[[str], None] | None = None
+        # (payload, payload type) of every other RTP packet the peer sends us.
+        self.on_audio: Callable[[bytes, int], None] | None = None
+        # SRTP (pbx.media.srtp): decrypts a packet from the peer, None when it
+        # is not authentic; that side's transports also encrypt on send.
+        self.unprotect: Callable[[bytes], bytes | None] | None = None
+        super().__init__(media_clock)
+        self._dtmf_timestamp: int | None = None  # of the last event reported
+
+    def set_remote(self, addr: Address, codec: Codec, dtmf_pt: int | None, signalling_ip: str | None = None) -> None:
+        """Record the peer's SDP: its RTP address, chosen codec and DTMF payload type.
+
+        Call again on every re-INVITE. An unspecified address (``0.0.0.0``,
+        ``::``) or port 0 puts the peer on hold: nothing is sent to it until a
+        real address comes back. A different address forgets the learnt source.
+        ``signalling_ip``, the source address of the peer's SIP messages, is
+        where a peer behind NAT may send RTP from instead of its SDP address;
+        without it only the SDP's IP may.
+        """
+        host, port = addr
+        self.held = port == 0 or host in ("0.0.0.0", "::")
+        if signalling_ip is not None:
+            self.signalling_ip = _ip_text(signalling_ip)
+        if not self.held and addr != self.remote:
+            self.remote = addr
+            self._remote_ip = _ip_text(host)
+            self.source = None
+            self.rtcp.source = None
+        self.codec = codec
+        self.dtmf_pt = dtmf_pt
+        self.stats.tick = 1.0 / codec.clock_rate
+        self.stats.skip_pt = dtmf_pt
+        interval = self._media_clock.interval if self._media_clock is not None else 0.020
+        self._samples = round(codec.clock_rate * interval)
+        self._update_dest()
+        self.rules = _payload_rules(self, self.other)
+        self.other.rules = _payload_rules(self.other, self)
+
+    def _update_dest(self) -> None:
+        if self.held:
+            self.dest = None
+        elif self.source is not None:
+            self.dest = self.source
+        elif self.remote is not None and _is_ip(self.remote[0]):
+            self.dest = self.remote
+        else:
+            # A host name would make sendto() resolve it, blocking the loop:
+            # wait for the peer's first packet instead.
+            self.dest = None
+
+    def rtcp_dest(self) -> Address | None:
+        """Where RTCP for the peer goes: its learnt RTCP source, else RTP port + 1."""
+        if self.held:
+            return None
+        if self.rtcp.source is not None:
+            return self.rtcp.source
+        if self.dest is None:
+            return None
+        return (self.dest[0], self.dest[1] + 1)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self.unprotect is not None:
+            # Before anything else: a packet that fails SRTP authentication latches nothing.
+            plain = self.unprotect(data)
+            if plain is None:
+                self.counters.dropped += 1
+                self.stats.stray += 1
+                return
+            data = plain
+        counters = self.counters
+        if addr != self.source and not self._admit(data, addr):
+            counters.dropped += 1
+            self.stats.stray += 1
+            return
+        if len(data) < RTP_HEADER:
+            counters.dropped += 1
+            self.stats.stray += 1
+            return
+        stats = self.stats
+        stats.last = data
+        if not (data[3] + 1) & 14:  # sequence number 16n - 1 or 16n; the counters below count them all
+            stats.sample(data, _now())
+        if self.on_dtmf is not None or self.on_audio is not None:
+            try:
+                self._hear(data)
+            except Exception:
+                # A listener's bug must not cost the call its audio.
+                logger.exception("relay side %s: DTMF/audio listener failed", self.name)
+        other = self.other
+        dest = other.dest
+        if dest is None:
+            counters.dropped += 1
+        elif other._rewriting:
+            rule = self.rules.get(data[1] & 0x7F)
+            if other._relay_into_stream(data, rule, dest):
+                if rule is not None and rule[1] is not None:
+                    counters.transcoded += 1
+                counters.relayed += 1
+                counters.bytes += len(data)
+            else:
+                counters.dropped += 1
+        else:
+            rule = self.rules.get(data[1] & 0x7F)
+            if rule is None:
+                other.transport.sendto(data, dest)
+            else:
+                packet = rewrite(data, rule)
+                if packet is None:
+                    counters.dropped += 1
+                    return
+                other.transport.sendto(packet, dest)
+                if rule[1] is not None:
+                    counters.transcoded += 1
+            counters.relayed += 1
+            counters.bytes += len(data)
+
+    def _admit(self, data: bytes, addr: Address) -> bool:
+        """Whether RTP from ``addr``, which is not the side's source, is the
+        peer's; if so ``addr`` becomes the source (the module docstring has the rules)."""
+        remote = self.remote
+        if remote is None:
+            return False  # no peer yet, so no stranger either: the peer's answer may be on its way
+        host = _source_ip(addr)
+        if not (host == self._remote_ip and addr[1] == remote[1]):
+            if (
+                self.source is not None
+                or (host != self._remote_ip and host != self.signalling_ip)
+                or len(data) < RTP_HEADER
+                or data[0] & 0xC0 != 0x80
+                or not self._negotiated(data[1] & 0x7F)
+            ):
+                self.report_stranger(addr, "rtp")
+                return False
+            logger.debug("relay side %s port %d: peer's RTP comes from %s, not %s", self.name, self.port, addr, remote)
+        self.source = addr
+        self._update_dest()
+        if self.stats.first_seq < 0 and len(data) >= RTP_HEADER:
+            self.stats.first_seq = data[2] << 8 | data[3]
+        return True
+
+    def _negotiated(self, payload_type: int) -> bool:
+        codec = self.codec
+        return (codec is not None and payload_type == codec.payload_type) or payload_type == self.dtmf_pt
+
+    def report_stranger(self, addr: Address, stream: str) -> None:
+        """Count a packet a stranger sent to this side's ``stream`` ("rtp", "rtcp")
+        and report it as a security event, unless reported lately (module docstring)."""
+        self.strangers += 1
+        events = self.events
+        if events is None:
+            return
+        host = _source_ip(addr)
+        now = _now()
+        if now < self._report_after or host in self._reported:
+            return
+        self._report_after = now + _STRANGER_REPORT_INTERVAL
+        self._reported.add(host)
+        security_event(events, "rtp_stranger", host, port=addr[1], side=self.name, local_port=self.port, stream=stream)
+
+    def error_received(self, exc: Exception) -> None:
+        # sendto() failures (unreachable peer, ICMP errors) land here; a lost
+        # datagram is part of RTP, so only note it.
+        logger.debug("relay side %s port %d: %s", self.name, self.port, exc)
+
+    def _hear(self, data: bytes) -> None:
+        """Hand a received packet (at least an RTP header long) to ``on_dtmf`` or ``on_audio``."""
+        payload_type = data[1] & 0x7F
+        if payload_type == self.dtmf_pt:
+            on_dtmf = self.on_dtmf
+            bounds = payload_bounds(data)
+            if on_dtmf is None or bounds is None or bounds[1] - bounds[0] < 4:
+                return
+            # RFC 4733: every packet of one event (updates, repeated ends) has
+            # the event's start as timestamp; a new press gets a new one.
+            (timestamp,) = unpack_timestamp(data, 4)
+            event = data[bounds[0]]
+            if timestamp != self._dtmf_timestamp and event < len(_DTMF_KEYS):
+                self._dtmf_timestamp = timestamp
+                on_dtmf(_DTMF_KEYS[event])
+        elif self.on_audio is not None:
+            bounds = payload_bounds(data)
+            if bounds is not None:
+                self.on_audio(data[bounds[0] : bounds[1]], payload_type)
+
+
+class RtcpForwarder(asyncio.DatagramProtocol):
+    """The RTCP socket of a side: forwards reports raw to the other side's peer."""
+
+    def __init__(self, side: RelaySide) -> None:
+        self.side = side
+        self.source: Address | None = None
+        self.unprotect: Callable[[bytes], bytes | None] | None = None  # SRTCP, as RelaySide.unprotect
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self.unprotect is not None:
+            plain = self.unprotect(data)
+            if plain is None:
+                return
+            data = plain
+        if addr != self.source and not self._admit(data, addr):
+            return
+        other = self.side.other
+        dest = other.rtcp_dest()
+        if dest is not None:
+            other.rtcp.transport.sendto(data, dest)
+
+    def _admit(self, data: bytes, addr: Address) -> bool:
+        """Whether RTCP from ``addr``, which is not the latched source, is the
+        peer's: from the SDP's RTP port + 1 always, else once from the IP the
+        peer's RTP comes from, its SDP's or its signalling IP; then it is the source."""
+        side = self.side
+        remote = side.remote
+        if remote is None:
+            return False  # no peer yet (see RelaySide._admit)
+        host = _source_ip(addr)
+        if not (host == side._remote_ip and addr[1] == remote[1] + 1):
+            rtp_source = side.source
+            if (
+                self.source is not None
+                or (host != side._remote_ip and host != side.signalling_ip and (rtp_source is None or host != _source_ip(rtp_source)))
+                or len(data) < 8
+                or data[0] & 0xC0 != 0x80
+                or not 200 <= data[1] <= 207  # SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR
+            ):
+                side.report_stranger(addr, "rtcp")
+                return False
+        self.source = addr
+        return True
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("relay side %s RTCP: %s", self.side.name, exc)
+
+
+def _payload_rules(source: RelaySide, target: RelaySide) -> PayloadRules:
+    """What packets from ``source``'s peer need before they reach ``target``'s.
+
+    Payload types without a rule (matching numbers, comfort noise, anything
+    unknown) are forwarded unchanged.
+    """
+    rules: PayloadRules = {}
+    src, dst = source.codec, target.codec
+    if src is not None and dst is not None:
+        table = transcoding_table(src.name, dst.name)
+        if table is not None or (src.name.upper() == dst.name.upper() and src.payload_type != dst.payload_type):
+            rules[src.payload_type] = (dst.payload_type, table)
+        elif src.name.upper() != dst.name.upper():
+            logger.warning("relay: cannot convert %s to %s; forwarding it unchanged", src.name, dst.name)
+    if source.dtmf_pt is not None and target.dtmf_pt is not None and source.dtmf_pt != target.dtmf_pt:
+        rules[source.dtmf_pt] = (target.dtmf_pt, None)
+    return rules
+
+
+def _ip_text(host: str) -> str:
+    """``host`` written as the kernel reports a datagram's source: IPv6
+    compressed, IPv4 without a ``::ffff:`` prefix; a host name unchanged."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _source_ip(addr: Address) -> str:
+    """The IP of a datagram's source; an IPv4 peer of a dual-stack socket without its ``::ffff:``."""
+    host = addr[0]
+    return host[7:] if host.startswith("::ffff:") else host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
