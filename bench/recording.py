@@ -8,7 +8,7 @@ bench/bridge.py (its place_calls: a SIPp UAS registered as 1002 with
 
 - baseline: no extension has `record`.
 - recorded: extension 1001 has `record: true`, so every call is recorded
-  (pbx/recordings.py: both relay sides tapped, one writer thread), as stereo
+  (pbx/recordings/recorder.py: both relay sides tapped, one writer thread), as stereo
   WAV (`recording: {stereo: true}`, set in both runs).
 
 Measured: CPU seconds of the server process (all its threads, the writer's

@@ -15,8 +15,8 @@ import pytest
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from aiosmtpd.smtp import SMTP as SMTPServer
 
-from pbx.config import SmtpConfig
-from pbx.mailer import MailError, send_voicemail
+from pbx.config.model import SmtpConfig
+from pbx.voicemail.mailer import MailError, send_voicemail
 from tests.support.server import free_port
 from tests.support.smtp import SmtpServer, start_smtp
 

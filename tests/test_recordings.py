@@ -26,13 +26,15 @@ import numpy.typing as npt
 import pytest
 from G722 import G722 as G722Codec
 
-from pbx.config import Config, RecordingConfig, load_config
+from pbx.config.load import load_config
+from pbx.config.model import Config, RecordingConfig
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, Codec
-from pbx.media.relay import RelaySide, RtpRelay
+from pbx.media.relay import RtpRelay
+from pbx.media.relay_side import RelaySide
 from pbx.metrics import Metrics
-from pbx.recordings import Recorder, Recording
+from pbx.recordings.recorder import Recorder, Recording
 from pbx.store.db import Store
 
 with warnings.catch_warnings():

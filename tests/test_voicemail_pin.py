@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from pbx.app import load_setup
-from pbx.config import load_config
+from pbx.config.load import load_config
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.sip.auth import AddressGuard
 from pbx.store.db import Store
 from pbx.pin_locks import PIN_LOCK_FAILURES, PIN_LOCK_SECONDS, PinLocks
-from pbx.voicemail import VoicemailService
+from pbx.voicemail.service import VoicemailService
 from tests.support.phone import Phone
 from tests.support.server import PASSWORDS, Server, start_server
 from tests.support.sipp import run_sipp

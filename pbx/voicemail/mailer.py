@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from pbx.config import SmtpConfig
+from pbx.config.model import SmtpConfig
 
 log = logging.getLogger(__name__)
 

@@ -42,21 +42,21 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from pbx.config import Config
+from pbx.config.model import Config
 from pbx.events import EventBus
 from pbx.ivr.audio import CallAudio
 from pbx.ivr.engine import read_digits
-from pbx.mailer import MailError, send_voicemail
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import Decoder
 from pbx.media.prompts import number_parts
-from pbx.media.relay import RelaySide
+from pbx.media.relay_side import RelaySide
 from pbx.pin_locks import PinLocks
 from pbx.security import security_event
 from pbx.sip.auth import AddressGuard
 from pbx.store.db import Store
 from pbx.store.durable import make_folders, sync_folder
 from pbx.tasks import Background
+from pbx.voicemail.mailer import MailError, send_voicemail
 
 logger = logging.getLogger(__name__)
 
