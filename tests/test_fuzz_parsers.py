@@ -6,9 +6,9 @@
   a request is answered 400 or reaches the handler, and whatever is answered
   is a well-formed response to that request.
 - SDP (`pbx.sip.sdp.parse_media`): only ``SdpNegotiationError``.
-- pbx.yaml (`pbx.config.load_config`): only ``ConfigError``, each issue with
+- pbx.yaml (`pbx.config.load.load_config`): only ``ConfigError``, each issue with
   a line inside the file.
-- IVR flows (`pbx.ivr.schema.load_flow`): never raises; a flow or issues.
+- IVR flows (`pbx.ivr.flows.load_flow`): never raises; a flow or issues.
 
 Inputs are built from grammar-shaped pieces (real header names, URIs, SDP
 lines, config keys) mixed with arbitrary text and bytes, so that most examples
@@ -31,13 +31,15 @@ from aiosipua import SdpNegotiationError, SipMessage, SipRequest, SipResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pbx.config import Config, ConfigError, load_config
+from pbx.config.load import load_config
+from pbx.config.model import Config, ConfigError
 from pbx.events import EventBus
-from pbx.ivr.schema import load_flow
+from pbx.ivr.flows import load_flow
 from pbx.sip.messages import make_response, uri_user
 from pbx.sip.sdp import parse_media
-from pbx.sip.stack import Flow, SipStack, _Udp
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
+from pbx.sip.transport import Flow, UdpTransport
 
 EXAMPLES = int(os.environ.get("PBX_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -171,7 +173,7 @@ def sip_messages(draw: st.DrawFn) -> bytes:
     return raw
 
 
-class _Recording(_Udp):
+class _Recording(UdpTransport):
     """The server's UDP transport, with sends recorded instead of put on the wire."""
 
     def __init__(self) -> None:

@@ -12,10 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pbx.config import Destination, load_config
+from pbx.config.load import load_config
+from pbx.config.model import Destination
 from pbx.events import EventBus
 from pbx.ivr.engine import IvrSession
-from pbx.ivr.schema import Flow, load_flows
+from pbx.ivr.flows import load_flows
+from pbx.ivr.nodes import Flow
 
 FLOW = """
 start: hours

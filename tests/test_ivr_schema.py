@@ -1,4 +1,4 @@
-"""Unit tests for pbx.ivr.schema: loading IVR flows, their FILE:LINE errors, hours and placeholders."""
+"""Unit tests for pbx.ivr.flows, schema and nodes: loading flows, their FILE:LINE errors, hours, placeholders."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from textwrap import dedent
 
 import pytest
 
-from pbx.config import Config, Destination, load_config
-from pbx.ivr.schema import (
+from pbx.config.load import load_config
+from pbx.config.model import Config, Destination
+from pbx.ivr.flows import load_flows
+from pbx.ivr.nodes import (
     BranchNode,
     CollectNode,
     Flow,
@@ -24,7 +26,6 @@ from pbx.ivr.schema import (
     Prompt,
     SetNode,
     expand,
-    load_flows,
 )
 from pbx.media.prompts import PromptLibrary
 from pbx.schedule import parse_schedule

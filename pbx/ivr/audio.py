@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pbx.media.prompts import PromptLibrary, PromptNotFound
-from pbx.media.relay import RelaySide
+from pbx.media.relay_side import RelaySide
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 
-from pbx.config import Destination
+from pbx.config.model import Destination
 from pbx.events import EventBus
-from pbx.ivr.schema import (
+from pbx.ivr.nodes import (
     BranchNode,
     CollectNode,
     Flow,

@@ -1,40 +1,56 @@
-"""IVR flows (CONTRACT §3): ``ivr_flows/NAME.yaml`` read, validated and frozen.
+"""What an IVR flow file may say (CONTRACT §3): its fields, each node type's fields, their checks.
 
-A flow is a mapping of node ids to nodes plus the id of the first one. Each
-file is read with the same located YAML machinery as pbx.yaml (`pbx.yamlfile`),
-so every problem is a `ConfigIssue` with file and line, and all of a file's
-problems are found in one pass. A flow with any problem is left out: a broken
-flow never goes live, and `pbx check` lists everything to fix.
+One table (`_NODE_FIELDS`) names every node type's fields with their
+converters and defaults, read with the same located YAML machinery as
+pbx.yaml (`pbx.yamlfile`), so every problem is a `ConfigIssue` with file and
+line and all of a file's problems are found in one pass. `FlowReader`
+gathers, while the nodes are read, what the checks of a whole flow
+(`pbx.ivr.flows`) need: the edges between nodes and each node's line.
 
 Targets (where a node goes next) are node ids of the same flow, or destinations
-(`pbx.config.parse_destination`) checked against pbx.yaml like its own ones.
+(`pbx.config.destinations.parse_destination`) checked against pbx.yaml like its own ones.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from pbx.config import (
+from pbx.config.destinations import (
     REFERENCE_KINDS,
-    Config,
-    Destination,
     DestinationReader,
     mailbox_hint,
     parse_destination,
     read_destination,
 )
+from pbx.config.model import Config
+from pbx.ivr.nodes import (
+    VARIABLE_NAME,
+    BranchNode,
+    CollectNode,
+    GotoNode,
+    HangupNode,
+    HoursNode,
+    HttpNode,
+    MenuNode,
+    Node,
+    PlayNode,
+    Prompt,
+    SetNode,
+    Target,
+    brace_problem,
+    expand,
+    placeholders,
+)
 from pbx.schedule import Schedule, parse_schedule
 from pbx.yamlfile import (
-    ConfigIssue,
     Convert,
     Field,
     Invalid,
@@ -44,7 +60,6 @@ from pbx.yamlfile import (
     choice,
     integer,
     list_of,
-    load_yaml,
     optional,
     section,
     text,
@@ -55,191 +70,9 @@ NODE_TYPES: Final = ("play", "menu", "collect", "hours", "branch", "set", "http"
 HTTP_METHODS: Final = ("GET", "POST")
 
 _NODE_ID = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
-_VARIABLE = r"[A-Za-z_][A-Za-z0-9_]*"
-_FLOW_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # what `ivr:NAME` accepts
-
-# --- The typed flow -----------------------------------------------------------
-
-Target = str | Destination  # a node id of the same flow, or a destination
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """What a node plays: sound names (files under ``sounds.dir``) and ``say:TEXT`` parts, in order.
-
-    Parts may hold ``{var}`` placeholders, filled in with `expand` when played.
-    """
-
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PlayNode:
-    """Play a prompt, then go on."""
-
-    id: str
-    line: int
-    prompt: Prompt
-    next: Target
-
-
-@dataclass(frozen=True)
-class MenuNode:
-    """Play a prompt and go where the key pressed says; replay on no or a wrong key."""
-
-    id: str
-    line: int
-    prompt: Prompt
-    options: Mapping[str, Target]  # DTMF key ("0"-"9", "*", "#") -> target
-    timeout: float = 5  # seconds to wait for a key after the prompt
-    retries: int = 3  # replays after no or an invalid key
-    invalid: Prompt | None = None  # played after a key that is no option
-    on_fail: Target | None = None  # after the last retry; None: hang up
-
-
-@dataclass(frozen=True)
-class CollectNode:
-    """Read several keys into variable ``var``, up to ``max_digits`` or the terminator."""
-
-    id: str
-    line: int
-    prompt: Prompt
-    var: str
-    next: Target
-    max_digits: int = 20
-    terminator: str = "#"
-    timeout: float = 5  # seconds to wait for each key
-    on_fail: Target | None = None  # when no key at all was pressed; None: `next` with an empty var
-
-
-@dataclass(frozen=True)
-class HoursNode:
-    """Go to ``if_open`` within the schedule and outside holidays, else to ``if_closed``."""
-
-    id: str
-    line: int
-    open: Schedule
-    holidays: frozenset[date]
-    if_open: Target  # YAML key "true"
-    if_closed: Target  # YAML key "false"
-
-    def is_open(self, when: datetime) -> bool:
-        """Whether ``when`` (already in the configured time zone) is in opening hours."""
-        return when.date() not in self.holidays and self.open.is_open(when)
-
-
-@dataclass(frozen=True)
-class BranchNode:
-    """Go to the case matching the value of variable ``var``, else to ``default``."""
-
-    id: str
-    line: int
-    var: str
-    cases: Mapping[str, Target]
-    default: Target
-
-
-@dataclass(frozen=True)
-class SetNode:
-    """Set variables (YAML key ``vars``); values may hold ``{var}`` placeholders."""
-
-    id: str
-    line: int
-    values: Mapping[str, str]
-    next: Target
-
-
-@dataclass(frozen=True)
-class HttpNode:
-    """Request ``url`` (placeholders expanded); the fields of a JSON object reply become variables."""
-
-    id: str
-    line: int
-    url: str
-    next: Target
-    on_error: Target  # on a network error, timeout, error status or a reply that is no JSON object
-    method: str = "GET"
-    timeout: float = 2
-
-
-@dataclass(frozen=True)
-class GotoNode:
-    """Go to a destination or another node (YAML key ``to``, or ``next``)."""
-
-    id: str
-    line: int
-    target: Destination | str
-
-
-@dataclass(frozen=True)
-class HangupNode:
-    """End the call."""
-
-    id: str
-    line: int
-
-
-Node = PlayNode | MenuNode | CollectNode | HoursNode | BranchNode | SetNode | HttpNode | GotoNode | HangupNode
-
-
-@dataclass(frozen=True)
-class Flow:
-    """A valid flow; ``name`` is its file name without ``.yaml``."""
-
-    name: str
-    path: Path
-    start: str
-    nodes: Mapping[str, Node]
-
-    def node(self, id: str) -> Node:
-        """The node called ``id``; KeyError if there is none."""
-        return self.nodes[id]
-
-
-# --- Placeholders -------------------------------------------------------------
-
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(" + _VARIABLE + r")\}")
-_BRACES = re.compile(r"\{\{|\}\}|\{[^{}]*\}|[{}]")
-
-
-def expand(template: str, variables: Mapping[str, str]) -> str:
-    """Fill ``{var}`` placeholders from ``variables``; unknown ones become ""; ``{{`` and ``}}`` are braces."""
-
-    def substitute(match: re.Match[str]) -> str:
-        token = match.group(0)
-        if token == "{{":
-            return "{"
-        if token == "}}":
-            return "}"
-        return variables.get(match.group(1), "")
-
-    return _PLACEHOLDER.sub(substitute, template)
-
-
-def placeholders(template: str) -> list[str]:
-    """The variable names ``template`` refers to, in order."""
-    return [m.group(1) for m in _PLACEHOLDER.finditer(template) if m.group(1)]
-
-
-def _check_braces(template: str) -> str | None:
-    """What is wrong with the braces in ``template``, or None."""
-    for match in _BRACES.finditer(template):
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            continue
-        if token in ("{", "}"):
-            return f"a lone {token!r} in {template!r} (write {token * 2!r} for a brace)"
-        if not re.fullmatch(_VARIABLE, token[1:-1]):
-            return f"{token!r} in {template!r} is not a variable name (letters, digits and _)"
-    return None
-
-
-# --- Opening hours ------------------------------------------------------------
-
-# --- Reading a flow file ----------------------------------------------------------
-
-
-class _FlowReader(DestinationReader):
+class FlowReader(DestinationReader):
     """Reads one flow file; destinations are looked up in ``config`` and the flow folder."""
 
     def __init__(
@@ -270,8 +103,8 @@ class _FlowReader(DestinationReader):
         return mailbox_hint(kind, name, self.declared["extension"])
 
 
-def _flow(r: Reader) -> _FlowReader:
-    assert isinstance(r, _FlowReader)
+def _flow(r: Reader) -> FlowReader:
+    assert isinstance(r, FlowReader)
     return r
 
 
@@ -307,7 +140,7 @@ def _template(r: Reader, node: YamlNode) -> str:
     value = node.written()
     if value is None:
         raise Invalid(f"{node.name} must be text, not {node.value!r}")
-    problem = _check_braces(value)
+    problem = brace_problem(value)
     if problem:
         raise Invalid(f"{node.name}: {problem}")
     return value
@@ -355,7 +188,7 @@ def _seconds(high: float) -> Convert[float]:
 def _variable(settable: bool) -> Convert[str]:
     def convert(r: Reader, node: YamlNode) -> str:
         name = node.written()
-        if name is None or not re.fullmatch(_VARIABLE, name):
+        if name is None or not re.fullmatch(VARIABLE_NAME, name):
             raise Invalid(f"{node.name} must be a variable name of letters, digits and _, not {node.value!r}")
         if settable and name in BUILTIN_VARIABLES:
             raise Invalid(f"{node.name}: {name!r} is a built-in variable and cannot be set")
@@ -395,7 +228,7 @@ def _dtmf_key(key: str) -> str | None:
 
 
 def _settable_name(key: str) -> str | None:
-    if not re.fullmatch(_VARIABLE, key):
+    if not re.fullmatch(VARIABLE_NAME, key):
         return f"{key!r} is not a variable name of letters, digits and _"
     if key in BUILTIN_VARIABLES:
         return f"{key!r} is a built-in variable and cannot be set"
@@ -567,119 +400,5 @@ def _nodes(r: Reader, node: YamlNode) -> dict[str, Node]:
     return dict(flow.built)
 
 
-_FLOW_FIELDS = (Field("start", _start), Field("nodes", _nodes))
-
-
-def _check_reachable(flow: _FlowReader, start: str) -> None:
-    """Every node can be reached from ``start``; skipped when some node's targets are unknown."""
-    if flow.opaque or start not in flow.node_lines:
-        return
-    following: dict[str, set[str]] = defaultdict(set)
-    for source, target in flow.edges:
-        following[source].add(target)
-    seen, todo = {start}, [start]
-    while todo:
-        for target in following[todo.pop()] - seen:
-            seen.add(target)
-            todo.append(target)
-    for node_id, line in flow.node_lines.items():
-        if node_id not in seen:
-            flow.report(line, f"node {node_id!r} is unreachable: no path leads to it from start {start!r}")
-
-
-def _check_silent_loops(flow: _FlowReader) -> None:
-    """Chains of goto and set nodes that lead back to themselves would spin forever."""
-    def step(node_id: str) -> str | None:
-        node = flow.built.get(node_id)
-        if isinstance(node, GotoNode) and isinstance(node.target, str):
-            return node.target
-        if isinstance(node, SetNode) and isinstance(node.next, str):
-            return node.next
-        return None
-
-    reported: set[str] = set()
-    for first in flow.built:
-        path: list[str] = []
-        node_id: str | None = first
-        while node_id is not None and node_id not in path and node_id not in reported:
-            path.append(node_id)
-            node_id = step(node_id)
-        if node_id is not None and node_id in path:
-            loop = path[path.index(node_id):]
-            reported.update(loop)
-            shown = " -> ".join([*loop, node_id])
-            line = min(flow.built[n].line for n in loop)
-            flow.report(line, f"nodes {shown} loop forever without the caller (add a play, menu or collect node)")
-
-
-def _hash_key_lines(path: Path) -> list[int]:
-    """Lines whose `#:` looks like a menu key but is a YAML comment, so the option silently vanished."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    return [number for number, line in enumerate(lines, 1) if re.match(r"\s*#:(\s|$)", line)]
-
-
-def load_flow(
-    path: Path, config: Config, prompt_exists: Callable[[str], bool], flow_names: set[str] | None = None
-) -> tuple[Flow | None, list[ConfigIssue]]:
-    """Read one flow file: the flow, or None when it has issues, and all its issues in line order.
-
-    ``flow_names`` are the flows `ivr:` destinations may name (default: the
-    *.yaml files next to ``path``).
-    """
-    path = Path(path)
-    if flow_names is None:
-        flow_names = {p.stem for p in path.parent.glob("*.yaml")}
-    reader = _FlowReader(path, config, flow_names, prompt_exists)
-    if not re.fullmatch(_FLOW_NAME, path.stem):
-        reader.report(0, f"flow name {path.stem!r} cannot be used in ivr: destinations (letters, digits, _ . -)")
-    for line in _hash_key_lines(path):
-        reader.report(line, 'an unquoted # starts a YAML comment: write "#" in quotes for the # key')
-    root, issues = load_yaml(path)
-    reader.issues.extend(issues)
-    if root is None:
-        return None, sorted(reader.issues, key=lambda issue: issue.line)
-    values: dict[str, Any] | None
-    try:
-        values = reader.read(section(_FLOW_FIELDS, lambda n, v: v), root)
-    except Reported:
-        values = None
-    reader.check_references()
-    reader.check_dialable(config)
-    start = root.value.get("start") if isinstance(root.value, dict) else None
-    if start is not None and isinstance(start.value, str):
-        _check_reachable(reader, start.value)
-    _check_silent_loops(reader)
-    issues = sorted(reader.issues, key=lambda issue: issue.line)
-    if values is None or issues:
-        return None, issues
-    return Flow(path.stem, path, values["start"], MappingProxyType(values["nodes"])), []
-
-
-def flow_files(directory: Path) -> list[Path]:
-    """The flow files in ``directory`` (``*.yaml``, not hidden), sorted; none when it is missing."""
-    return sorted(p for p in directory.glob("*.yaml") if not p.name.startswith(".")) if directory.is_dir() else []
-
-
-def load_flows(
-    directory: Path, config: Config, prompt_exists: Callable[[str], bool]
-) -> tuple[dict[str, Flow], list[ConfigIssue]]:
-    """Every ``*.yaml`` in ``directory`` as a flow named by its file; a missing folder holds none.
-
-    Returns the valid flows and the issues of all files (by file, then line);
-    a flow with any issue is left out. ``prompt_exists(name)`` says whether a
-    sound name can be played; names holding ``{var}`` are not checked.
-    """
-    files = flow_files(Path(directory))
-    names = {p.stem for p in files}
-    flows: dict[str, Flow] = {}
-    issues: list[ConfigIssue] = []
-    for path in files:
-        flow, found = load_flow(path, config, prompt_exists, names)
-        issues.extend(found)
-        if flow is not None:
-            flows[flow.name] = flow
-    return flows, issues
-
+# The top level of a flow file; `pbx.ivr.flows.load_flow` reads it and checks the whole.
+FLOW_FIELDS = (Field("start", _start), Field("nodes", _nodes))
