@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pbx.sip.b2bua import DISPOSITIONS
+from pbx.calls.model import DISPOSITIONS
 from tests.support.phone import Phone
 from tests.support.server import PASSWORDS, Server, queue_settings, start_server
 

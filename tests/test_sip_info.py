@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiosipua import SipMessage, SipRequest
 
-from pbx.sip.b2bua import info_key
+from pbx.sip.messages import info_key
 
 
 def info(content_type: str, body: str) -> SipRequest:

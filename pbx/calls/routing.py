@@ -19,22 +19,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pbx.config import Config, Destination, Trunk
+from pbx.config.destinations import parse_destination
+from pbx.config.model import Config, Destination, Trunk
+from pbx.errors import BadRequest, CallError
 from pbx.events import EventBus
 from pbx.security import security_event
 from pbx.sip.dialog import OutboundLeg
 
 
-class DialRefused(Exception):
-    """A call the server will not place for a party: ``error`` names why
-    (``number-not-allowed``: no outbound rule lets the party dial the number;
-    ``call-limit``: an extension's or trunk's ``max_calls`` is reached),
-    ``status`` is the SIP answer that says it."""
+class DialRefused(CallError):
+    """A call the server will not place for a party: ``code`` names why
+    (``number-not-allowed``: no outbound rule lets the party dial the number,
+    422 in the API; ``call-limit``: an extension's or trunk's ``max_calls`` is
+    reached, 409), ``sip_status`` is the SIP answer that says it."""
 
-    def __init__(self, error: str, status: int, message: str, *, trunk: str | None = None) -> None:
-        super().__init__(message)
-        self.error = error
-        self.status = status
+    def __init__(self, code: str, sip_status: int, message: str, *, trunk: str | None = None) -> None:
+        super().__init__(message, code=code, status=409 if code == "call-limit" else 422)
+        self.sip_status = sip_status
         self.trunk = trunk  # the trunk that is full
 
 
@@ -62,7 +63,7 @@ class DialPolicy:
         try:
             return self._trunk(destination, party, now=now)
         except DialRefused as exc:
-            kind = "refused_number" if exc.error == "number-not-allowed" else "call_limit"
+            kind = "refused_number" if exc.code == "number-not-allowed" else "call_limit"
             security_event(self.events, kind, src, number=destination.target, extension=party, trunk=exc.trunk)
             raise
 
@@ -112,3 +113,34 @@ class DialPolicy:
         if now and self.trunk_full(trunk):
             raise DialRefused("call-limit", 503, f"trunk {trunk.name} has its {trunk.max_calls} calls up", trunk=trunk.name)
         return trunk
+
+
+def route_dialed(cfg: Config, number: str) -> Destination:
+    """Where a number an extension dials leads: an extension, an inbound
+    number, a feature code, else outside (whether it may go there is
+    the dial policy's to say)."""
+    if number in cfg.extensions:
+        return Destination("extension", number)
+    if number in cfg.inbound:
+        return cfg.inbound[number]
+    features = cfg.features
+    if number in (features.voicemail_main, features.agent_login, features.agent_pause):
+        return Destination("feature", number)
+    return Destination("external", number)
+
+
+def asked_destination(cfg: Config, text: str) -> Destination:
+    """Where ``text`` leads when someone asks for it (click-to-call): a
+    destination written ``KIND:TARGET``, or a number as a phone would dial it.
+    BadRequest when it names nothing that exists in the config."""
+    try:
+        destination = parse_destination(text) if ":" in text or text == "hangup" else route_dialed(cfg, text)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    if destination.kind == "hangup":
+        raise BadRequest("hangup connects to nobody")
+    if destination.kind == "extension" and destination.target not in cfg.extensions:
+        raise BadRequest(f"there is no extension {destination.target}")
+    if destination.kind == "external" and destination.trunk and destination.trunk not in cfg.trunks:
+        raise BadRequest(f"there is no trunk {destination.trunk}")
+    return destination

@@ -31,8 +31,9 @@ from aiosipua import (
 from aiosipua.auth import build_credentials
 
 from pbx.sip.messages import make_response
-from pbx.sip.stack import Flow, SipStack
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import T1, T2, TIMER_B, ClientTransaction, ServerTransaction, invite_sibling
+from pbx.sip.transport import Flow
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,16 @@ class Leg:
         if self.state is LegState.ANSWERED:
             self.send("BYE")
         self._finish()
+
+    def drop(self, status: int) -> None:
+        """Hang up whatever the state: BYE once answered, else a final
+        ``status`` (a caller's INVITE) or CANCEL (a leg we are ringing)."""
+        if self.state is LegState.ANSWERED:
+            self.bye()
+        elif isinstance(self, InboundLeg):
+            self.reject(status)
+        elif isinstance(self, OutboundLeg):
+            self.cancel()
 
     def reinvite(self, body: str, on_answer: Callable[[SipResponse], None]) -> None:
         """Send a re-INVITE with a new offer; ``on_answer`` gets the final response."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiosipua import SipRequest, SipResponse, generate_tag, parse_uri
+from aiosipua import SipRequest, SipResponse, generate_tag, parse_address, parse_uri
 
 REASONS: dict[int, str] = {
     100: "Trying",
@@ -66,3 +66,31 @@ def uri_user(uri: str) -> str | None:
         return parse_uri(uri).user
     except (ValueError, IndexError):
         return None
+
+
+def address_user(header: str | None) -> str | None:
+    """The user part of the URI in a From/To-style header; None when it has none or does not parse."""
+    if not header:
+        return None
+    try:
+        return parse_address(header).uri.user
+    except (ValueError, IndexError):
+        return None
+
+
+def info_key(request: SipRequest) -> str | None:
+    """The key a SIP INFO carries (application/dtmf-relay or application/dtmf), if any."""
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    text = request.text.strip()
+    if content_type == "application/dtmf-relay":
+        for line in text.splitlines():
+            name, _, value = line.partition("=")
+            if name.strip().lower() == "signal":
+                text = value.strip()
+                break
+        else:
+            return None
+    elif content_type != "application/dtmf":
+        return None
+    key = {"10": "*", "11": "#"}.get(text, text)
+    return key if len(key) == 1 and key in "0123456789*#ABCD" else None

@@ -1,0 +1,194 @@
+"""The media of one call: a relay whose side a faces the caller and side b
+whoever talks to it (a callee, an agent), the codecs each side talks and the
+SDES keys of each.
+
+The bridge joins the two sides when someone answers (:meth:`Bridge.join`),
+answers the caller for the server itself when nobody else does
+(:meth:`Bridge.answer_here`), passes a re-INVITE (hold, a new address) from one
+side to the other, and at the end closes the relay and reports each side's
+voice quality. Signalling stays with the legs: the bridge builds and reads
+SDP and points relay sides, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiosipua import SdpNegotiationError, SipRequest, SipResponse
+
+from pbx.events import EventBus
+from pbx.media.clock import MediaClock
+from pbx.media.codecs import Codec
+from pbx.media.ports import RtpPortPool
+from pbx.media.quality import estimate_mos
+from pbx.media.relay import RtpRelay
+from pbx.media.relay_side import RelaySide
+from pbx.media.srtp import SrtpSides
+from pbx.sip.dialog import Leg
+from pbx.sip.sdp import (
+    DTMF_PT,
+    MediaDescription,
+    SdpCodec,
+    answer_codec,
+    build_sdp,
+    offer_codecs,
+    parse_media,
+    reverse_direction,
+)
+from pbx.sip.transactions import ServerTransaction
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Bridge:
+    """One call's media; ``relay`` exists once :meth:`open` got it ports."""
+
+    a_media: MediaDescription  # what the caller offered (or, for calls we place, answered)
+    srtp: SrtpSides  # the SDES keys of the relay's sides
+    media_ip: str  # the address our SDP names
+    codecs: tuple[str, ...]  # rtp.codecs when the call began
+    relay: RtpRelay | None = None
+    a_codec: SdpCodec | None = None
+    b_codec: SdpCodec | None = None
+    b_dtmf_pt: int | None = None
+
+    async def open(self, ports: RtpPortPool, clock: MediaClock, events: EventBus) -> RtpRelay:
+        """The relay, with a port for each side (OSError when there is none)."""
+        self.relay = await RtpRelay.create(ports, clock, events)
+        return self.relay
+
+    def offer(self) -> str:
+        """The SDP offer for ringing someone on side b: the caller's codecs,
+        or once the caller is answered (by the IVR) its codec and what we can
+        transcode it to; SRTP unless rtp.srtp is off (the dialer makes it plain
+        for legs that should not get keys)."""
+        assert self.relay is not None
+        if self.a_codec is None:
+            codecs = offer_codecs(self.a_media, self.codecs)
+        else:
+            fixed = MediaDescription(self.a_media.addr, (self.a_codec,), self.a_media.dtmf_pt, "sendrecv")
+            codecs = offer_codecs(fixed, self.codecs)
+        return build_sdp(self.media_ip, self.relay.b.port, codecs, DTMF_PT, crypto=self.srtp.offer(self.relay.b))
+
+    def answer_here(self, a_signal_ip: str) -> tuple[SdpCodec, str]:
+        """Settle the caller's codec (its first offered one) for the server to
+        talk to it; that codec and the SDP answer for the caller."""
+        assert self.relay is not None
+        if self.a_codec is None:
+            self.a_codec = self.a_media.codecs[0]
+            self.relay.a.set_remote(self.a_media.addr, codec_of(self.a_codec), self.a_media.dtmf_pt, a_signal_ip)
+        crypto = self.srtp.crypto(self.relay.a)
+        return self.a_codec, build_sdp(self.media_ip, self.relay.a.port, (self.a_codec,), self.a_media.dtmf_pt, crypto=crypto)
+
+    def join(self, b_body: str, b_signal_ip: str, a_signal_ip: str) -> str:
+        """Point the relay at both peers (the one that answered with
+        ``b_body`` on side b) and return the SDP answer for the caller;
+        SdpNegotiationError when the answer is unusable. The signalling IPs
+        say where each peer's RTP may come from when NAT hides its SDP address."""
+        assert self.relay is not None
+        b_media = parse_media(b_body, self.codecs)
+        if not b_media.codecs:
+            raise SdpNegotiationError("callee rejected the audio stream")
+        chosen = b_media.codecs[0]
+        if self.a_codec is None:
+            a_codec = answer_codec(self.a_media, chosen)
+        else:  # the caller was answered earlier (IVR): its codec is settled
+            a_codec = answer_codec(MediaDescription(self.a_media.addr, (self.a_codec,), None, "sendrecv"), chosen)
+        if not self.srtp.take_answer(self.relay.b, b_media.secure, b_media.cryptos):
+            raise SdpNegotiationError("callee's answer has no usable SRTP key, or is plain RTP while rtp.srtp is mandatory")
+        self.a_codec, self.b_codec, self.b_dtmf_pt = a_codec, chosen, b_media.dtmf_pt
+        self.relay.b.set_remote(b_media.addr, codec_of(chosen), b_media.dtmf_pt, b_signal_ip)
+        self.relay.a.set_remote(self.a_media.addr, codec_of(a_codec), self.a_media.dtmf_pt, a_signal_ip)
+        crypto = self.srtp.crypto(self.relay.a)
+        return build_sdp(self.media_ip, self.relay.a.port, (a_codec,), self.a_media.dtmf_pt, crypto=crypto)
+
+    def pass_reinvite(self, leg: Leg, other: Leg, from_a: bool, request: SipRequest, txn: ServerTransaction) -> None:
+        """Pass a re-INVITE (hold, unhold, new address) from ``leg`` through to
+        ``other``, the leg on the far side, and its answer back."""
+        assert self.relay is not None and self.a_codec is not None and self.b_codec is not None
+        this_side, other_side = (self.relay.a, self.relay.b) if from_a else (self.relay.b, self.relay.a)
+        this_codec, other_codec = (self.a_codec, self.b_codec) if from_a else (self.b_codec, self.a_codec)
+        this_dtmf = self.a_media.dtmf_pt if from_a else self.b_dtmf_pt
+        other_dtmf = self.b_dtmf_pt if from_a else self.a_media.dtmf_pt
+        direction = self._take_offer(request, txn, this_side, this_codec, this_dtmf)
+        if direction is None:
+            return
+
+        def answered(resp: SipResponse) -> None:
+            if resp.status_code >= 300:
+                txn.reply(resp.status_code, resp.reason_phrase)
+                return
+            answer_direction = direction
+            if resp.body:
+                try:
+                    media = parse_media(resp.text, self.codecs)
+                    answer_direction = media.direction
+                    other_side.set_remote(media.addr, codec_of(other_codec), other_dtmf)
+                    if not self.srtp.take_answer(other_side, media.secure, media.cryptos):
+                        logger.warning("re-INVITE answer from %s has no usable SRTP key; keeping the old one", other.dialog.remote_target)
+                except SdpNegotiationError:
+                    pass
+            crypto = self.srtp.crypto(this_side)
+            leg.answer_reinvite(txn, build_sdp(self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction, crypto=crypto))
+
+        crypto = self.srtp.crypto(other_side)
+        other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction, crypto=crypto), answered)
+
+    def reinvite_to_us(self, leg: Leg, request: SipRequest, txn: ServerTransaction) -> None:
+        """A re-INVITE from a caller talking to the server itself (the IVR): answer it here."""
+        assert self.relay is not None and self.a_codec is not None
+        offered = self._take_offer(request, txn, self.relay.a, self.a_codec, self.a_media.dtmf_pt)
+        if offered is None:
+            return
+        crypto = self.srtp.crypto(self.relay.a)
+        direction = reverse_direction(offered)
+        leg.answer_reinvite(txn, build_sdp(self.media_ip, self.relay.a.port, (self.a_codec,), self.a_media.dtmf_pt, direction, crypto=crypto))
+
+    def _take_offer(
+        self, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
+    ) -> str | None:
+        """Point ``side`` at a re-INVITE's offer (and its SRTP key) and return
+        the offered direction ("sendrecv" without SDP); None once an unusable
+        offer got 488."""
+        if not request.body:
+            return "sendrecv"
+        try:
+            offer = parse_media(request.text, self.codecs)
+        except SdpNegotiationError:
+            txn.reply(488)
+            return None
+        if not self.srtp.take_offer(side, offer.secure, offer.cryptos):
+            txn.reply(488)
+            return None
+        side.set_remote(offer.addr, codec_of(codec), dtmf_pt)
+        return offer.direction
+
+    def close(self, call_id: str, events: EventBus) -> list[dict[str, object]]:
+        """Close the relay and count what it relayed; the voice quality of
+        each side whose peer sent us RTP (one ``leg_quality`` event each), for the log."""
+        if self.relay is None:
+            return []
+        self.relay.close()
+        events.emit("rtp_relayed", packets=self.relay.total().relayed)
+        reports: list[dict[str, object]] = []
+        for side in (self.relay.a, self.relay.b):
+            report = side.stats.report()
+            if report.received:
+                codec = side.codec.name if side.codec is not None else "PCMU"
+                mos = estimate_mos(codec, report.loss_fraction, report.jitter_ms)
+                events.emit(
+                    "leg_quality", call_id=call_id, leg=side.name, codec=codec, received=report.received,
+                    lost=report.lost, jitter_ms=report.jitter_ms, mos=mos,
+                )  # fmt: skip
+                reports.append(
+                    {"leg": side.name, "codec": codec, "packets": report.received, "lost": report.lost,
+                     "jitter_ms": report.jitter_ms, "mos": f"{mos:.2f}"}
+                )  # fmt: skip
+        return reports
+
+
+def codec_of(codec: SdpCodec) -> Codec:
+    """The relay's codec for a codec SDP names."""
+    return Codec(codec.name, codec.payload_type, codec.clock_rate)

@@ -1,0 +1,88 @@
+"""A call's one CDR row: made from the call when it ends (or from a call the
+server placed that never got going), stored, then logged as ``event=ended``
+so that whoever reads the line finds the row."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pbx.calls.model import Call, call_event
+from pbx.config.model import Destination
+from pbx.events import EventBus
+from pbx.store.db import Store, iso_time
+
+
+def cdr_row(
+    call_id: str,
+    direction: str,
+    caller: str,
+    callee: str,
+    disposition: str,
+    *,
+    started: float,
+    answered: float | None,
+    ended: float,
+    queue: str | None = None,
+    agent: str | None = None,
+    wait: float | None = None,
+    sip_call_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "direction": direction,
+        "from_number": caller,
+        "to_number": callee,
+        "started": iso_time(started),
+        "answered": iso_time(answered) if answered else None,
+        "ended": iso_time(ended),
+        "disposition": disposition,
+        "duration": round(ended - started, 3),
+        "billsec": round(ended - answered, 3) if answered else 0.0,
+        "queue": queue,
+        "agent": agent,
+        "wait": round(wait, 3) if wait is not None else None,
+        "sip_call_id": sip_call_id or None,
+    }
+
+
+def row_of(call: Call, disposition: str, ended: float) -> dict[str, Any]:
+    """The CDR row of ``call``, ended at ``ended`` with ``disposition``."""
+    return cdr_row(
+        call.id, call.direction, call.caller, call.callee, disposition,
+        started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
+        sip_call_id=call.sip_call_id,
+    )  # fmt: skip
+
+
+def unconnected_row(
+    events: EventBus,
+    call_id: str,
+    direction: str,
+    extension: str,
+    destination: Destination,
+    disposition: str,
+    started: float,
+    sip_call_id: str | None = None,
+) -> dict[str, Any]:
+    """The CDR row of a call the server placed that never got going (the
+    first phone did not answer): it has no Call, yet it rang someone. Its
+    start and end are logged and counted as any call's."""
+    call_event(call_id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
+    events.emit("call_started", call_id=call_id, direction=direction)
+    events.emit("call_ended", call_id=call_id, direction=direction, disposition=disposition)
+    return cdr_row(
+        call_id, direction, extension, destination.target, disposition, started=started, answered=None, ended=time.time(),
+        sip_call_id=sip_call_id,
+    )  # fmt: skip
+
+
+async def write_cdr(store: Store, row: dict[str, Any], hangup_by: str | None = None) -> None:
+    """Store the call's one CDR row, then log its ``ended`` event. Inserted,
+    never upserted: the id is the server's own and new, so no row is ever replaced."""
+    await store.insert("cdr", row)
+    call_event(
+        row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
+        **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
+        queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=hangup_by,
+    )  # fmt: skip

@@ -1,0 +1,116 @@
+"""Ringing the callee of a call: one leg per registered contact (or one to
+a trunk), early media and 180s passed to the caller, the ring timeout. The
+first leg to answer joins the caller in the call's bridge and the others get
+CANCEL; when none does, the call service hears why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiosipua import SdpNegotiationError, SipResponse
+
+from pbx.calls.dialer import Dialer
+from pbx.calls.model import Call, CallState, Unreachable, outcome
+from pbx.config.model import Config, Destination
+from pbx.sip.dialog import InboundLeg, Leg, LegEvents, OutboundLeg
+
+logger = logging.getLogger(__name__)
+
+Bridged = Callable[[Call, OutboundLeg, str], None]  # the call's caller now talks to the leg (with this SDP answer)
+Failed = Callable[[Call, int, str], None]  # nobody took the call: the status for the caller, the disposition
+
+
+class Forks:
+    def __init__(self, config: Callable[[], Config], legs: dict[tuple[str, str], tuple[Call, Leg]], bridged: Bridged, failed: Failed) -> None:
+        """``legs``: the call service's map of every leg (by dialog key) to its call, kept up to date here for forks."""
+        self.config = config
+        self.legs = legs
+        self.bridged = bridged
+        self.callee_failed = failed
+
+    async def ring(self, call: Call, destination: Destination, party: str | None, mailbox: str | None, *, dialer: Dialer, events: LegEvents) -> None:
+        """Ring an extension (every contact) or a number outside (dialed for
+        ``party``) for ``call``'s caller; ``mailbox`` takes the call when the
+        callee is busy, does not answer or is not registered."""
+        call.mailbox = mailbox
+        try:
+            legs = await dialer.make_legs(call.caller, destination, call.bridge.offer(), events, party)
+        except Unreachable as exc:
+            self.callee_failed(call, exc.status, exc.disposition)
+            return
+        if call.ended:
+            return
+        if destination.kind == "extension":
+            call.extensions.add(destination.target)
+        for leg in legs:
+            call.forks.append(leg)
+            self.legs[leg.key] = (call, leg)
+            leg.start()
+        call.ring_timer = asyncio.get_running_loop().call_later(self.config().sip.ring_timeout, self._no_answer, call)
+
+    def _call_of(self, leg: Leg) -> Call | None:
+        found = self.legs.get(leg.key)
+        return found[0] if found else None
+
+    def progress(self, leg: Leg, resp: SipResponse) -> None:
+        call = self._call_of(leg)
+        if call is None or call.state is not CallState.RINGING:
+            return
+        if resp.body and call.early_sdp is None:
+            try:
+                call.early_sdp = call.bridge.join(resp.text, leg.flow.addr[0], call.a.flow.addr[0])
+            except SdpNegotiationError as exc:
+                logger.info("call=%s ignoring early media: %s", call.id, exc)
+        if not isinstance(call.a, InboundLeg):
+            return
+        if call.early_sdp is not None:
+            call.a.ring(call.early_sdp)
+        elif not call.ringing_sent:
+            call.a.ring()
+        call.ringing_sent = True
+
+    def answered(self, leg: Leg, resp: SipResponse) -> None:
+        call = self._call_of(leg)
+        assert isinstance(leg, OutboundLeg)
+        if call is None or call.state is not CallState.RINGING:
+            leg.bye()
+            return
+        try:
+            answer = call.bridge.join(resp.text, leg.flow.addr[0], call.a.flow.addr[0])
+        except SdpNegotiationError as exc:
+            logger.warning("call=%s callee's answer unusable: %s", call.id, exc)
+            leg.bye()
+            self.failed(leg, 488, None)
+            return
+        if call.ring_timer is not None:
+            call.ring_timer.cancel()
+        for other in call.forks:
+            if other is not leg:
+                other.cancel()
+                self.legs.pop(other.key, None)
+        self.bridged(call, leg, answer)
+
+    def failed(self, leg: Leg, code: int, resp: SipResponse | None) -> None:
+        call = self._call_of(leg)
+        if call is None:
+            return
+        self.legs.pop(leg.key, None)
+        if leg in call.forks:
+            call.forks.remove(leg)
+        call.fork_codes.append(code)
+        if call.state is not CallState.RINGING or call.forks:
+            return
+        if call.b is None and call.direction == "outbound" and code in (401, 407):
+            logger.warning("call=%s trunk refused our credentials (%d)", call.id, code)
+        self.callee_failed(call, *outcome(call.fork_codes))
+
+    def _no_answer(self, call: Call) -> None:
+        if call.state is not CallState.RINGING:
+            return
+        for leg in call.forks:
+            leg.cancel()
+            self.legs.pop(leg.key, None)
+        call.forks = []
+        self.callee_failed(call, 480, "no-answer")
