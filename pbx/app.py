@@ -19,29 +19,34 @@ import aiohttp
 from aiohttp import web
 from aiosipua import SipRequest
 
-from pbx.config import Config, ConfigError, ConfigIssue, load_config
+from pbx.config.load import load_config
+from pbx.config.model import Config, ConfigError
 from pbx.events import EventBus
 from pbx.http.api import add_api
+from pbx.http.services import AdminServices
 from pbx.http.server import make_http_app
-from pbx.ivr.schema import Flow as IvrFlow
-from pbx.ivr.schema import load_flows
+from pbx.ivr.flows import load_flows
+from pbx.ivr.nodes import Flow as IvrFlow
 from pbx.media.prompts import PromptLibrary
 from pbx.media.clock import MediaClock
 from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.metrics import Metrics
 from pbx.queues.service import QueueService
-from pbx.recordings import Recorder
+from pbx.recordings.recorder import Recorder
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.b2bua import CallService
+from pbx.calls.click_to_call import ClickToCalls
+from pbx.calls.service import CallService
 from pbx.sip.mwi import MessageWaiting
 from pbx.sip.registrar import Registrar
-from pbx.sip.stack import Flow, SipStack
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
 from pbx.sip.tls import client_context, server_context
+from pbx.sip.transport import Flow
 from pbx.sip.trunks import TrunkRegistration
 from pbx.store.db import Store
-from pbx.voicemail import VoicemailService
+from pbx.voicemail.service import VoicemailService
+from pbx.yamlfile import ConfigIssue
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ class Pbx:
         self.clock = MediaClock()
         self.ports = RtpPortPool(config.rtp.ip, config.rtp.port_min, config.rtp.port_max)
         self.prompts, self.flows = prompts, flows
+        # One reload at a time: an earlier one whose files read slower never swaps in over a later one.
+        self._reloading = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         media_ip = config.sip.external_ip or (config.rtp.ip if not _wildcard(config.rtp.ip) else host)
         self.calls = CallService(
@@ -93,7 +100,8 @@ class Pbx:
             moh=MusicOnHold(self.clock, lambda: self.prompts),
             prompts=lambda: self.prompts,
         )
-        self.calls.queues = self.queues
+        self.calls.answering.queues = self.queues
+        self.click_to_call = ClickToCalls(self.calls, lambda: self.config)
         self.mwi = MessageWaiting(
             config=lambda: self.config,
             stack=self.stack,
@@ -108,14 +116,30 @@ class Pbx:
             config=lambda: self.config, store=self.store, events=self.events, clock=self.clock, guard=self.guard
         )
         self.voicemail.mwi = self.mwi
-        self.calls.voicemail = self.voicemail
+        self.calls.answering.voicemail = self.voicemail
         self.recorder = Recorder(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
-        self.calls.recorder = self.recorder
+        self.calls.recording.recorder = self.recorder
         self.metrics.watch_voicemail(lambda: self.voicemail.counts)
         self.metrics.watch_queues(self.queues.snapshot)
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.handle_stray_response
         self.trunks: list[TrunkRegistration] = []
+
+    def admin(self) -> AdminServices:
+        """What the admin API works with (pbx.http.api.add_api)."""
+        return AdminServices(
+            config=lambda: self.config,
+            calls=self.calls,
+            click_to_call=self.click_to_call,
+            registrar=self.registrar,
+            queues=self.queues,
+            voicemail=self.voicemail,
+            recorder=self.recorder,
+            store=self.store,
+            prompts=lambda: self.prompts,
+            flows=lambda: self.flows,
+            reload=self.reload,
+        )
 
     def _password(self, extension: str) -> str | None:
         ext = self.config.extensions.get(extension)
@@ -199,6 +223,7 @@ class Pbx:
     async def stop(self) -> None:
         """Hang up the calls left after :meth:`drain` (their CDR rows and
         recordings finished), then stop every service in reverse order of start."""
+        await self.click_to_call.close()  # a `from` still ringing: stopped, with its CDR row
         await self.calls.stop()
         await self.mwi.stop()
         await self.queues.stop()
@@ -223,28 +248,34 @@ class Pbx:
     async def reload(self) -> list[ConfigIssue]:
         """Load pbx.yaml and the flows again; on any error keep what runs.
         Calls already in a flow finish on the version they started with.
-        Returns the issues that kept the old configuration: none when it took."""
-        try:
-            new, prompts, flows = load_setup(self.config.path)
-        except ConfigError as exc:
-            for issue in exc.issues:
-                logger.error("reload refused: %s", issue)
-            self.events.emit("config_reload_failed", errors=len(exc.issues))
-            return exc.issues
-        if new.sip.listen != self.config.sip.listen or new.sip.tls != self.config.sip.tls or new.rtp != self.config.rtp:
-            logger.warning("sip.listen, sip.tls and rtp changes take effect at the next restart")
-        if new.http.token != self.config.http.token:
-            logger.info("http.token changed: the old admin token is refused from now on")
-        self.config = new
-        self.flows = flows
-        self.prompts = prompts
-        self.authenticator.realm = new.sip.domain
-        self.authenticator.algorithms = new.sip.auth_algorithms
-        for trunk in self.trunks:
-            await trunk.stop()
-        self._start_trunks()
-        logger.info("configuration reloaded from %s", new.path)
-        return []
+        Returns the issues that kept the old configuration: none when it took.
+
+        The files are read and validated in a worker thread: a large flow set
+        takes the better part of a second, and on the loop that would stop
+        every call's media clock for as long (STYLE §4). Only the swap runs
+        on the loop."""
+        async with self._reloading:
+            try:
+                new, prompts, flows = await asyncio.to_thread(load_setup, self.config.path)
+            except ConfigError as exc:
+                for issue in exc.issues:
+                    logger.error("reload refused: %s", issue)
+                self.events.emit("config_reload_failed", errors=len(exc.issues))
+                return exc.issues
+            if new.sip.listen != self.config.sip.listen or new.sip.tls != self.config.sip.tls or new.rtp != self.config.rtp:
+                logger.warning("sip.listen, sip.tls and rtp changes take effect at the next restart")
+            if new.http.token != self.config.http.token:
+                logger.info("http.token changed: the old admin token is refused from now on")
+            self.config = new
+            self.flows = flows
+            self.prompts = prompts
+            self.authenticator.realm = new.sip.domain
+            self.authenticator.algorithms = new.sip.auth_algorithms
+            for trunk in self.trunks:
+                await trunk.stop()
+            self._start_trunks()
+            logger.info("configuration reloaded from %s", new.path)
+            return []
 
     async def healthy(self) -> bool:
         return bool(self.stack.transports) and await self.store.ping()
@@ -260,7 +291,7 @@ async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow
     pbx = Pbx(config, prompts, flows)
     # The token is read per request: a reload that changes it takes effect at once.
     app = make_http_app(lambda: pbx.config.http.token, pbx.metrics, pbx.healthy, pbx.events)
-    add_api(app, pbx)
+    add_api(app, pbx.admin())
     app.cleanup_ctx.append(pbx.lifetime)
     runner = web.AppRunner(app, access_log=None)
     try:

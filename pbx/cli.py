@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pbx import __version__
 from pbx.app import load_setup, serve
-from pbx.config import ConfigError
+from pbx.config.model import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 4.5)
 
 
 class QueueView(Protocol):
-    """What the queue gauges read at scrape time (a pbx.queues.service.QueueSnapshot)."""
+    """What the queue gauges read at scrape time (a pbx.queues.stats.QueueSnapshot)."""
 
     @property
     def name(self) -> str: ...

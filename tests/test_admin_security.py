@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pbx.config import load_config
-from pbx.http.api import csv_cell
+from pbx.calls.cdr_http import csv_cell
+from pbx.config.load import load_config
 from tests.support.server import Server, start_server
 from tests.support.sipp import run_sipp
 

@@ -192,7 +192,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         config, prompts, flows = load_setup(path)
         pbx = Pbx(config, prompts, flows)
         app = make_http_app(lambda: pbx.config.http.token, pbx.metrics, pbx.healthy, pbx.events)
-        add_api(app, pbx)
+        add_api(app, pbx.admin())
         app.cleanup_ctx.append(pbx.lifetime)
         client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()

@@ -28,14 +28,15 @@ from aiosipua import (
     stringify_auth,
 )
 
-from pbx.config import load_config
+from pbx.config.load import load_config
 from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.sip.messages import make_response
 from pbx.sip.mwi import CONTENT_TYPE, MessageWaiting, granted_expires, summary_body
 from pbx.sip.registrar import Registrar
-from pbx.sip.stack import Flow, SipStack
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
+from pbx.sip.transport import Flow
 from pbx.store.db import Store
 from tests.support.phone import Phone
 from tests.support.server import PASSWORDS, Server, base_config, free_port, start_server

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pbx.config import SipConfig
+from pbx.config.model import SipConfig
 from pbx.events import EventBus
 from pbx.metrics import Metrics
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pbx.config import ConfigError, load_config
+from pbx.config.load import load_config
+from pbx.config.model import ConfigError
 from pbx.store.db import Store
 from tests.support.server import PASSWORDS, Server, base_config, start_server
 from tests.test_digest_replay import DOMAIN, RawClient

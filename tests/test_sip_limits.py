@@ -20,8 +20,9 @@ from aiosipua import SipDigestAuth, SipMessage, SipRequest, SipResponse, build_c
 from pbx.app import Pbx, load_setup
 from pbx.events import EventBus
 from pbx.sip import transactions as transactions_module
-from pbx.sip.stack import Flow, SipStack
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
+from pbx.sip.transport import Flow
 from pbx.security import address_key
 from pbx.sip.tcp import MAX_CONNECTIONS_PER_ADDRESS, MAX_WRITE_BUFFER, BoundedTcp
 from tests.support.phone import Phone, exchange_tones

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pbx.config import ConfigError, load_config
+from pbx.config.load import load_config
+from pbx.config.model import ConfigError
 from pbx.store.db import Store
 from tests.support.audio import read_samples, write_tone
 from tests.support.phone import Phone, phones_for

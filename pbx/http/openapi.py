@@ -1,5 +1,6 @@
 """The admin API's OpenAPI 3 document, built from the same operation table
-that registers the routes (pbx.http.api.OPERATIONS), so the two cannot drift.
+that registers the routes (pbx.http.api.OPERATIONS, gathered from each
+feature's ``http`` module), so the two cannot drift.
 
 An :class:`Operation` names its method, path, handler and request body
 schema; the body schema also drives the request validation
@@ -315,6 +316,15 @@ class Reply:
     schema: Schema | None = None
     content: Mapping[str, Schema] | None = None  # media type -> schema, for non-JSON bodies
     headers: Mapping[str, Schema] | None = None
+
+
+NO_CONTENT = Reply("done; no content")
+WAV_AUDIO = Reply("WAV audio", content={"audio/wav": {"type": "string", "format": "binary"}})
+
+
+def page_reply(name: str) -> Reply:
+    """What a list answers: one page of ``name`` items."""
+    return Reply("one page of the list", page_of(name))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The HTTP side: /healthz, /metrics and the admin API of CONTRACT §4 (pbx.http.api).
+"""The HTTP side: /healthz, /metrics and the admin API of CONTRACT §4 (pbx.http.api), and the
+one middleware that renders every error (a pbx.errors.PbxError) as JSON.
 
 Every route but /healthz needs ``Authorization: Bearer <http.token>``, on
 loopback too (the config refuses an empty token). The token is read for
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from pbx.errors import PbxError
 from pbx.events import EventBus
 from pbx.metrics import Metrics
 from pbx.security import security_event
@@ -76,7 +78,7 @@ def _token_middleware(token: Callable[[], str], events: EventBus) -> Callable[..
 async def _json_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """415 for a body that is not JSON, whatever the route: a form or text/plain
     post is never read as JSON (routes that need a body check the type too, see
-    pbx.http.api._body)."""
+    pbx.http.requests.read_body)."""
     if request.body_exists and request.content_type != JSON_TYPE:
         return json_error(415, "unsupported-media-type", not_json(request))
     return await handler(request)
@@ -89,11 +91,13 @@ def not_json(request: web.Request) -> str:
 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become answers: a PbxError with its status and
+    JSON body, aiohttp's own (no such route, wrong method) as JSON too."""
     try:
         return await handler(request)
+    except PbxError as exc:
+        return web.json_response(exc.body(), status=exc.status)
     except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
         return json_error(exc.status, exc.reason.lower().replace(" ", "-"), exc.text or exc.reason)
 
 

@@ -26,13 +26,14 @@ from aiosipua import (
     stringify_uri,
 )
 
-from pbx.config import Config
+from pbx.config.model import Config
 from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
 from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Binding, Registrar
-from pbx.sip.stack import Flow, SipStack
+from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
+from pbx.sip.transport import Flow
 from pbx.store.db import Store
 from pbx.tasks import Background
 

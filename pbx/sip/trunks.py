@@ -14,8 +14,9 @@ import logging
 from aiosipua import SipDigestAuth, SipRequest, SipResponse, generate_call_id, generate_tag, parse_auth, stringify_auth
 from aiosipua.auth import build_credentials
 
-from pbx.config import Trunk
-from pbx.sip.stack import Flow, SipStack
+from pbx.config.model import Trunk
+from pbx.sip.stack import SipStack
+from pbx.sip.transport import Flow
 
 logger = logging.getLogger(__name__)
 

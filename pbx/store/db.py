@@ -46,7 +46,7 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "started": str,
             "answered": str,
             "ended": str,
-            "disposition": str,  # one of pbx.sip.b2bua.DISPOSITIONS
+            "disposition": str,  # one of pbx.calls.service.DISPOSITIONS
             "duration": float,
             "billsec": float,
             "queue": str,  # the queue the call waited in (or the callback's queue)

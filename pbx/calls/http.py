@@ -1,0 +1,158 @@
+"""``/api/calls``: the calls in progress, click-to-call, hanging up and
+recording a call.
+
+``POST /api/calls`` answers 202 at once with the id the call keeps: the call
+goes on in the background (pbx.calls.click_to_call), ringing ``from`` first
+(state ``originating``), then ``to`` once ``from`` answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from pbx.calls.click_to_call import CLICK_TO_CALL, Placing
+from pbx.calls.model import Call
+from pbx.calls.routing import DialRefused
+from pbx.errors import BadRequest, CallError, NotFound
+from pbx.http.openapi import NO_CONTENT, PAGINATION, Operation, Reply, page_reply, ref
+from pbx.http.requests import about_field, invalid_body, paged, read_body
+from pbx.http.services import SERVICES
+from pbx.recordings.recorder import Recording
+from pbx.store.db import iso_time
+
+logger = logging.getLogger(__name__)
+
+
+def _recording_json(recording: Recording, stopped: bool = False) -> dict[str, Any]:
+    state = "failed" if recording.failed else "stopped" if stopped else "paused" if recording.paused else "recording"
+    return {"id": recording.id, "state": state}
+
+
+def _call_json(call: Call) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "from": call.caller,
+        "to": call.callee,
+        "direction": call.direction,
+        "state": call.state.value,
+        "started": iso_time(call.started),
+        "answered": iso_time(call.answered_at) if call.answered_at else None,
+        "queue": call.queue,
+        "agent": call.agent,
+        "recording": _recording_json(call.recording) if call.recording is not None else None,
+    }
+
+
+def _placing_json(placing: Placing) -> dict[str, Any]:
+    return {
+        "id": placing.id,
+        "from": placing.from_ext,
+        "to": placing.destination.target,  # as the call and its CDR row will have it
+        "direction": CLICK_TO_CALL,
+        "state": "originating",
+        "started": iso_time(placing.started),
+        "answered": None,
+        "queue": None,
+        "agent": None,
+        "recording": None,
+    }
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    items = [_placing_json(p) for p in services.click_to_call.placing.values()]
+    items += [_call_json(call) for call in services.calls.calls.values()]
+    items.sort(key=lambda item: (item["started"], item["id"]))
+    return paged(request, items)
+
+
+async def place_call(request: web.Request) -> web.Response:
+    """422 ``invalid-body`` names every field that is wrong; a ``to`` that is
+    only refused for ``from`` (no outbound rule, trunk full) keeps its own
+    code: ``number-not-allowed`` (422) or ``call-limit`` (409)."""
+    services = request.app[SERVICES]
+    body = await read_body(request, ref("ClickToCall"))
+    from_ext, to = body["from"], body["to"]
+    problems: dict[str, str] = {}
+    if from_ext not in services.config().extensions:
+        problems["from"] = f"there is no extension {from_ext}"
+    try:
+        destination = services.calls.destination_for(to, from_ext, src=request.remote or "-")
+    except BadRequest as exc:
+        problems["to"] = exc.message
+    except DialRefused as exc:
+        if not problems:
+            raise about_field(exc, "to") from exc
+        problems["to"] = exc.message
+    else:
+        if destination.kind == "extension" and destination.target == from_ext:
+            problems["to"] = "is the `from` extension itself"
+    if problems:
+        raise invalid_body(problems)
+    if services.calls.draining:
+        raise CallError("the server is stopping and takes no new calls", code="stopping", status=503)
+    if not services.registrar.contacts(from_ext):
+        raise CallError(f"extension {from_ext} has no registered phone", code="extension-unavailable")
+    if services.calls.extension_busy(from_ext) or services.click_to_call.ringing(from_ext):
+        raise CallError(f"extension {from_ext} is on a call", code="extension-busy")
+    placing = services.click_to_call.start(from_ext, to, destination)
+    return web.json_response(_placing_json(placing), status=202)
+
+
+def _no_call(call_id: str) -> NotFound:
+    return NotFound(f"there is no call {call_id}", code="no-such-call")
+
+
+async def hang_up_call(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    call_id = request.match_info["id"]
+    call = services.calls.calls.get(call_id)
+    if call is not None:
+        logger.info("call %s: hung up through the API", call_id)
+        services.calls.hang_up(call)
+    elif not await services.click_to_call.cancel(call_id):
+        raise _no_call(call_id)
+    return web.Response(status=204)
+
+
+async def recording_action(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    call_id = request.match_info["id"]
+    call = services.calls.calls.get(call_id)
+    if call is None:
+        raise _no_call(call_id)
+    body = await read_body(request, ref("RecordingAction"))
+    recording = await services.calls.recording.action(call, body["action"])
+    return web.json_response({"call": call.id, "recording": _recording_json(recording, stopped=body["action"] == "stop")})
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "GET", "/api/calls", "listCalls", "Active calls, oldest first", list_calls,
+        {200: page_reply("Call")}, "calls", parameters=PAGINATION,
+    ),
+    Operation(
+        "POST", "/api/calls", "clickToCall", "Click-to-call: ring `from`, then connect it to `to`", place_call,
+        {202: Reply("accepted: `from` rings now (state originating); the call keeps this id", ref("Call"))},
+        "calls", body=ref("ClickToCall"), errors=(409, 503),
+        description="Answers at once. Once `from` answers, the call rings `to` for it; if `from` does not answer "
+        "within sip.ring_timeout the call disappears from GET /api/calls with a CDR row. "
+        "409: `from` has no registered phone or is on a call (`extension-busy`), or the trunk `to` needs has its "
+        "max_calls calls up (`call-limit`); 422 `number-not-allowed`: no outbound rule lets `from` dial `to`; "
+        "503: the server is stopping.",
+    ),
+    Operation(
+        "DELETE", "/api/calls/{id}", "hangUpCall", "Hang up a call (or stop ringing a click-to-call's `from`)",
+        hang_up_call, {204: NO_CONTENT}, "calls",
+    ),
+    Operation(
+        "POST", "/api/calls/{id}/recording", "recordCall", "Start, stop, pause or resume recording a bridged call",
+        recording_action, {200: Reply("done", ref("RecordingActionResult"))}, "calls", body=ref("RecordingAction"),
+        errors=(409,),
+        description="pause records silence (card numbers) until resume; stop finishes and indexes the file. "
+        "409 when the call is not bridged or the action does not fit the recording's state.",
+    ),
+)  # fmt: skip
