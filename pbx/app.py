@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -177,6 +178,7 @@ class Pbx:
         for listen in self.config.sip.listen:
             await self.stack.listen(listen.transport, listen.host, listen.port, server_ssl=server_ssl, client_ssl=client_ssl)
         self.clock.start()
+        self.calls.watchdog.start()
         self._start_trunks()
         self.registrar.start()
         await self.queues.start()
@@ -262,7 +264,10 @@ class Pbx:
                     logger.error("reload refused: %s", issue)
                 self.events.emit("config_reload_failed", errors=len(exc.issues))
                 return exc.issues
-            if new.sip.listen != self.config.sip.listen or new.sip.tls != self.config.sip.tls or new.rtp != self.config.rtp:
+            old = self.config
+            # rtp.timeout and rtp.hold_timeout are read at each look, so they take effect at once.
+            new_rtp = dataclasses.replace(new.rtp, timeout=old.rtp.timeout, hold_timeout=old.rtp.hold_timeout)
+            if new.sip.listen != old.sip.listen or new.sip.tls != old.sip.tls or new_rtp != old.rtp:
                 logger.warning("sip.listen, sip.tls and rtp changes take effect at the next restart")
             if new.http.token != self.config.http.token:
                 logger.info("http.token changed: the old admin token is refused from now on")

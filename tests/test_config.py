@@ -51,6 +51,7 @@ def test_empty_file_gives_contract_defaults(tmp_path: Path) -> None:
     assert config.sip.ring_timeout == 30
     assert (config.rtp.ip, config.rtp.port_min, config.rtp.port_max) == ("0.0.0.0", 10000, 20000)
     assert config.rtp.codecs == ("PCMU", "PCMA", "G722")
+    assert (config.rtp.timeout, config.rtp.hold_timeout, config.sip.max_call_seconds) == (60, 3600, 14400)
     assert (config.http.host, config.http.port, config.http.token) == ("127.0.0.1", 8080, "")
     assert config.storage.data_dir == tmp_path
     assert config.storage.db == tmp_path / "pbx.db"
@@ -374,3 +375,9 @@ def test_auth_algorithms_default_to_sha256_first_and_reject_others(tmp_path: Pat
     assert load(tmp_path, "sip:\n  auth_algorithms: [MD5]\n").sip.auth_algorithms == ("MD5",)
     [issue] = errors(tmp_path, "sip:\n  auth_algorithms: [MD5, SHA-1]\n")
     assert issue.startswith(f"{tmp_path / 'pbx.yaml'}:2: ") and "SHA-1" in issue
+
+
+def test_call_timeouts_are_checked(tmp_path: Path) -> None:
+    problems = errors(tmp_path, "sip:\n  max_call_seconds: 0\nrtp:\n  timeout: -1\n  hold_timeout: x\n")
+    assert [problem.split(": ")[0] for problem in problems] == [f"{tmp_path / 'pbx.yaml'}:{line}" for line in (2, 4, 5)]
+    assert "max_call_seconds" in problems[0] and "rtp.timeout" in problems[1] and "rtp.hold_timeout" in problems[2]

@@ -13,7 +13,8 @@ SDP and points relay sides, nothing more.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from aiosipua import SdpNegotiationError, SipRequest, SipResponse
 
@@ -53,6 +54,9 @@ class Bridge:
     a_codec: SdpCodec | None = None
     b_codec: SdpCodec | None = None
     b_dtmf_pt: int | None = None
+    on_hold: bool = False  # the last offer of either side held the call (sendonly, recvonly, inactive)
+    # Side name -> (RTP packets its peer had sent, loop time that count was first seen).
+    heard: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def open(self, ports: RtpPortPool, clock: MediaClock, events: EventBus) -> RtpRelay:
         """The relay, with a port for each side (OSError when there is none)."""
@@ -146,6 +150,19 @@ class Bridge:
         direction = reverse_direction(offered)
         leg.answer_reinvite(txn, build_sdp(self.media_ip, self.relay.a.port, (self.a_codec,), self.a_media.dtmf_pt, direction, crypto=crypto))
 
+    def silence(self, sides: Iterable[RelaySide], now: float) -> float:
+        """Seconds the quietest of ``sides`` has sent us nothing, as seen from
+        one look to the next (so up to one look late)."""
+        longest = 0.0
+        for side in sides:
+            received = side.stats.received
+            seen = self.heard.get(side.name)
+            if seen is None or seen[0] != received:
+                self.heard[side.name] = (received, now)
+            else:
+                longest = max(longest, now - seen[1])
+        return longest
+
     def _take_offer(
         self, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
     ) -> str | None:
@@ -153,6 +170,7 @@ class Bridge:
         the offered direction ("sendrecv" without SDP); None once an unusable
         offer got 488."""
         if not request.body:
+            self.on_hold = False
             return "sendrecv"
         try:
             offer = parse_media(request.text, self.codecs)
@@ -163,6 +181,7 @@ class Bridge:
             txn.reply(488)
             return None
         side.set_remote(offer.addr, codec_of(codec), dtmf_pt)
+        self.on_hold = offer.direction != "sendrecv" or side.held
         return offer.direction
 
     def close(self, call_id: str, events: EventBus) -> list[dict[str, object]]:

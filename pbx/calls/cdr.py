@@ -27,6 +27,8 @@ def cdr_row(
     agent: str | None = None,
     wait: float | None = None,
     sip_call_id: str | None = None,
+    hangup: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     return {
         "call_id": call_id,
@@ -43,6 +45,8 @@ def cdr_row(
         "agent": agent,
         "wait": round(wait, 3) if wait is not None else None,
         "sip_call_id": sip_call_id or None,
+        "hangup": hangup,
+        "reason": reason,
     }
 
 
@@ -51,7 +55,7 @@ def row_of(call: Call, disposition: str, ended: float) -> dict[str, Any]:
     return cdr_row(
         call.id, call.direction, call.caller, call.callee, disposition,
         started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
-        sip_call_id=call.sip_call_id,
+        sip_call_id=call.sip_call_id, hangup=call.hangup_by, reason=call.end_reason,
     )  # fmt: skip
 
 
@@ -77,12 +81,12 @@ def unconnected_row(
     )  # fmt: skip
 
 
-async def write_cdr(store: Store, row: dict[str, Any], hangup_by: str | None = None) -> None:
+async def write_cdr(store: Store, row: dict[str, Any]) -> None:
     """Store the call's one CDR row, then log its ``ended`` event. Inserted,
     never upserted: the id is the server's own and new, so no row is ever replaced."""
     await store.insert("cdr", row)
     call_event(
         row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
         **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
-        queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=hangup_by,
+        queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=row["hangup"], reason=row["reason"],
     )  # fmt: skip

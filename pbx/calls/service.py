@@ -22,15 +22,16 @@ from typing import Any
 import aiohttp
 from aiosipua import SdpNegotiationError, SipRequest, SipResponse
 
-from pbx.calls.bridge import Bridge
-from pbx.calls.cdr import row_of, unconnected_row, write_cdr
 from pbx.calls.admission import Admission
 from pbx.calls.answering import Answering
+from pbx.calls.bridge import Bridge
+from pbx.calls.cdr import row_of, unconnected_row, write_cdr
 from pbx.calls.dialer import Dialer
 from pbx.calls.forks import Forks
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
 from pbx.calls.recording import CallRecording
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
+from pbx.calls.watchdog import Watchdog
 from pbx.config.model import Config, Destination
 from pbx.errors import BadRequest
 from pbx.events import EventBus
@@ -90,6 +91,7 @@ class CallService:
         self.admission = Admission(config, authenticator, guard, registrar, events, self.dialing)
         self.forks = Forks(config, self._legs, self._bridged, self._callee_failed)
         self.dialer = Dialer(config, stack, registrar, self.dialing, ports=ports, clock=clock, events=events, media_ip=media_ip)
+        self.watchdog = Watchdog(config, self.calls, self.hang_up)
         self._tasks = Background("call")
         self._drain_until: float | None = None  # loop time: set once the server is stopping
 
@@ -142,6 +144,7 @@ class CallService:
         """Hang up every call in progress (BYE, CANCEL, 503 to a caller still
         ringing), each with its CDR row; then let the rows and recordings finish."""
         self.drain(0)
+        await self.watchdog.stop()
         for call in list(self.calls.values()):
             self.hang_up(call, ringing_status=503)
         # Let CDR writes and recordings finish; anything still connecting after that is abandoned.
@@ -493,4 +496,4 @@ class CallService:
             self._tasks.spawn(ending)
         call.leave_queue(ended)
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
-        self._tasks.spawn(write_cdr(self.store, row_of(call, disposition, ended), call.hangup_by))
+        self._tasks.spawn(write_cdr(self.store, row_of(call, disposition, ended)))

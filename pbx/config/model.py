@@ -75,6 +75,7 @@ class SipConfig:
     # Digest algorithms offered in every challenge, in this order (RFC 8760).
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     tls: TlsConfig | None = None  # required when `listen` has a tls: address
+    max_call_seconds: int = 14400  # a hard cap on any call, whatever its media does
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class RtpConfig:
     port_max: int
     codecs: tuple[str, ...]  # in order of preference
     srtp: str = "optional"  # SRTP_MODES: optional (on TLS legs) | mandatory | off
+    # Seconds an answered leg may send no RTP before the call is ended (0: never);
+    # hold_timeout applies while the call is on hold, when silence is normal.
+    timeout: int = 60
+    hold_timeout: int = 3600
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ def _build_sip(node: YamlNode, values: dict[str, Any]) -> SipConfig:
 
 def _build_rtp(node: YamlNode, values: dict[str, Any]) -> RtpConfig:
     port_min, port_max = values["ports"]
-    return RtpConfig(values["ip"], port_min, port_max, values["codecs"], srtp=values["srtp"])
+    return RtpConfig(
+        values["ip"], port_min, port_max, values["codecs"], srtp=values["srtp"], timeout=values["timeout"], hold_timeout=values["hold_timeout"]
+    )
 
 
 def _build_http(node: YamlNode, values: dict[str, Any]) -> HttpConfig:
@@ -181,12 +183,15 @@ _SIP_FIELDS = (
     Field("drain_timeout", integer(0, 3600), 30),
     Field("auth_algorithms", list_of(choice("SHA-256", "MD5"), non_empty=True, unique=True), ["SHA-256", "MD5"]),
     Field("tls", optional(section(_TLS_FIELDS, _build_tls)), None),
+    Field("max_call_seconds", integer(1, 604800), 14400),
 )
 _RTP_FIELDS = (
     Field("ip", ip_address, "0.0.0.0"),
     Field("ports", port_range, [10000, 20000]),
     Field("codecs", list_of(choice(*CODECS), non_empty=True, unique=True), list(CODECS)),
     Field("srtp", srtp_mode, "optional"),
+    Field("timeout", integer(0, 86400), 60),
+    Field("hold_timeout", integer(0, 86400), 3600),
 )
 _HTTP_FIELDS = (
     Field("listen", host_port(None, "127.0.0.1:8080"), "127.0.0.1:8080"),

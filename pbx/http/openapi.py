@@ -286,6 +286,11 @@ SCHEMAS: dict[str, Schema] = {
             "disposition": _TEXT,
             "duration": {"type": "number"},
             "billsec": {"type": "number"},
+            "hangup": {**nullable(_TEXT), "description": "who hung up: caller, callee or pbx"},
+            "reason": {
+                **nullable(_TEXT),
+                "description": "why the server hung up: rtp-timeout (no media for rtp.timeout seconds), max-call-seconds",
+            },
         },
         "additionalProperties": True,
     },

@@ -46,13 +46,15 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "started": str,
             "answered": str,
             "ended": str,
-            "disposition": str,  # one of pbx.calls.service.DISPOSITIONS
+            "disposition": str,  # one of pbx.calls.model.DISPOSITIONS
             "duration": float,
             "billsec": float,
             "queue": str,  # the queue the call waited in (or the callback's queue)
             "agent": str,  # the queue agent who took it
             "wait": float,  # seconds in the queue before an agent answered or the caller left
             "sip_call_id": str,  # the SIP Call-ID of the caller's INVITE; call_id is the server's own id
+            "hangup": str,  # who hung up: caller | callee | pbx
+            "reason": str,  # why the server did: rtp-timeout (no media), max-call-seconds
         },
         "call_id",
     ),

@@ -142,14 +142,18 @@ class RawCaller(_Endpoint):
         host, port = self.address
         return f"Via: SIP/2.0/UDP {host}:{port};branch=z9hG4bK{uuid.uuid4().hex};rport"
 
+    def _sdp(self, media_port: int, direction: str = "sendrecv") -> str:
+        host = self.address[0]
+        return (
+            f"v=0\no=- 1 1 IN IP4 {host}\ns=-\nc=IN IP4 {host}\nt=0 0\n"
+            f"m=audio {media_port} RTP/AVP 0 101\na=rtpmap:0 PCMU/8000\na=rtpmap:101 telephone-event/8000\na={direction}\n"
+        )
+
     def invite(self, number: str, *, call_id: str, caller: str, from_tag: str, cseq: int = 1, media_port: int = 40000) -> None:
         """Send an INVITE for ``number`` from ``caller`` with the given Call-ID, From tag and CSeq."""
         host, port = self.address
+        sdp = self._sdp(media_port)
         # Sent with CRLF line ends (send): one more byte per line.
-        sdp = (
-            f"v=0\no=- 1 1 IN IP4 {host}\ns=-\nc=IN IP4 {host}\nt=0 0\n"
-            f"m=audio {media_port} RTP/AVP 0 101\na=rtpmap:0 PCMU/8000\na=rtpmap:101 telephone-event/8000\na=sendrecv\n"
-        )
         self.send(
             f"INVITE sip:{number}@{self.server[0]}:{self.server[1]} SIP/2.0\n{self._via()}\n"
             f"From: <sip:{caller}@{host}>;tag={from_tag}\nTo: <sip:{number}@{self.server[0]}>\n"
@@ -157,6 +161,23 @@ class RawCaller(_Endpoint):
             f"Content-Type: application/sdp\nContent-Length: {len(sdp) + sdp.count(NL)}\n\n{sdp}",
             self.server,
         )
+
+    async def reinvite(self, dialog: Dialog, number: str, *, from_tag: str, media_port: int, direction: str) -> SipResponse:
+        """Offer ``direction`` (``sendonly``: hold; ``sendrecv``: resume) in a
+        re-INVITE, ACK its final response and return it."""
+        dialog.cseq += 1
+        host, port = self.address
+        sdp = self._sdp(media_port, direction)
+        self.send(
+            f"INVITE sip:{number}@{self.server[0]}:{self.server[1]} SIP/2.0\n{self._via()}\n"
+            f"From: {dialog.from_header}\nTo: {dialog.to_header}\nCall-ID: {dialog.call_id}\n"
+            f"CSeq: {dialog.cseq} INVITE\nContact: <sip:caller@{host}:{port}>\nMax-Forwards: 70\n"
+            f"Content-Type: application/sdp\nContent-Length: {len(sdp) + sdp.count(NL)}\n\n{sdp}",
+            self.server,
+        )
+        response = await self.final(dialog.call_id, from_tag)
+        self._in_dialog("ACK", dialog, number, cseq=dialog.cseq)
+        return response
 
     async def final(self, call_id: str, from_tag: str, timeout: float = 5.0) -> SipResponse:
         """The next final response to this caller's INVITE with ``call_id`` and ``from_tag``."""
