@@ -16,12 +16,15 @@ Counting packets at each look costs the relay nothing per packet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 
 from pbx.calls.model import Call, call_event
 from pbx.config.model import Config
+from pbx.tasks import Background
+
+logger = logging.getLogger(__name__)
 
 LOOK_INTERVAL = 1.0  # seconds between two looks: a timeout fires up to this late
 
@@ -31,22 +34,22 @@ class Watchdog:
         self.config = config
         self.calls = calls
         self.hang_up = hang_up
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Background("watchdog")
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.spawn(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(LOOK_INTERVAL)
-            self.look(loop.time(), time.time())
+            try:
+                self.look(loop.time(), time.time())
+            except Exception:  # a bug in one look must not leave every later call unwatched
+                logger.exception("watchdog look failed")
 
     def look(self, now: float, wall: float) -> None:
         """End the calls that are overdue at loop time ``now`` (wall clock ``wall``)."""
