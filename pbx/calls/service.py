@@ -169,7 +169,6 @@ class CallService:
             txn.reply(488)
             return
         a = InboundLeg(self.stack, flow, request, txn, self._a_events())
-        a.on_ack_timeout = self._leg_hung_up
         bridge = Bridge(a_media, srtp, self.media_ip, cfg.rtp.codecs)
         call = Call(
             id=new_call_id(), direction=direction, caller=caller, callee=called, a=a, bridge=bridge, sip_call_id=request.call_id or ""

@@ -83,6 +83,8 @@ class Leg:
         self.dialog = dialog
         self.events = events
         self.state = LegState.CALLING
+        self._ok: SipResponse | None = None  # our 2xx to an INVITE, until its ACK
+        self._ok_timer: asyncio.TimerHandle | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -123,10 +125,35 @@ class Leg:
             msg.headers.set_single("Content-Type", "application/sdp")
 
     def answer_reinvite(self, txn: ServerTransaction, body: str) -> None:
-        """200 OK with our new SDP to a re-INVITE this leg received."""
+        """200 OK with our new SDP to a re-INVITE this leg received, retransmitted over UDP until the ACK."""
         response = make_response(txn.request, 200, to_tag=self.dialog.local_tag)
         self._stamp(response, body, contact=True)
-        txn.respond(response)
+        self._send_ok(txn, response)
+
+    def _send_ok(self, txn: ServerTransaction, ok: SipResponse) -> None:
+        """Send our 2xx to an INVITE. Over UDP the core, not the transaction,
+        repeats it (RFC 3261 §13.3.1.4) at T1, 2*T1, ... up to T2 until the
+        ACK; without one in 64*T1 the leg's peer is taken for gone."""
+        if self._ok_timer is not None:
+            self._ok_timer.cancel()
+        self._ok = ok
+        txn.respond(ok)
+        if not self.flow.transport.reliable:
+            self._retransmit_ok(T1, 0.0)
+
+    def _retransmit_ok(self, interval: float, elapsed: float) -> None:
+        def fire() -> None:
+            if self._ok is None or self.ended:
+                return
+            if elapsed + interval >= TIMER_B:
+                logger.warning("no ACK for 200 OK on %s; ending the call", self.dialog.call_id)
+                self._ok = None
+                self.events.hangup(self)  # as if it had hung up: its call ends, BYE included
+                return
+            self.stack.send_response(self._ok, self.flow)
+            self._retransmit_ok(min(interval * 2, T2), elapsed + interval)
+
+        self._ok_timer = asyncio.get_running_loop().call_later(interval, fire)
 
     def send(self, method: str, body: str | None = None, on_response: Callable[[SipResponse], None] | None = None) -> ClientTransaction:
         return self.stack.request(self.new_request(method, body), self.flow, on_response or (lambda r: None))
@@ -208,7 +235,10 @@ class Leg:
             txn.reply(200)
 
     def _acked(self) -> None:
-        """An ACK for our 2xx (inbound legs override this)."""
+        """An ACK for our 2xx: stop repeating it."""
+        self._ok = None
+        if self._ok_timer is not None:
+            self._ok_timer.cancel()
 
 
 class InboundLeg(Leg):
@@ -220,9 +250,6 @@ class InboundLeg(Leg):
         self.invite = invite
         self.txn = txn
         txn.to_tag = self.dialog.local_tag
-        self._ok: SipResponse | None = None
-        self._ok_timer: asyncio.TimerHandle | None = None
-        self.on_ack_timeout: Callable[[InboundLeg], None] = lambda leg: None
 
     def _response(self, status: int, reason: str | None = None, body: str | None = None) -> SipResponse:
         resp = make_response(self.invite, status, reason, to_tag=self.dialog.local_tag)
@@ -239,30 +266,8 @@ class InboundLeg(Leg):
     def answer(self, body: str) -> None:
         """200 OK with our SDP answer, retransmitted over UDP until the ACK."""
         self._enter(LegState.ANSWERED)
-        self._ok = self._response(200, body=body)
         self.dialog.confirm()
-        self.txn.respond(self._ok)
-        if not self.flow.transport.reliable:
-            self._retransmit_ok(T1, 0.0)
-
-    def _retransmit_ok(self, interval: float, elapsed: float) -> None:
-        def fire() -> None:
-            if self._ok is None or self.ended:
-                return
-            if elapsed + interval >= TIMER_B:
-                logger.warning("no ACK for 200 OK on %s; ending the call", self.dialog.call_id)
-                self._ok = None
-                self.on_ack_timeout(self)
-                return
-            self.stack.send_response(self._ok, self.flow)
-            self._retransmit_ok(min(interval * 2, T2), elapsed + interval)
-
-        self._ok_timer = asyncio.get_running_loop().call_later(interval, fire)
-
-    def _acked(self) -> None:
-        self._ok = None
-        if self._ok_timer is not None:
-            self._ok_timer.cancel()
+        self._send_ok(self.txn, self._response(200, body=body))
 
     def reject(self, status: int, reason: str | None = None, headers: dict[str, str] | None = None) -> None:
         if self.state in (LegState.ANSWERED, LegState.ENDED):

@@ -162,9 +162,12 @@ class RawCaller(_Endpoint):
             self.server,
         )
 
-    async def reinvite(self, dialog: Dialog, number: str, *, from_tag: str, media_port: int, direction: str) -> SipResponse:
+    async def reinvite(
+        self, dialog: Dialog, number: str, *, from_tag: str, media_port: int, direction: str, ack: bool = True
+    ) -> SipResponse:
         """Offer ``direction`` (``sendonly``: hold; ``sendrecv``: resume) in a
-        re-INVITE, ACK its final response and return it."""
+        re-INVITE and return its final response, ACKed unless ``ack`` is False
+        (then :meth:`ack_reinvite` does it later)."""
         dialog.cseq += 1
         host, port = self.address
         sdp = self._sdp(media_port, direction)
@@ -176,8 +179,12 @@ class RawCaller(_Endpoint):
             self.server,
         )
         response = await self.final(dialog.call_id, from_tag)
-        self._in_dialog("ACK", dialog, number, cseq=dialog.cseq)
+        if ack:
+            self.ack_reinvite(dialog, number)
         return response
+
+    def ack_reinvite(self, dialog: Dialog, number: str) -> None:
+        self._in_dialog("ACK", dialog, number, cseq=dialog.cseq)
 
     async def final(self, call_id: str, from_tag: str, timeout: float = 5.0) -> SipResponse:
         """The next final response to this caller's INVITE with ``call_id`` and ``from_tag``."""
