@@ -31,8 +31,8 @@ from pbx.sip.sdp import (
     DTMF_PT,
     MediaDescription,
     SdpCodec,
+    SdpOrigin,
     answer_codec,
-    build_sdp,
     offer_codecs,
     parse_media,
     reverse_direction,
@@ -57,6 +57,8 @@ class Bridge:
     on_hold: bool = False  # the last offer of either side held the call (sendonly, recvonly, inactive)
     # Side name -> (RTP packets its peer had sent, loop time that count was first seen).
     heard: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Side name -> our SDP towards that side's peer, one origin for the whole call.
+    origins: dict[str, SdpOrigin] = field(default_factory=lambda: {"a": SdpOrigin(), "b": SdpOrigin()})
 
     async def open(self, ports: RtpPortPool, clock: MediaClock, events: EventBus) -> RtpRelay:
         """The relay, with a port for each side (OSError when there is none)."""
@@ -74,7 +76,7 @@ class Bridge:
         else:
             fixed = MediaDescription(self.a_media.addr, (self.a_codec,), self.a_media.dtmf_pt, "sendrecv")
             codecs = offer_codecs(fixed, self.codecs)
-        return build_sdp(self.media_ip, self.relay.b.port, codecs, DTMF_PT, crypto=self.srtp.offer(self.relay.b))
+        return self._describe(self.relay.b, codecs, DTMF_PT, crypto=self.srtp.offer(self.relay.b))
 
     def answer_here(self, a_signal_ip: str) -> tuple[SdpCodec, str]:
         """Settle the caller's codec (its first offered one) for the server to
@@ -84,7 +86,7 @@ class Bridge:
             self.a_codec = self.a_media.codecs[0]
             self.relay.a.set_remote(self.a_media.addr, codec_of(self.a_codec), self.a_media.dtmf_pt, a_signal_ip)
         crypto = self.srtp.crypto(self.relay.a)
-        return self.a_codec, build_sdp(self.media_ip, self.relay.a.port, (self.a_codec,), self.a_media.dtmf_pt, crypto=crypto)
+        return self.a_codec, self._describe(self.relay.a, (self.a_codec,), self.a_media.dtmf_pt, crypto=crypto)
 
     def join(self, b_body: str, b_signal_ip: str, a_signal_ip: str) -> str:
         """Point the relay at both peers (the one that answered with
@@ -106,7 +108,7 @@ class Bridge:
         self.relay.b.set_remote(b_media.addr, codec_of(chosen), b_media.dtmf_pt, b_signal_ip)
         self.relay.a.set_remote(self.a_media.addr, codec_of(a_codec), self.a_media.dtmf_pt, a_signal_ip)
         crypto = self.srtp.crypto(self.relay.a)
-        return build_sdp(self.media_ip, self.relay.a.port, (a_codec,), self.a_media.dtmf_pt, crypto=crypto)
+        return self._describe(self.relay.a, (a_codec,), self.a_media.dtmf_pt, crypto=crypto)
 
     def pass_reinvite(self, leg: Leg, other: Leg, from_a: bool, request: SipRequest, txn: ServerTransaction) -> None:
         """Pass a re-INVITE (hold, unhold, new address) from ``leg`` through to
@@ -135,10 +137,10 @@ class Bridge:
                 except SdpNegotiationError:
                     pass
             crypto = self.srtp.crypto(this_side)
-            leg.answer_reinvite(txn, build_sdp(self.media_ip, this_side.port, (this_codec,), this_dtmf, answer_direction, crypto=crypto))
+            leg.answer_reinvite(txn, self._describe(this_side, (this_codec,), this_dtmf, answer_direction, crypto=crypto))
 
         crypto = self.srtp.crypto(other_side)
-        other.reinvite(build_sdp(self.media_ip, other_side.port, (other_codec,), other_dtmf, direction, crypto=crypto), answered)
+        other.reinvite(self._describe(other_side, (other_codec,), other_dtmf, direction, crypto=crypto), answered)
 
     def reinvite_to_us(self, leg: Leg, request: SipRequest, txn: ServerTransaction) -> None:
         """A re-INVITE from a caller talking to the server itself (the IVR): answer it here."""
@@ -148,7 +150,13 @@ class Bridge:
             return
         crypto = self.srtp.crypto(self.relay.a)
         direction = reverse_direction(offered)
-        leg.answer_reinvite(txn, build_sdp(self.media_ip, self.relay.a.port, (self.a_codec,), self.a_media.dtmf_pt, direction, crypto=crypto))
+        leg.answer_reinvite(txn, self._describe(self.relay.a, (self.a_codec,), self.a_media.dtmf_pt, direction, crypto=crypto))
+
+    def _describe(
+        self, side: RelaySide, codecs: tuple[SdpCodec, ...], dtmf_pt: int | None, direction: str = "sendrecv", crypto: str | None = None
+    ) -> str:
+        """Our SDP towards ``side``'s peer, naming that side's port."""
+        return self.origins[side.name].describe(self.media_ip, side.port, codecs, dtmf_pt, direction, crypto)
 
     def silence(self, sides: Iterable[RelaySide], now: float) -> float:
         """Seconds the quietest of ``sides`` has sent us nothing, as seen from

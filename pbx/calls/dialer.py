@@ -28,7 +28,7 @@ from pbx.media.relay import RtpRelay
 from pbx.media.srtp import SrtpSides
 from pbx.sip.dialog import Leg, LegEvents, OutboundLeg
 from pbx.sip.registrar import Registrar
-from pbx.sip.sdp import DTMF_PT, SdpCodec, build_sdp, parse_media, plain_offer
+from pbx.sip.sdp import DTMF_PT, SdpCodec, SdpOrigin, parse_media, plain_offer
 from pbx.sip.stack import SipStack
 from pbx.sip.transport import Flow
 
@@ -136,7 +136,8 @@ class Dialer:
         codecs = tuple(SdpCodec(name, pt) for name, pt in (("PCMU", 0), ("PCMA", 8)) if name in cfg.rtp.codecs)
         srtp = SrtpSides(cfg.rtp.srtp)
         relay = await RtpRelay.create(self.ports, self.clock, self.events)
-        offer = build_sdp(self.media_ip, relay.a.port, codecs, DTMF_PT, crypto=srtp.offer(relay.a))
+        origin = SdpOrigin()  # the phone's: the bridge's side a keeps it for the rest of the call
+        offer = origin.describe(self.media_ip, relay.a.port, codecs, DTMF_PT, crypto=srtp.offer(relay.a))
         try:
             result = await self.dial([Destination("extension", extension)], caller=caller_id, offer=offer, timeout=timeout)
         except asyncio.CancelledError:
@@ -158,7 +159,9 @@ class Dialer:
             relay.close()
             return Unreachable(488, "failed", sip_call_id=leg.dialog.call_id)
         relay.a.set_remote(media.addr, codec_of(media.codecs[0]), media.dtmf_pt, leg.flow.addr[0])
-        return leg, Bridge(media, srtp, self.media_ip, cfg.rtp.codecs, relay=relay, a_codec=media.codecs[0])
+        bridge = Bridge(media, srtp, self.media_ip, cfg.rtp.codecs, relay=relay, a_codec=media.codecs[0])
+        bridge.origins["a"] = origin
+        return leg, bridge
 
     def _leg_offer(self, flow: Flow, offer: str) -> tuple[str, str | None]:
         """``offer`` as sent over ``flow``, and what to offer instead on a 488.

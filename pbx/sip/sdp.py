@@ -7,7 +7,6 @@ packets through or transcodes between PCMU and PCMA.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ STATIC_CODECS: dict[int, tuple[str, int]] = {0: ("PCMU", 8000), 8: ("PCMA", 8000
 TRANSCODABLE = ("PCMU", "PCMA")
 DTMF_PT = 101
 SECURE_PROFILES = ("RTP/SAVP", "RTP/SAVPF")
-_versions = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -115,32 +113,45 @@ def reverse_direction(direction: str) -> str:
     return {"sendonly": "recvonly", "recvonly": "sendonly"}.get(direction, direction)
 
 
-def build_sdp(
-    ip: str,
-    port: int,
-    codecs: tuple[SdpCodec, ...],
-    dtmf_pt: int | None,
-    direction: str = "sendrecv",
-    session_id: int | None = None,
-    crypto: str | None = None,
-) -> str:
-    """An SDP body with one audio stream (RFC 4566); with ``crypto`` (our
-    ``a=crypto`` value, RFC 4568) the stream is SRTP, RTP/SAVP."""
-    sid = session_id if session_id is not None else int(time.time())
-    family = "IP6" if ":" in ip else "IP4"
-    formats = [str(c.payload_type) for c in codecs] + ([str(dtmf_pt)] if dtmf_pt is not None else [])
-    lines = [
-        "v=0",
-        f"o=pbx {sid} {next(_versions)} IN {family} {ip}",
-        "s=pbx",
-        f"c=IN {family} {ip}",
-        "t=0 0",
-        f"m=audio {port} {'RTP/SAVP' if crypto else 'RTP/AVP'} {' '.join(formats)}",
-    ]
-    if crypto:
-        lines.append(f"a=crypto:{crypto}")
-    lines += [f"a=rtpmap:{c.payload_type} {c.name}/{c.clock_rate}" for c in codecs]
-    if dtmf_pt is not None:
-        lines += [f"a=rtpmap:{dtmf_pt} telephone-event/8000", f"a=fmtp:{dtmf_pt} 0-16"]
-    lines += ["a=ptime:20", f"a={direction}"]
-    return "\r\n".join(lines) + "\r\n"
+class SdpOrigin:
+    """Our SDP towards one peer over a whole session. Its ``o=`` line keeps
+    one session id, and its version goes up by one exactly when the
+    description changes (RFC 3264 §8): a 200 repeats its 183's SDP as it was,
+    and a re-INVITE answer that changes nothing says so."""
+
+    def __init__(self) -> None:
+        self.session_id = int(time.time())
+        self.version = 0
+        self._last: list[str] | None = None
+
+    def describe(
+        self,
+        ip: str,
+        port: int,
+        codecs: tuple[SdpCodec, ...],
+        dtmf_pt: int | None,
+        direction: str = "sendrecv",
+        crypto: str | None = None,
+    ) -> str:
+        """An SDP body with one audio stream (RFC 4566); with ``crypto`` (our
+        ``a=crypto`` value, RFC 4568) the stream is SRTP, RTP/SAVP."""
+        family = "IP6" if ":" in ip else "IP4"
+        formats = [str(c.payload_type) for c in codecs] + ([str(dtmf_pt)] if dtmf_pt is not None else [])
+        lines = [
+            "v=0",
+            "s=pbx",
+            f"c=IN {family} {ip}",
+            "t=0 0",
+            f"m=audio {port} {'RTP/SAVP' if crypto else 'RTP/AVP'} {' '.join(formats)}",
+        ]
+        if crypto:
+            lines.append(f"a=crypto:{crypto}")
+        lines += [f"a=rtpmap:{c.payload_type} {c.name}/{c.clock_rate}" for c in codecs]
+        if dtmf_pt is not None:
+            lines += [f"a=rtpmap:{dtmf_pt} telephone-event/8000", f"a=fmtp:{dtmf_pt} 0-16"]
+        lines += ["a=ptime:20", f"a={direction}"]
+        if lines != self._last:
+            self.version += 1
+            self._last = lines
+        origin = f"o=pbx {self.session_id} {self.version} IN {family} {ip}"
+        return "\r\n".join([lines[0], origin, *lines[1:]]) + "\r\n"
