@@ -37,8 +37,14 @@ class Answering:
         prompts: Callable[[], PromptLibrary],
         http: Callable[[], aiohttp.ClientSession],
         events: EventBus,
+        answer: Answer,
+        go: Go,
+        hang_up: HangUp,
     ) -> None:
         self.config = config
+        self.answer = answer
+        self.go = go
+        self.hang_up = hang_up
         self.flows = flows
         self.prompts = prompts
         self.http = http
@@ -61,28 +67,28 @@ class Answering:
             return self.queues is not None and destination.target in (features.agent_login, features.agent_pause)
         return destination.kind in ("extension", "external", "hangup")
 
-    async def take(self, call: Call, destination: Destination, answer: Answer, go: Go, hang_up: HangUp) -> None:
+    async def take(self, call: Call, destination: Destination) -> None:
         """Answer ``call`` for ``destination`` (kind ivr, queue, feature or voicemail)."""
         if destination.kind == "ivr":
-            await self._ivr(call, destination.target, answer, go, hang_up)
+            await self._ivr(call, destination.target)
         elif destination.kind == "queue":
-            await self._queue(call, destination.target, go)
+            await self._queue(call, destination.target)
         elif destination.kind == "feature":
-            await self._feature(call, destination.target, answer, hang_up)
+            await self._feature(call, destination.target)
         else:
-            await self._voicemail(call, destination.target, answer, hang_up)
+            await self._voicemail(call, destination.target)
 
-    def _talk_here(self, call: Call, answer: Answer) -> CallAudio:
+    def _talk_here(self, call: Call) -> CallAudio:
         """Answer the caller and take its audio for the server to play and hear keys."""
-        codec = answer(call)
+        codec = self.answer(call)
         call.move(CallState.IVR)
         assert call.bridge.relay is not None
         call.audio = CallAudio(call.bridge.relay.a, self.prompts(), codec.name)
         return call.audio
 
-    async def _ivr(self, call: Call, flow: str, answer: Answer, go: Go, hang_up: HangUp) -> None:
+    async def _ivr(self, call: Call, flow: str) -> None:
         """Walk the caller through ``flow``, then send it where the flow ends."""
-        audio = self._talk_here(call, answer)
+        audio = self._talk_here(call)
         call_event(call.id, "ivr", flow=flow)
         session = IvrSession(
             self.flows(),
@@ -101,12 +107,12 @@ class Answering:
             return
         call_event(call.id, "routed", flow=flow, destination=destination)
         if destination.kind == "hangup":
-            hang_up(call, "answered")
+            self.hang_up(call, "answered")
             return
         call.move(CallState.RINGING)
-        await go(call, destination)
+        await self.go(call, destination)
 
-    async def _queue(self, call: Call, queue: str, go: Go) -> None:
+    async def _queue(self, call: Call, queue: str) -> None:
         """Wait in ``queue`` until an agent answers, or go where the queue says."""
         assert self.queues is not None
         call.move(CallState.QUEUED)
@@ -118,11 +124,11 @@ class Answering:
         if destination is not None and call.state is CallState.QUEUED:
             call_event(call.id, "routed", queue=queue, destination=destination, wait=call.wait)
             call.move(CallState.RINGING)
-            await go(call, destination)
+            await self.go(call, destination)
 
-    async def _feature(self, call: Call, code: str, answer: Answer, hang_up: HangUp) -> None:
+    async def _feature(self, call: Call, code: str) -> None:
         """A feature code: voicemail by phone, or an agent feature (do it, say so); then hang up."""
-        audio = self._talk_here(call, answer)
+        audio = self._talk_here(call)
         call_event(call.id, "feature", code=code)
         if code == self.config().features.voicemail_main:
             assert self.voicemail is not None
@@ -130,16 +136,16 @@ class Answering:
         else:
             assert self.queues is not None
             await audio.play([self.queues.feature(call.caller, code)], interruptible=False)
-        hang_up(call, "answered")
+        self.hang_up(call, "answered")
 
-    async def _voicemail(self, call: Call, mailbox: str, answer: Answer, hang_up: HangUp) -> None:
+    async def _voicemail(self, call: Call, mailbox: str) -> None:
         """Take a message for ``mailbox``, or (``main``) voicemail by phone; then hang up."""
         assert self.voicemail is not None
-        audio = self._talk_here(call, answer)
+        audio = self._talk_here(call)
         call_event(call.id, "voicemail", mailbox=mailbox)
         call.voicemail = mailbox if mailbox != "main" else None
         if mailbox == "main":
             await self.voicemail.main(audio, None, own=False, source=call.a.flow.addr[0])
         else:
             await self.voicemail.deposit(audio, mailbox, call.caller)
-        hang_up(call, "answered" if mailbox == "main" else "voicemail")
+        self.hang_up(call, "answered" if mailbox == "main" else "voicemail")

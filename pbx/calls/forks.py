@@ -23,20 +23,31 @@ Failed = Callable[[Call, int, str], None]  # nobody took the call: the status fo
 
 
 class Forks:
-    def __init__(self, config: Callable[[], Config], legs: dict[tuple[str, str], tuple[Call, Leg]], bridged: Bridged, failed: Failed) -> None:
-        """``legs``: the call service's map of every leg (by dialog key) to its call, kept up to date here for forks."""
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        dialer: Dialer,
+        legs: dict[tuple[str, str], tuple[Call, Leg]],
+        leg_events: Callable[[], LegEvents],
+        bridged: Bridged,
+        failed: Failed,
+    ) -> None:
+        """``legs``: the call service's map of every leg (by dialog key) to its
+        call, kept up to date here for forks; ``leg_events``: what a fork tells the call service."""
         self.config = config
+        self.dialer = dialer
         self.legs = legs
+        self.leg_events = leg_events
         self.bridged = bridged
         self.callee_failed = failed
 
-    async def ring(self, call: Call, destination: Destination, party: str | None, mailbox: str | None, *, dialer: Dialer, events: LegEvents) -> None:
+    async def ring(self, call: Call, destination: Destination, party: str | None, mailbox: str | None) -> None:
         """Ring an extension (every contact) or a number outside (dialed for
         ``party``) for ``call``'s caller; ``mailbox`` takes the call when the
         callee is busy, does not answer or is not registered."""
         call.mailbox = mailbox
         try:
-            legs = await dialer.make_legs(call.caller, destination, call.bridge.offer(), events, party)
+            legs = await self.dialer.make_legs(call.caller, destination, call.bridge.offer(), self.leg_events(), party)
         except Unreachable as exc:
             self.callee_failed(call, exc.status, exc.disposition)
             return

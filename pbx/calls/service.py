@@ -83,14 +83,16 @@ class CallService:
         self.store = store
         self.events = events
         self.media_ip = media_ip
-        self.answering = Answering(config=config, flows=flows, prompts=prompts, http=http, events=events)
+        self.answering = Answering(
+            config=config, flows=flows, prompts=prompts, http=http, events=events, answer=self.answer, go=self._go, hang_up=self.hang_up
+        )
         self.recording = CallRecording(config)
         self.calls: dict[str, Call] = {}
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self.dialing = DialPolicy(config, events, self.calls_of)  # outbound rules, class of service, max_calls
         self.admission = Admission(config, authenticator, guard, registrar, events, self.dialing)
-        self.forks = Forks(config, self._legs, self._bridged, self._callee_failed)
         self.dialer = Dialer(config, stack, registrar, self.dialing, ports=ports, clock=clock, events=events, media_ip=media_ip)
+        self.forks = Forks(config, self.dialer, self._legs, self._b_events, self._bridged, self._callee_failed)
         self.watchdog = Watchdog(config, self.calls, self.hang_up)
         self._tasks = Background("call")
         self._drain_until: float | None = None  # loop time: set once the server is stopping
@@ -245,12 +247,12 @@ class CallService:
             self._fail_caller(call, 503, "failed")
             return
         if destination.kind in ("ivr", "queue", "feature", "voicemail"):
-            await self.answering.take(call, destination, self.answer, self._go, self.hang_up)
+            await self.answering.take(call, destination)
         else:
             mailbox = destination.target if destination.kind == "extension" else None
             if mailbox is not None and not self.answering.available(Destination("voicemail", mailbox)):
                 mailbox = None
-            await self.forks.ring(call, destination, party, mailbox, dialer=self.dialer, events=self._b_events())
+            await self.forks.ring(call, destination, party, mailbox)
 
     def offer_sdp(self, call: Call) -> str:
         """The SDP offer for ringing someone on behalf of ``call``."""

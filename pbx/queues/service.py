@@ -13,7 +13,6 @@ callbacks (:mod:`~pbx.queues.callbacks`), the callers waiting
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +50,7 @@ class QueueService:
     ) -> None:
         self.config = config
         self.lines = Lines()
-        self._tasks = Background("queue")  # offers, and agents' wrap-ups after a queue call
+        self._tasks = Background("queue")  # the dispatch loop, offers, and agents' wrap-ups after a queue call
         self._log = QueueLog(store)
         self._agents = Agents(config=config, calls=calls, registrar=registrar, lines=self.lines, log=self._log, tasks=self._tasks)
         self._figures = Figures(config=config, lines=self.lines, agents=self._agents, events=events, log=self._log)
@@ -87,7 +86,6 @@ class QueueService:
             log=self._log,
             tasks=self._tasks,
         )
-        self._dispatcher: asyncio.Task[None] | None = None
         events.subscribe("call_ended", lambda **_: self.lines.wake_all())
         events.subscribe("registrations_changed", lambda **_: self.lines.wake_all())
 
@@ -98,13 +96,10 @@ class QueueService:
         self.lines.sync(self.config().queues)
         await self._agents.restore()
         await self._callbacks.restore()
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch.run())
+        self._tasks.spawn(self._dispatch.run())
 
     async def stop(self) -> None:
         """Stop offering; pending callbacks stay in the database for the next start."""
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
         await self._tasks.close()
         await self._log.flush()
 
