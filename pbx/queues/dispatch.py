@@ -69,6 +69,9 @@ class Dispatcher:
                     self._dispatch(line)
                 except Exception:
                     logger.exception("queue %s: dispatch failed", line.name)
+            if not self.lines:  # no queue yet: a reload may add one, seen at the next sync
+                await asyncio.sleep(DISPATCH_INTERVAL)
+                continue
             wakes = [asyncio.ensure_future(line.wake.wait()) for line in self.lines.values()]
             try:
                 await asyncio.wait(wakes, timeout=DISPATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
