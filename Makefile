@@ -35,6 +35,8 @@ test-deps:
 	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
 	@command -v svwar >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sipvicious; }
 	@command -v openssl >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq openssl; }
+# The RTCP tests decode what reaches the phones with tshark.
+	@command -v tshark >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
 # fail2ban-regex checks the shipped fail2ban filter; the service the package enables is not wanted here.
 	@command -v fail2ban-regex >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends fail2ban \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now fail2ban; }; }
@@ -46,12 +48,11 @@ test: $(VENV)/.installed test-deps
 # The bridge benchmark's baseline is Kamailio + rtpengine, started by the
 # benchmark itself: where systemd runs, the services the packages enable at
 # install are disabled again, so that nothing stays listening (on 5060, say).
-# The IVR benchmark captures RTP with tshark's dumpcap.
+# The IVR benchmark captures RTP with tshark's dumpcap, which test-deps installs.
 bench-deps:
 	@test -x /usr/sbin/kamailio && command -v rtpengine >/dev/null || { \
 	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends kamailio rtpengine-daemon \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now kamailio rtpengine-daemon; }; }
-	@command -v dumpcap >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
 
 bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/bridge.py

@@ -285,7 +285,7 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
     echo = await start_sipp(
         SCENARIOS / "uas_echo.xml",
         local_port=uas_port,
-        extra=["-rtp_echo", "-l", str(run.calls * 2 + 10)],
+        extra=["-rtp_echo", "-l", str(run.calls * 2 + 10), "-aa"],  # -aa: answer the server's qualify OPTIONS
         trace_messages=False,
         log_dir=work / "uas",
     )

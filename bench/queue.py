@@ -365,7 +365,7 @@ async def pbx_run(run: Run, work: Path, args: argparse.Namespace) -> None:
         uas = await start_sipp(
             AGENT,
             local_port=uas_port,
-            extra=["-rtp_echo", "-set", "talk", str(round(run.talk * 1000))],
+            extra=["-rtp_echo", "-set", "talk", str(round(run.talk * 1000)), "-aa"],  # -aa: answer the server's qualify OPTIONS
             trace_messages=False,
             log_dir=work / "agents",
         )

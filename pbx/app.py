@@ -39,6 +39,7 @@ from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.calls.click_to_call import ClickToCalls
 from pbx.calls.service import CallService
 from pbx.sip.mwi import MessageWaiting
+from pbx.sip.qualify import Qualifier
 from pbx.sip.registrar import Registrar
 from pbx.sip.stack import SipStack
 from pbx.sip.transactions import ServerTransaction
@@ -92,13 +93,15 @@ class Pbx:
             prompts=lambda: self.prompts,
             http=self.http,
         )
+        # One stream per class for queues and holds alike.
+        moh = self.calls.dialer.music = MusicOnHold(self.clock, lambda: self.prompts)
         self.queues = QueueService(
             config=lambda: self.config,
             calls=self.calls,
             registrar=self.registrar,
             store=self.store,
             events=self.events,
-            moh=MusicOnHold(self.clock, lambda: self.prompts),
+            moh=moh,
             prompts=lambda: self.prompts,
         )
         self.calls.answering.queues = self.queues
@@ -113,6 +116,8 @@ class Pbx:
             events=self.events,
         )
         self.registrar.on_bound = self.mwi.registered
+        self.qualifier = Qualifier(lambda: self.config, self.stack, self.registrar)
+        self.metrics.watch_trunks(self.qualifier.trunks_up)
         self.voicemail = VoicemailService(
             config=lambda: self.config, store=self.store, events=self.events, clock=self.clock, guard=self.guard
         )
@@ -181,6 +186,7 @@ class Pbx:
         self.calls.watchdog.start()
         self._start_trunks()
         self.registrar.start()
+        self.qualifier.start()
         await self.queues.start()
         await self.voicemail.start()
         logger.info("pbx is up: %d extensions, %d trunks", len(self.config.extensions), len(self.config.trunks))
@@ -233,6 +239,7 @@ class Pbx:
         await self.calls.stop()
         await self.voicemail.stop()
         await self.recorder.stop()
+        await self.qualifier.stop()
         await self.registrar.stop()
         for trunk in self.trunks:
             await trunk.stop()

@@ -57,7 +57,12 @@ class Metrics:
         self.rtp_relayed = Counter("pbx_rtp_packets_relayed", "RTP packets relayed between call legs", registry=r)
         self.rtp_lost = Counter("pbx_rtp_packets_lost", "RTP packets the phones sent that never reached us, over finished call legs", registry=r)
         self.call_mos = Histogram(
-            "pbx_call_mos", "Estimated MOS of each finished call leg, from its packet loss and jitter (E-model)", buckets=MOS_BUCKETS, registry=r
+            "pbx_call_mos",
+            "Estimated MOS of each finished call leg from its packet loss and jitter (E-model), by direction: "
+            "inbound as we received the phone's RTP, outbound as the phone's RTCP reports say it received ours",
+            ["direction"],
+            buckets=MOS_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
             "pbx_queue_wait_seconds", "Time callers waited in a queue, by how the wait ended", ["queue", "outcome"], buckets=WAIT_BUCKETS, registry=r
@@ -86,9 +91,10 @@ class Metrics:
         self.active_calls.dec()
         self.calls.labels(direction, disposition).inc()
 
-    def _leg_quality(self, lost: int, mos: float, **_: object) -> None:
-        self.call_mos.observe(mos)
-        self.rtp_lost.inc(lost)
+    def _leg_quality(self, direction: str, lost: int, mos: float, **_: object) -> None:
+        self.call_mos.labels(direction).observe(mos)
+        if direction == "inbound":  # pbx_rtp_packets_lost counts what the phones sent us
+            self.rtp_lost.inc(lost)
 
     def _sip_request(self, method: str, **_: object) -> None:
         # Methods come off the wire: unknown ones share a label so an attacker cannot grow the series.
@@ -106,6 +112,11 @@ class Metrics:
     def watch_voicemail(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
         """``pbx_voicemail_messages{mailbox,folder}`` read at each scrape from (new, old) per mailbox."""
         self.registry.register(_VoicemailGauge(counts))
+
+    def watch_trunks(self, up: Callable[[], Mapping[str, bool]]) -> None:
+        """``pbx_trunk_up{trunk}`` read at each scrape: 1 while the trunk
+        answers its OPTIONS (pbx.sip.qualify), 0 once one went unanswered."""
+        self.registry.register(_TrunkGauge(up))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -144,3 +155,14 @@ class _VoicemailGauge(Collector):
             messages.add_metric([mailbox, "new"], new)
             messages.add_metric([mailbox, "old"], old)
         yield messages
+
+
+class _TrunkGauge(Collector):
+    def __init__(self, up: Callable[[], Mapping[str, bool]]) -> None:
+        self.up = up
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("pbx_trunk_up", "1 while the trunk answers OPTIONS, 0 once one went unanswered", labels=["trunk"])
+        for trunk, up in sorted(self.up().items()):
+            gauge.add_metric([trunk], 1 if up else 0)
+        yield gauge

@@ -145,18 +145,6 @@ async def test_pcmu_caller_and_pcma_callee_are_transcoded(server: Server, tmp_pa
         assert heard_by_bob == pytest.approx(440, abs=15)
 
 
-async def test_hold_and_unhold_pass_through(server: Server, tmp_path: Path) -> None:
-    async with await phone(server, "1001") as alice, await phone(server, "1002") as bob:
-        a, b = await connect(alice, bob)
-        await alice.hold(a)
-        await bob.wait_event("media", call=b, status="remote_hold", timeout=10)
-        await alice.unhold(a)
-        await bob.wait_event("media", call=b, status="active", timeout=10)
-        heard_by_alice, heard_by_bob = await exchange_tones(tmp_path, alice, a, bob, b)
-        assert heard_by_alice == pytest.approx(1000, abs=15)
-        assert heard_by_bob == pytest.approx(440, abs=15)
-
-
 async def test_unregistered_extension_gets_480_and_unknown_number_404(server: Server) -> None:
     async with await phone(server, "1001") as alice:
         a = await alice.call("sip:1003@pbx.local")

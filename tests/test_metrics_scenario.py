@@ -123,11 +123,11 @@ async def test_a_scripted_day_shows_in_the_metrics(tmp_path: Path, phones: dict[
         assert value(metrics, "pbx_voicemail_messages", mailbox="1001", folder="new") == 1
         assert value(metrics, "pbx_active_calls") == 0
         assert value(metrics, "pbx_registrations") == 3
-        # One MOS observation per finished leg that carried audio: two per
-        # bridged call (internal, queue, callback), one per call the server
+        # One inbound MOS observation per finished leg that carried audio: two
+        # per bridged call (internal, queue, callback), one per call the server
         # answered itself (abandoned, voicemail); all clean on loopback.
-        assert value(metrics, "pbx_call_mos_count") == 8
-        assert value(metrics, "pbx_call_mos_bucket", le="4.0") == 0
+        assert value(metrics, "pbx_call_mos_count", direction="inbound") == 8
+        assert value(metrics, "pbx_call_mos_bucket", direction="inbound", le="4.0") == 0
         assert value(metrics, "pbx_rtp_packets_lost_total") == 0
     finally:
         await server.stop()

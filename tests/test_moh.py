@@ -1,11 +1,12 @@
-"""Music on hold: one shared, looping stream per class, fanned out on the media clock.
+"""Music on hold: one shared, looping stream per class, each listener's side
+picking the frame of the tick in its own clock callback.
 
 Real relays, UDP sockets on loopback, the real MediaClock and a real
 PromptLibrary reading class folders written here. The music is frequency
 sweeps, so every 20 ms frame of a class is different and a received payload
 tells its position in the loop. The clock ticks in which a side sent a frame
 come from the side's ``played`` count, read by a clock subscriber that runs
-after the music's.
+after the sides'.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from pbx.media.prompts import PromptLibrary
 from pbx.media.relay import RtpRelay
 from pbx.media.relay_side import RelaySide
 from tests.test_media import free_range
-from tests.test_media_playback import HOST, PHONE_SSRC, Phone, assert_one_stream, open_phone
+from tests.test_media_playback import HOST, PHONE_SSRC, Phone, assert_one_stream, open_phone, until
 
 CLASS = "test"
 # The files of CLASS in the order they must play: file name order, not the order written.
 CLASS_FILES = ("a-low", "b-high")
 MOH_MODULE = "pbx.media.moh"
+SIDE_MODULE = "pbx.media.playback"  # where a side's own clock callback comes from
 
 
 # --- helpers ---
@@ -73,20 +75,22 @@ class CountingClock(MediaClock):
         super().unsubscribe(handle)
         self.live.pop(handle, None)
 
-    def moh_subscriptions(self) -> int:
-        return sum(module == MOH_MODULE for module in self.live.values())
+    def sides_on_clock(self) -> int:
+        """Relay sides the clock calls now: those sending music (or anything of their own)."""
+        return sum(module == SIDE_MODULE for module in self.live.values())
 
 
 class SentTicks:
-    """The clock ticks in which each side sent a frame (``ticks[i][n]``: of side i's n-th).
+    """The clock tick in which each side sent each frame: ``tick_of[i][n]`` of side i's n-th (from 0).
 
-    Create it after the music's clock subscription so that it runs last in
-    each tick; a side's frames sent before it count from there.
+    Create it after the sides' clock subscriptions (their first music,
+    prompt or silence) so that it runs last in each tick; frames sent before
+    it have no tick.
     """
 
     def __init__(self, clock: MediaClock, *sides: RelaySide) -> None:
         self.sides = sides
-        self.ticks: list[list[int]] = [[] for _ in sides]
+        self.tick_of: list[dict[int, int]] = [{} for _ in sides]
         self.most = 0  # the most frames one side sent in one tick
         self._counts = [side.played for side in sides]
         self._clock = clock
@@ -95,9 +99,14 @@ class SentTicks:
     def _tick(self, tick: int) -> None:
         for i, side in enumerate(self.sides):
             new = side.played - self._counts[i]
+            for n in range(self._counts[i], side.played):
+                self.tick_of[i][n] = tick
             self._counts[i] = side.played
-            self.ticks[i] += [tick] * new
             self.most = max(self.most, new)
+
+    def by_tick(self, i: int, packets: Sequence[RtpPacket]) -> dict[int, RtpPacket]:
+        """Side i's packets (all it sent, in order) by the tick each was sent in."""
+        return {self.tick_of[i][n]: p for n, p in enumerate(packets) if n in self.tick_of[i]}
 
     def close(self) -> None:
         self._clock.unsubscribe(self._handle)
@@ -221,22 +230,19 @@ def announcement(count: int) -> list[bytes]:
 # --- one stream per class ---
 
 
-async def test_listeners_share_one_stream_and_one_clock_subscription(
-    moh: MusicOnHold, connect: Connect, clock: CountingClock, library: PromptLibrary
-) -> None:
+async def test_listeners_share_one_stream(moh: MusicOnHold, connect: Connect, clock: CountingClock, library: PromptLibrary) -> None:
     music = await class_music(library)
     assert len(music) == 50  # 2 x 0.5 s: the hidden file is not part of it
     first, second = await connect(), await connect()
 
     await moh.join(CLASS, first.side, "PCMU")
-    sent = SentTicks(clock, first.side, second.side)
     early = await receive(first.phone, 5)
     await moh.join(CLASS, second.side, "PCMU")
-    assert clock.moh_subscriptions() == 1
+    sent = SentTicks(clock, first.side, second.side)
     heard_first = early + await receive(first.phone, 15)
     heard_second = await receive(second.phone, 12)
     sent.close()
-    assert clock.subscribed[MOH_MODULE] == 1  # not one per listener
+    assert clock.subscribed[MOH_MODULE] == 0  # nothing of the class runs per tick
 
     # The first listener starts the class at the top of the loop, files in
     # name order; the second comes in where the class is, not at the top.
@@ -245,10 +251,11 @@ async def test_listeners_share_one_stream_and_one_clock_subscription(
     assert start >= 5
     assert positions(heard_second, music) == list(range(start, start + 12))
     assert_one_stream(heard_second, PCMU.payload_type, clock)
+    # Both got the very same frames of the class, not copies.
+    assert all(any(p.payload == frame for frame in music) for p in heard_first + heard_second)
 
     # In each tick both got the same frame.
-    by_tick_first = dict(zip(sent.ticks[0], heard_first, strict=False))
-    by_tick_second = dict(zip(sent.ticks[1], heard_second, strict=False))
+    by_tick_first, by_tick_second = sent.by_tick(0, heard_first), sent.by_tick(1, heard_second)
     common = sorted(by_tick_first.keys() & by_tick_second.keys())
     assert len(common) >= 3
     assert [by_tick_first[t].payload for t in common] == [by_tick_second[t].payload for t in common]
@@ -268,20 +275,19 @@ async def test_codecs_share_the_position(moh: MusicOnHold, connect: Connect, clo
     pcmu, g722 = await class_music(library, "PCMU"), await class_music(library, "G722")
     narrow, wide = await connect(PCMU), await connect(G722)
     await moh.join(CLASS, narrow.side, "PCMU")
-    sent = SentTicks(clock, narrow.side, wide.side)
     early = await receive(narrow.phone, 3)
     await moh.join(CLASS, wide.side, "G722")
+    sent = SentTicks(clock, narrow.side, wide.side)
     heard_wide = await receive(wide.phone, 10)
     heard_narrow = early + await receive(narrow.phone, 10)
     sent.close()
 
     assert {p.payload_type for p in heard_wide} == {G722.payload_type}
-    wide_at = dict(zip(sent.ticks[1], positions(heard_wide, g722), strict=False))
-    narrow_at = dict(zip(sent.ticks[0], positions(heard_narrow, pcmu), strict=False))
+    wide_at = {t: g722.index(p.payload) for t, p in sent.by_tick(1, heard_wide).items()}
+    narrow_at = {t: pcmu.index(p.payload) for t, p in sent.by_tick(0, heard_narrow).items()}
     common = wide_at.keys() & narrow_at.keys()
     assert len(common) >= 3
     assert all(wide_at[t] == narrow_at[t] for t in common)
-    assert clock.subscribed[MOH_MODULE] == 1
 
 
 async def test_joining_another_class_moves_the_listener(
@@ -295,7 +301,7 @@ async def test_joining_another_class_moves_the_listener(
 
     await moh.join("other", caller.side, "PCMU")
     moved_at = caller.side.played
-    assert clock.moh_subscriptions() == 1  # "test" has nobody left
+    assert clock.sides_on_clock() == 1
     heard += await receive(caller.phone, moved_at - 1 + 10)
     before, after = heard[:moved_at], heard[moved_at:]
     assert positions(before, music) == list(range(moved_at))
@@ -306,7 +312,7 @@ async def test_joining_another_class_moves_the_listener(
 # --- leaving ---
 
 
-async def test_leave_stops_one_listener_and_the_last_unsubscribes(
+async def test_leave_stops_one_listener_and_takes_it_off_the_clock(
     moh: MusicOnHold, connect: Connect, clock: CountingClock
 ) -> None:
     first, second = await connect(), await connect()
@@ -320,16 +326,16 @@ async def test_leave_stops_one_listener_and_the_last_unsubscribes(
     await receive(second.phone, 5)  # the other one plays on
     assert first.side.played == stopped
     assert 1 + first.phone.received.qsize() == stopped  # only what was sent before leave()
-    assert clock.moh_subscriptions() == 1
+    assert clock.sides_on_clock() == 1
 
     moh.leave(second.side)
-    assert clock.moh_subscriptions() == 0
+    assert clock.sides_on_clock() == 0
     stopped = second.side.played
     await ticks(clock, 5)
     assert second.side.played == stopped
     moh.leave(second.side)  # not listening: a no-op
     moh.leave(first.side)
-    assert clock.subscribed[MOH_MODULE] == 1
+    assert clock.sides_on_clock() == 0
 
 
 async def test_a_closed_side_is_dropped(moh: MusicOnHold, connect: Connect, clock: CountingClock) -> None:
@@ -337,8 +343,9 @@ async def test_a_closed_side_is_dropped(moh: MusicOnHold, connect: Connect, cloc
     await moh.join(CLASS, caller.side, "PCMU")
     await caller.phone.recv()
     caller.relay.close()
-    await ticks(clock, 2)
-    assert clock.moh_subscriptions() == 0
+    assert clock.sides_on_clock() == 0
+    await moh.join(CLASS, caller.side, "PCMU")  # a join that comes too late does nothing
+    assert clock.sides_on_clock() == 0
 
 
 async def test_leave_while_the_class_loads(moh: MusicOnHold, connect: Connect, clock: CountingClock) -> None:
@@ -348,7 +355,7 @@ async def test_leave_while_the_class_loads(moh: MusicOnHold, connect: Connect, c
     assert not joining.done()
     moh.leave(caller.side)
     await asyncio.wait_for(joining, 5.0)
-    assert clock.moh_subscriptions() == 0
+    assert clock.sides_on_clock() == 0
     await ticks(clock, 3)
     assert caller.side.played == 0
 
@@ -376,23 +383,21 @@ async def test_announcement_takes_over_and_music_resumes_in_one_stream(
     assert shape[1][1] == 6
     played = [p for p in packets if p.payload not in music]
     assert [p.payload for p in played] == announcement(6)
-    assert_one_stream(packets, PCMU.payload_type, clock)  # sequence numbers and timestamps run on
+    # Sequence numbers and timestamps run on; the announcement starts with a marker.
+    assert_one_stream(packets, PCMU.payload_type, clock, starts=(shape[0][1],))
     # The class kept going while the caller heard the announcement.
     before, after = packets[: shape[0][1]], packets[shape[0][1] + 6 :]
     assert positions(after, music)[0] - positions(before, music)[-1] == 7
     assert sent.most == 1
 
 
-async def test_announcement_that_was_playing_when_the_class_started(
+async def test_announcement_that_was_playing_when_the_music_started(
     moh: MusicOnHold, connect: Connect, clock: CountingClock, library: PromptLibrary
 ) -> None:
-    # The side's own clock callback now comes before the class's in every
-    # tick, so its announcement ends before the class looks at it.
     music = await class_music(library)
     caller = await connect()
-    await moh.join(CLASS, caller.side, "PCMU")  # loads the class...
-    moh.leave(caller.side)  # ...which stays idle
-    assert clock.moh_subscriptions() == 0
+    await moh.join(CLASS, caller.side, "PCMU")  # loads the class
+    moh.leave(caller.side)
 
     playback = caller.side.play(announcement(8))
     packets = [await caller.phone.recv()]
@@ -405,8 +410,37 @@ async def test_announcement_that_was_playing_when_the_class_started(
     sent.close()
 
     assert runs(packets, music) == [("A", 8), ("M", 4)]
-    assert_one_stream(packets, PCMU.payload_type, clock)  # no marker: no second frame in the last tick
+    assert_one_stream(packets, PCMU.payload_type, clock)  # the music goes on in the announcement's stream
     assert sent.most == 1
+
+
+async def test_music_and_silence_take_turns_one_frame_per_tick(
+    moh: MusicOnHold, connect: Connect, clock: CountingClock, library: PromptLibrary
+) -> None:
+    # A queue caller: answered here (silence), then music, an announcement, silence again.
+    music = await class_music(library)
+    caller = await connect()
+    caller.side.start_filling()
+    sent = SentTicks(clock, caller.side)
+    packets = await receive(caller.phone, 3)
+    await moh.join(CLASS, caller.side, "PCMU")
+    while len(runs(packets, music)) < 2 or runs(packets, music)[-1][1] < 5:
+        packets.append(await caller.phone.recv())
+    playback = caller.side.play(announcement(4))
+    assert await asyncio.wait_for(playback.done, 2.0) is True
+    while len(runs(packets, music)) < 4 or runs(packets, music)[-1][1] < 3:  # silence, music, announcement, music
+        packets.append(await caller.phone.recv())
+    moh.leave(caller.side)
+    packets += await receive(caller.phone, caller.side.played - len(packets) + 5)
+    sent.close()
+
+    silence = b"\xff" * 160
+    kinds = ["M" if p.payload in music else "S" if p.payload == silence else "A" for p in packets]
+    shape = [(kind, len(list(run))) for kind, run in itertools.groupby(kinds)]
+    assert [kind for kind, _ in shape] == ["S", "M", "A", "M", "S"]
+    assert shape[2][1] == 4
+    assert_one_stream(packets, PCMU.payload_type, clock, starts=(shape[0][1] + shape[1][1],))
+    assert sent.most == 1  # never two frames in one tick
 
 
 # --- failures ---
@@ -426,7 +460,7 @@ async def test_no_music_is_silence_and_one_warning(
     warnings = [r for r in caplog.records if r.name == MOH_MODULE and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "silence" in warnings[0].getMessage()
-    assert clock.moh_subscriptions() == 0
+    assert clock.sides_on_clock() == 0
     await ticks(clock, 5)
     assert caller.side.played == 0
     assert caller.phone.received.empty()
@@ -440,7 +474,7 @@ async def test_joining_a_missing_class_stops_the_music(moh: MusicOnHold, connect
     stopped = caller.side.played
     await ticks(clock, 5)
     assert caller.side.played == stopped
-    assert clock.moh_subscriptions() == 0
+    assert clock.sides_on_clock() == 0
 
 
 async def test_a_failing_listener_does_not_stop_the_others(
@@ -449,14 +483,15 @@ async def test_a_failing_listener_does_not_stop_the_others(
     broken, fine = await connect(), await connect()
     # A payload type that does not fit the RTP header: building its packet fails.
     broken.side.set_remote(broken.phone.addr, Codec("BROKEN", 300), None)
-    with caplog.at_level(logging.ERROR, logger=MOH_MODULE):
+    with caplog.at_level(logging.ERROR, logger=SIDE_MODULE):
         await moh.join(CLASS, broken.side, "PCMU")
         await moh.join(CLASS, fine.side, "PCMU")
         await receive(fine.phone, 10)
-    failures = [r for r in caplog.records if r.name == MOH_MODULE and r.levelno == logging.ERROR]
-    assert len(failures) == 1  # logged once, then dropped
+    failures = [r for r in caplog.records if r.name == SIDE_MODULE and r.levelno == logging.ERROR]
+    assert len(failures) == 1  # logged once, then the side sends nothing of its own
     assert failures[0].exc_info is not None
     assert broken.phone.received.empty()
+    assert clock.sides_on_clock() == 1
 
 
 async def test_relayed_audio_after_the_music_continues_the_stream(
@@ -475,11 +510,15 @@ async def test_relayed_audio_after_the_music_continues_the_stream(
 
         await moh.join(CLASS, caller.side, "PCMU")
         heard += await receive(caller.phone, 5)
+        # The far end talking over the music is held back.
+        dropped = caller.relay.b.counters.dropped
+        other.send(caller.relay.b.port, 0, seq=101, ts=5160, payload=b"\x33" * 160)
+        await until(lambda: caller.relay.b.counters.dropped == dropped + 1)
         moh.leave(caller.side)
         stopped = caller.side.played
         # The far end goes on in its own numbering: it reaches the caller after the music.
         for i in range(3):
-            other.send(caller.relay.b.port, 0, seq=101 + i, ts=5160 + 160 * i, payload=b"\x22" * 160)
+            other.send(caller.relay.b.port, 0, seq=102 + i, ts=5320 + 160 * i, payload=b"\x22" * 160)
         heard += await receive(caller.phone, stopped - 2 + 3 - 5)
     finally:
         other.transport.close()

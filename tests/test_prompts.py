@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pytest
 
 from pbx.media import prompts as prompts_module
-from pbx.media.codecs import UnsupportedCodec
+from pbx.media.codecs import Decoder, UnsupportedCodec
 from pbx.media.prompts import (
     FRAME_BYTES,
     SILENCE,
@@ -34,6 +34,7 @@ from pbx.media.prompts import (
     TtsUnavailable,
     g722_encode,
     number_parts,
+    to_frames,
 )
 
 with warnings.catch_warnings():
@@ -289,6 +290,17 @@ def test_silence_frames() -> None:
     assert all(len(frame) == 160 for frame in SILENCE.values())
     assert not decode("PCMU", [SILENCE["PCMU"]]).any()
     assert np.all(np.abs(decode("PCMA", [SILENCE["PCMA"]])) <= 8)  # A-law has no zero level
+
+
+def test_g722_silence_sent_over_and_over_after_speech_stays_silent() -> None:
+    # What a caller hears between prompts: a G.722 decoder that has just had
+    # a tone gets the silence frame again and again (the stream fills gaps with it).
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.int16)
+    decoder = Decoder("G722")
+    for frame in to_frames("G722", tone):
+        decoder(frame)
+    heard = np.concatenate([decoder(SILENCE["G722"]) for _ in range(50)]).astype(np.float64)
+    assert rms(heard[len(heard) // 5 :]) < 100  # below -50 dBFS once the tone has died away
 
 
 async def test_concurrent_requests_share_one_load(library: PromptLibrary, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -437,3 +437,29 @@ def test_challenge_order_follows_the_configured_algorithms() -> None:
     assert [parse_auth(h).params["algorithm"] for h in md5_first] == ["MD5", "SHA-256"]
     with pytest.raises(ValueError):
         DigestAuthenticator("pbx.local", algorithms=("SHA-1",))
+
+
+async def test_a_contact_found_unreachable_is_not_rung_until_it_answers_or_registers_again(env: Env) -> None:
+    await env.register()
+    [binding] = env.registrar.contacts("1001")
+    changes = len(env.recorder.named("registrations_changed"))
+    env.registrar.qualified(binding, 0.012)
+    assert (binding.reachable, binding.rtt_ms) == (True, 12.0)
+    env.registrar.qualified(binding, None)
+    assert env.registrar.contacts("1001") == [] and env.registrar.bindings("1001") == [binding]
+    assert binding.rtt_ms is None
+    assert env.registrar.all_bindings() == [binding]  # the API still lists it
+    env.registrar.qualified(binding, 0.02)
+    assert env.registrar.contacts("1001") == [binding]
+    assert len(env.recorder.named("registrations_changed")) == changes + 2  # down, up: the queues look again
+
+    # A refresh from the same address keeps the round trip; a late answer about the replaced binding changes nothing.
+    await env.register()
+    [fresh] = env.registrar.contacts("1001")
+    assert fresh is not binding and fresh.rtt_ms == 20.0
+    env.registrar.qualified(binding, None)
+    assert env.registrar.contacts("1001") == [fresh]
+    env.registrar.qualified(fresh, None)
+    assert env.registrar.contacts("1001") == []
+    await env.register()  # a REGISTER makes it live at once
+    assert [b.reachable for b in env.registrar.contacts("1001")] == [True]

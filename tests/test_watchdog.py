@@ -15,6 +15,7 @@ from pbx.calls.watchdog import overdue
 from pbx.config.load import load_config
 from pbx.config.model import Config
 from pbx.media.relay import RtpRelay
+from pbx.media.relay_side import RelaySide
 from pbx.media.srtp import SrtpSides
 from pbx.sip.sdp import MediaDescription
 
@@ -26,10 +27,11 @@ class Stats:
     received: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Side:
     name: str
     stats: Stats = field(default_factory=Stats)
+    held: bool = False
 
 
 @dataclass
@@ -75,7 +77,7 @@ async def test_a_live_call_stays_up_and_on_hold_silence_waits_for_hold_timeout(t
     for second in range(0, 60):
         relay.a.stats.received += 50
         assert look(call, cfg, second) is None
-    call.bridge.on_hold = True
+    call.bridge.hold.offered(cast(RelaySide, relay.a), "inactive", bridged=False, music=None, moh_class="default")
     assert all(look(call, cfg, second) is None for second in range(60, 159))
     assert look(call, cfg, 160) == "rtp-timeout"
 

@@ -4,23 +4,25 @@ SDES keys of each.
 
 The bridge joins the two sides when someone answers (:meth:`Bridge.join`),
 answers the caller for the server itself when nobody else does
-(:meth:`Bridge.answer_here`), passes a re-INVITE (hold, a new address) from one
-side to the other, and at the end closes the relay and reports each side's
-voice quality. Signalling stays with the legs: the bridge builds and reads
-SDP and points relay sides, nothing more.
+(:meth:`Bridge.answer_here`), answers every re-INVITE itself (hold, unhold,
+a new address; hold music is :mod:`pbx.calls.hold`'s), and at the end
+closes the relay and reports each side's voice quality. Signalling stays
+with the legs: the bridge builds and reads SDP and points relay sides,
+nothing more.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiosipua import SdpNegotiationError, SipRequest, SipResponse
+from aiosipua import SdpNegotiationError, SipRequest
 
+from pbx.calls.hold import DEFAULT_MOH_CLASS, Hold
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec
+from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.media.quality import estimate_mos
 from pbx.media.relay import RtpRelay
@@ -39,8 +41,6 @@ from pbx.sip.sdp import (
 )
 from pbx.sip.transactions import ServerTransaction
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(eq=False)
 class Bridge:
@@ -54,7 +54,9 @@ class Bridge:
     a_codec: SdpCodec | None = None
     b_codec: SdpCodec | None = None
     b_dtmf_pt: int | None = None
-    on_hold: bool = False  # the last offer of either side held the call (sendonly, recvonly, inactive)
+    music: MusicOnHold | None = None  # what a party hears while the other holds; None: silence
+    moh_class: str = DEFAULT_MOH_CLASS  # its class: the queue's when a queue's agent took the call
+    hold: Hold = field(default_factory=Hold)
     # Side name -> (RTP packets its peer had sent, loop time that count was first seen).
     heard: dict[str, tuple[int, float]] = field(default_factory=dict)
     # Side name -> our SDP towards that side's peer, one origin for the whole call.
@@ -80,11 +82,14 @@ class Bridge:
 
     def answer_here(self, a_signal_ip: str) -> tuple[SdpCodec, str]:
         """Settle the caller's codec (its first offered one) for the server to
-        talk to it; that codec and the SDP answer for the caller."""
+        talk to it; that codec and the SDP answer for the caller. Until
+        someone joins, the caller gets a packet every 20 ms: silence whenever
+        no prompt or music plays."""
         assert self.relay is not None
         if self.a_codec is None:
             self.a_codec = self.a_media.codecs[0]
             self.relay.a.set_remote(self.a_media.addr, codec_of(self.a_codec), self.a_media.dtmf_pt, a_signal_ip)
+        self.relay.a.start_filling()
         crypto = self.srtp.crypto(self.relay.a)
         return self.a_codec, self._describe(self.relay.a, (self.a_codec,), self.a_media.dtmf_pt, crypto=crypto)
 
@@ -107,50 +112,38 @@ class Bridge:
         self.a_codec, self.b_codec, self.b_dtmf_pt = a_codec, chosen, b_media.dtmf_pt
         self.relay.b.set_remote(b_media.addr, codec_of(chosen), b_media.dtmf_pt, b_signal_ip)
         self.relay.a.set_remote(self.a_media.addr, codec_of(a_codec), self.a_media.dtmf_pt, a_signal_ip)
+        self.relay.a.hand_over()  # no more prompts, music or silence: side b's peer continues the stream
         crypto = self.srtp.crypto(self.relay.a)
         return self._describe(self.relay.a, (a_codec,), self.a_media.dtmf_pt, crypto=crypto)
 
-    def pass_reinvite(self, leg: Leg, other: Leg, from_a: bool, request: SipRequest, txn: ServerTransaction) -> None:
-        """Pass a re-INVITE (hold, unhold, new address) from ``leg`` through to
-        ``other``, the leg on the far side, and its answer back."""
-        assert self.relay is not None and self.a_codec is not None and self.b_codec is not None
-        this_side, other_side = (self.relay.a, self.relay.b) if from_a else (self.relay.b, self.relay.a)
-        this_codec, other_codec = (self.a_codec, self.b_codec) if from_a else (self.b_codec, self.a_codec)
-        this_dtmf = self.a_media.dtmf_pt if from_a else self.b_dtmf_pt
-        other_dtmf = self.b_dtmf_pt if from_a else self.a_media.dtmf_pt
-        direction = self._take_offer(request, txn, this_side, this_codec, this_dtmf)
-        if direction is None:
-            return
-
-        def answered(resp: SipResponse) -> None:
-            if resp.status_code >= 300:
-                txn.reply(resp.status_code, resp.reason_phrase)
-                return
-            answer_direction = direction
-            if resp.body:
-                try:
-                    media = parse_media(resp.text, self.codecs)
-                    answer_direction = media.direction
-                    other_side.set_remote(media.addr, codec_of(other_codec), other_dtmf)
-                    if not self.srtp.take_answer(other_side, media.secure, media.cryptos):
-                        logger.warning("re-INVITE answer from %s has no usable SRTP key; keeping the old one", other.dialog.remote_target)
-                except SdpNegotiationError:
-                    pass
-            crypto = self.srtp.crypto(this_side)
-            leg.answer_reinvite(txn, self._describe(this_side, (this_codec,), this_dtmf, answer_direction, crypto=crypto))
-
-        crypto = self.srtp.crypto(other_side)
-        other.reinvite(self._describe(other_side, (other_codec,), other_dtmf, direction, crypto=crypto), answered)
+    def reinvite_bridged(self, leg: Leg, from_a: bool, request: SipRequest, txn: ServerTransaction) -> None:
+        """A re-INVITE from ``leg``, a bridged party (of side a when ``from_a``),
+        answered here: the relay anchors the media, so the far party hears of
+        none of it. A hold plays it the call's music instead
+        of ``leg`` until ``leg`` resumes (:class:`~pbx.calls.hold.Hold`); a
+        new address is followed; the codec stays the one the call settled on."""
+        assert self.relay is not None
+        self._answer_reinvite(leg, self.relay.a if from_a else self.relay.b, request, txn, bridged=True)
 
     def reinvite_to_us(self, leg: Leg, request: SipRequest, txn: ServerTransaction) -> None:
         """A re-INVITE from a caller talking to the server itself (the IVR): answer it here."""
-        assert self.relay is not None and self.a_codec is not None
-        offered = self._take_offer(request, txn, self.relay.a, self.a_codec, self.a_media.dtmf_pt)
+        assert self.relay is not None
+        self._answer_reinvite(leg, self.relay.a, request, txn, bridged=False)
+
+    def _answer_reinvite(self, leg: Leg, side: RelaySide, request: SipRequest, txn: ServerTransaction, *, bridged: bool) -> None:
+        codec, dtmf_pt = (self.a_codec, self.a_media.dtmf_pt) if side.name == "a" else (self.b_codec, self.b_dtmf_pt)
+        assert codec is not None
+        offered = self._take_offer(request, txn, side, codec, dtmf_pt)
         if offered is None:
             return
-        crypto = self.srtp.crypto(self.relay.a)
-        direction = reverse_direction(offered)
-        leg.answer_reinvite(txn, self._describe(self.relay.a, (self.a_codec,), self.a_media.dtmf_pt, direction, crypto=crypto))
+        self.hold.offered(side, offered, bridged=bridged, music=self.music, moh_class=self.moh_class)
+        crypto = self.srtp.crypto(side)
+        leg.answer_reinvite(txn, self._describe(side, (codec,), dtmf_pt, reverse_direction(offered), crypto=crypto))
+
+    @property
+    def on_hold(self) -> bool:
+        """Whether a party's last offer held the call (sendonly, recvonly, inactive, no address)."""
+        return self.hold.on
 
     def _describe(
         self, side: RelaySide, codecs: tuple[SdpCodec, ...], dtmf_pt: int | None, direction: str = "sendrecv", crypto: str | None = None
@@ -175,44 +168,56 @@ class Bridge:
         self, request: SipRequest, txn: ServerTransaction, side: RelaySide, codec: SdpCodec, dtmf_pt: int | None
     ) -> str | None:
         """Point ``side`` at a re-INVITE's offer (and its SRTP key) and return
-        the offered direction ("sendrecv" without SDP); None once an unusable
-        offer got 488."""
+        the offered direction; None once an unusable offer got 488. The
+        call's ``codec`` stays: an offer without it is unusable, as the relay
+        does not switch codecs mid-call. Without SDP (the peer asks for our
+        offer), nothing changes and we offer what we answered last."""
         if not request.body:
-            self.on_hold = False
-            return "sendrecv"
+            return self.hold.direction(side)
         try:
             offer = parse_media(request.text, self.codecs)
         except SdpNegotiationError:
             txn.reply(488)
             return None
-        if not self.srtp.take_offer(side, offer.secure, offer.cryptos):
+        if offer.codec(codec.name) is None or not self.srtp.take_offer(side, offer.secure, offer.cryptos):
             txn.reply(488)
             return None
         side.set_remote(offer.addr, codec_of(codec), dtmf_pt)
-        self.on_hold = offer.direction != "sendrecv" or side.held
         return offer.direction
 
     def close(self, call_id: str, events: EventBus) -> list[dict[str, object]]:
-        """Close the relay and count what it relayed; the voice quality of
-        each side whose peer sent us RTP (one ``leg_quality`` event each), for the log."""
+        """Close the relay and count what it relayed; the voice quality of each
+        side, for the log: one ``leg_quality`` event per direction with
+        figures, ``inbound`` when its peer sent us RTP (our measurement),
+        ``outbound`` when its peer's RTCP reported on what we sent it."""
         if self.relay is None:
             return []
+        self.hold.end()
         self.relay.close()
         events.emit("rtp_relayed", packets=self.relay.total().relayed)
         reports: list[dict[str, object]] = []
         for side in (self.relay.a, self.relay.b):
-            report = side.stats.report()
-            if report.received:
-                codec = side.codec.name if side.codec is not None else "PCMU"
-                mos = estimate_mos(codec, report.loss_fraction, report.jitter_ms)
+            codec = side.codec.name if side.codec is not None else "PCMU"
+            inbound, peer = side.stats.report(), side.rtcp.peer
+            rtt_ms = peer.rtt * 1000.0 if peer.rtt is not None else None
+            figures: dict[str, object] = {"leg": side.name, "codec": codec}
+            if inbound.received:
+                mos = estimate_mos(codec, inbound.loss_fraction, inbound.jitter_ms, rtt_ms=rtt_ms or 0.0)
                 events.emit(
-                    "leg_quality", call_id=call_id, leg=side.name, codec=codec, received=report.received,
-                    lost=report.lost, jitter_ms=report.jitter_ms, mos=mos,
+                    "leg_quality", call_id=call_id, leg=side.name, direction="inbound", codec=codec, packets=inbound.received,
+                    lost=inbound.lost, jitter_ms=inbound.jitter_ms, rtt_ms=rtt_ms, mos=mos,
                 )  # fmt: skip
-                reports.append(
-                    {"leg": side.name, "codec": codec, "packets": report.received, "lost": report.lost,
-                     "jitter_ms": report.jitter_ms, "mos": f"{mos:.2f}"}
+                figures.update(packets=inbound.received, lost=inbound.lost, jitter_ms=inbound.jitter_ms, mos=f"{mos:.2f}")
+            if peer.reports:
+                jitter_ms = peer.jitter * 1000.0 / (side.codec.clock_rate if side.codec is not None else 8000)
+                mos = estimate_mos(codec, peer.loss_fraction, jitter_ms, rtt_ms=rtt_ms or 0.0)
+                events.emit(
+                    "leg_quality", call_id=call_id, leg=side.name, direction="outbound", codec=codec, packets=peer.sent,
+                    lost=peer.lost, jitter_ms=jitter_ms, rtt_ms=rtt_ms, mos=mos,
                 )  # fmt: skip
+                figures.update(out_packets=peer.sent, out_lost=peer.lost, out_jitter_ms=jitter_ms, out_mos=f"{mos:.2f}", rtt_ms=rtt_ms)
+            if len(figures) > 2:
+                reports.append(figures)
         return reports
 
 

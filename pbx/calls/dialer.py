@@ -23,6 +23,7 @@ from pbx.calls.routing import DialPolicy, DialRefused
 from pbx.config.model import Config, Destination, Trunk
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
+from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from pbx.media.srtp import SrtpSides
@@ -57,6 +58,9 @@ class Dialer:
         self.events = events
         self.media_ip = media_ip
         self.ringing: Counter[str] = Counter()  # extensions :meth:`dial` rings now (outside any call's forks)
+        # What a party of a call hears while the other holds, for every call's
+        # bridge (set by app.py); None: silence.
+        self.music: MusicOnHold | None = None
 
     async def make_legs(
         self, caller: str, destination: Destination, offer: str, events: LegEvents, party: str | None = None
@@ -159,7 +163,8 @@ class Dialer:
             relay.close()
             return Unreachable(488, "failed", sip_call_id=leg.dialog.call_id)
         relay.a.set_remote(media.addr, codec_of(media.codecs[0]), media.dtmf_pt, leg.flow.addr[0])
-        bridge = Bridge(media, srtp, self.media_ip, cfg.rtp.codecs, relay=relay, a_codec=media.codecs[0])
+        relay.a.start_filling()  # the server has answered this phone: silence until someone joins
+        bridge = Bridge(media, srtp, self.media_ip, cfg.rtp.codecs, relay=relay, a_codec=media.codecs[0], music=self.music)
         bridge.origins["a"] = origin
         return leg, bridge
 
@@ -176,7 +181,7 @@ class Dialer:
     def _extension_legs(self, cfg: Config, caller: str, number: str, offer: str, events: LegEvents) -> list[OutboundLeg]:
         bindings = self.registrar.contacts(number)
         if not bindings:
-            logger.info("extension %s has no registered contact", number)
+            logger.info("extension %s has no registered contact that answers", number)
             raise Unreachable(480, "unavailable")
         caller_ext = cfg.extensions.get(caller)
         from_name = caller_ext.name if caller_ext else None
@@ -199,6 +204,7 @@ class Dialer:
                     body=body,
                     events=events,
                     fallback_offer=fallback,
+                    session_expires=cfg.sip.session_expires,
                 )
             )
         return legs
@@ -228,6 +234,7 @@ class Dialer:
             events=events,
             auth=auth,
             fallback_offer=fallback,
+            session_expires=cfg.sip.session_expires,
         )
         self.dialing.add_leg(trunk, leg)
         return leg

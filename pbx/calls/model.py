@@ -157,7 +157,7 @@ class Call:
     queued_at: float | None = None  # when the call joined its queue
     wait: float | None = None  # seconds in the (last) queue until an agent answered or the caller left it
     hangup_by: str | None = None  # caller | callee | pbx
-    end_reason: str | None = None  # why the server ended it: rtp-timeout, max-call-seconds
+    end_reason: str | None = None  # why the server ended it: rtp-timeout, max-call-seconds, session-expired
     voicemail: str | None = None  # the mailbox the caller is leaving a message in
     # The rung extension's mailbox: where the caller goes on busy or no answer.
     mailbox: str | None = None

@@ -4,10 +4,11 @@ An INVITE becomes a :class:`~pbx.calls.model.Call` (:meth:`CallService.handle_re
 which goes where its destination says (:meth:`CallService._go`): ringing an
 extension or a number outside through the dialer, or answered here by an IVR
 flow, a queue, voicemail or a feature code. What the legs report (progress,
-answer, failure, hang-up, re-INVITE, INFO) comes back here, and a call ends
-here (:meth:`CallService._end`) with its CDR row. This module is the only one
-that moves a call between states; the call's media is its bridge's
-(pbx.calls.bridge), its recording pbx.calls.recording's.
+answer, failure, hang-up) comes back here, what they bring mid-call goes to
+pbx.calls.midcall, and a call ends here (:meth:`CallService._end`) with its
+CDR row. This module is the only one that moves a call between states; the
+call's media is its bridge's (pbx.calls.bridge), its recording
+pbx.calls.recording's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pbx.calls.bridge import Bridge
 from pbx.calls.cdr import row_of, unconnected_row, write_cdr
 from pbx.calls.dialer import Dialer
 from pbx.calls.forks import Forks
+from pbx.calls.midcall import MidCall
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
 from pbx.calls.recording import CallRecording
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
@@ -41,8 +43,8 @@ from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import PromptLibrary
 from pbx.media.srtp import SrtpSides
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegEvents, LegState, OutboundLeg
-from pbx.sip.messages import info_key, uri_user
+from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegState, OutboundLeg
+from pbx.sip.messages import uri_user
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import SdpCodec, parse_media
 from pbx.sip.stack import SipStack, transaction_branch
@@ -92,8 +94,9 @@ class CallService:
         self.dialing = DialPolicy(config, events, self.calls_of)  # outbound rules, class of service, max_calls
         self.admission = Admission(config, authenticator, guard, registrar, events, self.dialing)
         self.dialer = Dialer(config, stack, registrar, self.dialing, ports=ports, clock=clock, events=events, media_ip=media_ip)
-        self.forks = Forks(config, self.dialer, self._legs, self._b_events, self._bridged, self._callee_failed)
         self.watchdog = Watchdog(config, self.calls, self.hang_up)
+        self.midcall = MidCall(self._legs, self._leg_hung_up, self.watchdog.time_out)
+        self.forks = Forks(config, self.dialer, self._legs, lambda: self.midcall.leg_events(self.forks), self._bridged, self._callee_failed)
         self._tasks = Background("call")
         self._drain_until: float | None = None  # loop time: set once the server is stopping
 
@@ -170,8 +173,13 @@ class CallService:
             call_event(request.call_id or "", "refused", status=488, reason=str(exc), **{"from": caller, "to": called})
             txn.reply(488)
             return
-        a = InboundLeg(self.stack, flow, request, txn, self._a_events())
-        bridge = Bridge(a_media, srtp, self.media_ip, cfg.rtp.codecs)
+        a = InboundLeg(self.stack, flow, request, txn, self.midcall.leg_events(), session_expires=cfg.sip.session_expires)
+        brief = a.timer.too_brief(request)
+        if brief is not None:  # RFC 4028 §9: it may ask again with our Min-SE
+            call_event(request.call_id or "", "refused", status=422, reason=f"interval < {brief} s", **{"from": caller, "to": called})
+            a.reject(422, headers={"Min-SE": str(brief)})
+            return
+        bridge = Bridge(a_media, srtp, self.media_ip, cfg.rtp.codecs, music=self.dialer.music)
         call = Call(
             id=new_call_id(), direction=direction, caller=caller, callee=called, a=a, bridge=bridge, sip_call_id=request.call_id or ""
         )
@@ -285,7 +293,7 @@ class CallService:
             logger.warning("call=%s answer from %s unusable: %s", call.id, leg.dialog.remote_target, exc)
             leg.bye()
             return False
-        leg.events = self._b_events()
+        leg.events = self.midcall.leg_events(self.forks)
         self._legs[leg.key] = (call, leg)
         self._bridged(call, leg, answer)
         return True
@@ -356,7 +364,7 @@ class CallService:
             a=leg, bridge=bridge, started=started, answered_at=time.time(),
         )  # fmt: skip
         call.extensions.add(extension)
-        leg.events = self._a_events()
+        leg.events = self.midcall.leg_events()
         self.calls[call.id] = call
         self._legs[leg.key] = (call, leg)
         self.events.emit("call_started", call_id=call.id, direction=direction)
@@ -368,30 +376,7 @@ class CallService:
         self._run(call, self._go(call, destination, party))
         return call
 
-    # --- what the legs tell us ---
-
-    def _a_events(self) -> LegEvents:
-        return LegEvents(hangup=self._leg_hung_up, reinvite=self._reinvite, info=self._info)
-
-    def _b_events(self) -> LegEvents:
-        return LegEvents(
-            progress=self.forks.progress,
-            answered=self.forks.answered,
-            failed=self.forks.failed,
-            hangup=self._leg_hung_up,
-            reinvite=self._reinvite,
-        )
-
-    def _call_of(self, leg: Leg) -> Call | None:
-        found = self._legs.get(leg.key)
-        return found[0] if found else None
-
-    def _info(self, leg: Leg, request: SipRequest) -> None:
-        """DTMF by SIP INFO (application/dtmf-relay or application/dtmf) for the IVR."""
-        call = self._call_of(leg)
-        key = info_key(request)
-        if call is not None and call.audio is not None and key is not None:
-            call.audio.press(key)
+    # --- what the legs tell us (mid-call requests: pbx.calls.midcall) ---
 
     def _callee_failed(self, call: Call, status: int, disposition: str) -> None:
         """Nobody took the call: to the callee's voicemail when busy, not
@@ -406,21 +391,6 @@ class CallService:
         call.extensions.discard(mailbox)
         call.early_sdp = None
         self._run(call, self._go(call, Destination("voicemail", mailbox)))
-
-    def _reinvite(self, leg: Leg, request: SipRequest, txn: ServerTransaction) -> None:
-        """A re-INVITE (hold, unhold, new address): answered here while the
-        server talks to the caller, else passed through the bridge to the other leg."""
-        call = self._call_of(leg)
-        bridge = call.bridge if call is not None else None
-        if call is None or bridge is None or bridge.relay is None or bridge.a_codec is None:
-            txn.reply(491, "Request Pending")
-        elif call.b is None and leg is call.a:
-            bridge.reinvite_to_us(leg, request, txn)
-        elif call.b is None or bridge.b_codec is None:
-            txn.reply(491, "Request Pending")
-        else:
-            from_a = leg is call.a
-            bridge.pass_reinvite(leg, call.b if from_a else call.a, from_a, request, txn)
 
     # --- the end of a call ---
 
@@ -457,7 +427,7 @@ class CallService:
         self._end(call, "cancelled")
 
     def _leg_hung_up(self, leg: Leg) -> None:
-        call = self._call_of(leg)
+        call = self.midcall.call_of(leg)
         if call is None:
             return
         call.hangup_by = call.hangup_by or ("caller" if leg is call.a else "callee")

@@ -56,10 +56,17 @@ class Watchdog:
         cfg = self.config()
         for call in list(self.calls.values()):
             reason = overdue(call, cfg, now, wall)
-            if reason is not None and not call.ended:
-                call.end_reason = reason
-                call_event(call.id, "timeout", reason=reason)
-                self.hang_up(call)
+            if reason is not None:
+                self.time_out(call, reason)
+
+    def time_out(self, call: Call, reason: str) -> None:
+        """End ``call`` for ``reason`` (rtp-timeout, max-call-seconds, and
+        session-expired for the session timers of pbx.calls.midcall) as the
+        server ends any call, the reason in its CDR row."""
+        if not call.ended:
+            call.end_reason = reason
+            call_event(call.id, "timeout", reason=reason)
+            self.hang_up(call)
 
 
 def overdue(call: Call, cfg: Config, now: float, wall: float) -> str | None:

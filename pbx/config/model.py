@@ -76,6 +76,11 @@ class SipConfig:
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     tls: TlsConfig | None = None  # required when `listen` has a tls: address
     max_call_seconds: int = 14400  # a hard cap on any call, whatever its media does
+    # RFC 4028 session interval we ask for and refresh at half of (0: no session timers);
+    # our Min-SE is the smaller of it and 90 s, the RFC's floor.
+    session_expires: int = 1800
+    # Seconds between OPTIONS to each registered contact and trunk (0: none); a contact that does not answer is not rung.
+    qualify_seconds: int = 60
 
 
 @dataclass(frozen=True)

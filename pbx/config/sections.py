@@ -184,6 +184,8 @@ _SIP_FIELDS = (
     Field("auth_algorithms", list_of(choice("SHA-256", "MD5"), non_empty=True, unique=True), ["SHA-256", "MD5"]),
     Field("tls", optional(section(_TLS_FIELDS, _build_tls)), None),
     Field("max_call_seconds", integer(1, 604800), 14400),
+    Field("session_expires", integer(0, 86400), 1800),
+    Field("qualify_seconds", integer(0, 3600), 60),
 )
 _RTP_FIELDS = (
     Field("ip", ip_address, "0.0.0.0"),

@@ -136,7 +136,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Registration": {
         "type": "object",
-        "required": ["extension", "contact", "source", "transport", "expires", "expires_in", "user_agent"],
+        "required": ["extension", "contact", "source", "transport", "expires", "expires_in", "user_agent", "reachable", "rtt_ms"],
         "properties": {
             "extension": _TEXT,
             "contact": _TEXT,
@@ -145,6 +145,8 @@ SCHEMAS: dict[str, Schema] = {
             "expires": _TIME,
             "expires_in": {"type": "integer", "minimum": 0, "description": "seconds"},
             "user_agent": _TEXT,
+            "reachable": {"type": "boolean", "description": "false once the contact left an OPTIONS unanswered (sip.qualify_seconds): it is not rung until it answers or registers again"},
+            "rtt_ms": nullable({"type": "number", "description": "milliseconds its last answered OPTIONS took; null before one and while unreachable"}),
         },
     },
     "QueueCaller": {

@@ -2,18 +2,20 @@
 
 A class is a folder ``<sounds dir>/moh/<class>/``; its sound files, in file
 name order, make one loop. Like a radio station, a class has one position in
-that loop, which moves on by one 20 ms frame per tick of the process's
-``MediaClock`` while anyone listens, and every listener gets the frame at that
-position, in its own codec, through ``RelaySide.send_frame``. So a class costs
-one clock callback however many callers hold (STYLE §4: no player per call),
-and a caller who joins late hears the music from where it is.
+that loop: from the tick of the process's ``MediaClock`` at which its first
+listener joined, it moves on by one 20 ms frame per tick, and every listener
+gets the frame at that position, in its own codec. A listener's relay side
+picks that frame itself in its own clock callback (``RelaySide.tune_in``),
+the one in which it also sends its prompts and its silence, so nothing here
+runs per tick and a side never sends two frames in one tick. A caller who
+joins late hears the music from where it is.
 
 The frames come from the ``PromptLibrary`` (decoded in its worker threads),
 once per class and codec; every listener shares the same ``bytes`` objects.
 
 An announcement played to a listener with ``side.play()`` takes precedence:
-the class passes that listener over until the announcement has ended, then
-the music carries on in the same RTP stream.
+the music carries on under it, and the listener hears it again, in the same
+RTP stream, from the tick after the announcement's last frame.
 """
 
 from __future__ import annotations
@@ -21,11 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 
-from pbx.media.clock import ClockSubscription, MediaClock
-from pbx.media.playback import Playback
+from pbx.media.clock import MediaClock
 from pbx.media.prompts import AUDIO_RATE, FRAME_MS, PromptLibrary, PromptNotFound
 from pbx.media.relay_side import RelaySide
 from pbx.tasks import Shared
@@ -46,7 +45,7 @@ class MusicOnHold:
         """``prompts`` returns the current library, so a reload's new sounds folder counts."""
         self._clock = clock
         self._prompts = prompts
-        self._streams: dict[str, _Stream] = {}
+        self._origins: dict[str, int] = {}  # class -> the clock tick at which its loop began
         # The latest join() of each side still loading: a leave() or a later
         # join() meanwhile makes it give up.
         self._joining: dict[RelaySide, object] = {}
@@ -61,7 +60,8 @@ class MusicOnHold:
         The class is loaded on its first use with that codec. A side that
         listens to another class moves over once this one is ready. An unknown
         class, an empty folder or another codec logs a warning and leaves the
-        side in silence; nothing is raised.
+        side without music (in the silence of ``start_filling()`` when the
+        server answers it); nothing is raised.
         """
         token = object()
         self._joining[side] = token
@@ -73,21 +73,15 @@ class MusicOnHold:
                 del self._joining[side]
         if not current:
             return  # left, or joined elsewhere, while this class was loading
-        for other in self._streams.values():
-            if other.name != moh_class or not music or side.closed:
-                other.remove(side)
         if not music or side.closed:
+            side.tune_out()
             return
-        stream = self._streams.get(moh_class)
-        if stream is None:
-            stream = self._streams[moh_class] = _Stream(moh_class, self._clock)
-        stream.add(_Listener(side, music))
+        side.tune_in(music, self._origins.setdefault(moh_class, self._clock.tick + 1))
 
     def leave(self, side: RelaySide) -> None:
         """Stop sending music to ``side`` (also a join still loading); a no-op if not listening."""
         self._joining.pop(side, None)
-        for stream in self._streams.values():
-            stream.remove(side)
+        side.tune_out()
 
     async def _load_class(self, moh_class: str, codec: str) -> Music:
         """The frames of ``moh_class`` in ``codec``, loaded once; empty when there are none."""
@@ -133,86 +127,6 @@ class MusicOnHold:
         seconds = len(music) * FRAME_MS / 1000
         logger.info("music on hold %s loaded for %s: %d files, %.1f s", moh_class, codec, len(names), seconds)
         return music
-
-
-@dataclass(eq=False, slots=True)
-class _Listener:
-    """One side listening to a class, with the frames of its codec."""
-
-    side: RelaySide
-    music: Music
-    announcement: Playback | None = None  # the last one seen playing to the side
-    announcement_over: bool = False  # its done callback has run
-
-    def waits(self) -> bool:
-        """True while an announcement to the side has the floor.
-
-        The side's own clock callback may run before the class's in a tick
-        and end its announcement there, so the peer already has that tick's
-        frame: music resumes from the next tick, which ``done``'s callback
-        (run between ticks) tells.
-        """
-        playback = self.side.playback
-        if playback is not None:
-            if playback is not self.announcement:
-                self.announcement = playback
-                self.announcement_over = False
-                playback.done.add_done_callback(partial(self._ended, playback))
-            return True
-        if self.announcement is None:
-            return False
-        if not self.announcement_over:
-            return True
-        self.announcement = None
-        return False
-
-    def _ended(self, playback: Playback, _: asyncio.Future[bool]) -> None:
-        if playback is self.announcement:
-            self.announcement_over = True
-
-
-class _Stream:
-    """The one looping stream of a class and the sides listening to it."""
-
-    def __init__(self, name: str, clock: MediaClock) -> None:
-        self.name = name
-        self.position = 0  # in the loop, of the frame the next tick sends
-        self.listeners: dict[RelaySide, _Listener] = {}
-        self._clock = clock
-        self._subscription: ClockSubscription | None = None
-
-    def add(self, listener: _Listener) -> None:
-        """Send to ``listener.side`` from the next tick (replacing its earlier listener)."""
-        self.listeners[listener.side] = listener
-        if self._subscription is None:
-            self._subscription = self._clock.subscribe(self._tick)
-
-    def remove(self, side: RelaySide) -> None:
-        """Stop sending to ``side``; the last one out stops the class's clock callback."""
-        self.listeners.pop(side, None)
-        if not self.listeners and self._subscription is not None:
-            self._clock.unsubscribe(self._subscription)
-            self._subscription = None
-
-    def _tick(self, tick: int) -> None:
-        """Send every listener the frame at the class's position: the per-packet path."""
-        position = self.position
-        self.position = position + 1
-        # A copy: closed and failing sides are dropped along the way.
-        for side, listener in tuple(self.listeners.items()):
-            if side.closed:
-                self.remove(side)
-                continue
-            if listener.waits():
-                continue
-            music = listener.music
-            try:
-                side.send_frame(music[position % len(music)], tick)
-            except Exception:
-                # Dropped rather than retried, so a broken side logs one
-                # traceback instead of fifty a second; the others play on.
-                logger.exception("music on hold %s: relay side %s failed; it gets no more music", self.name, side.name)
-                self.remove(side)
 
 
 def _sound_names(library: PromptLibrary, moh_class: str) -> list[str] | None:

@@ -1,33 +1,48 @@
 """The server talking to a relay side itself, and the one RTP stream its peer receives.
 
-The server can talk to a side (IVR prompts, music on hold, later queues)
-without a re-INVITE, since the peer's SDP already points at the side's
-port: ``side.play(frames)`` sends one pre-encoded 20 ms payload per tick of
-the process's shared ``MediaClock`` (no task per call), while whatever the
-other side relays towards that peer is held back. A sender that serves many
-sides from one stream of its own (music on hold) hands each side its frame
-with ``side.send_frame(payload, tick)`` instead.
+The server can talk to a side (IVR prompts, music on hold, queues) without a
+re-INVITE, since the peer's SDP already points at the side's port. While it
+has something of its own to send, a side sends one pre-encoded 20 ms payload
+per tick of the process's shared ``MediaClock`` (one clock callback per side,
+no task per call), and holds back whatever the other side relays towards its
+peer. In each tick the side itself picks the one frame that goes out, so no
+tick ever gets two: a prompt's (``side.play(frames)``), else the frame of the
+loop it is tuned to (``side.tune_in(frames, origin)``: music on hold, one
+loop many sides share at one position), else, while the server answers the
+peer (``side.start_filling()``, from answering until ``side.hand_over()``
+when someone else is bridged in), a frame of silence in the peer's codec.
+Carriers hang up calls that send no RTP for 30-60 s and NAT bindings close,
+so a caller waiting for a key, an agent or a callee hears silence rather
+than nothing.
 
 What the peer receives stays one continuous RTP stream across the switches
-between our frames and relayed packets: once a side has played, it sends
-everything under its own SSRC, and relayed packets get their sequence number
-and timestamp moved by an offset fixed at each switch. A side that never
-plays keeps the untouched pass-through path of :mod:`pbx.media.relay_side`.
+between our frames and relayed packets: once a side has sent anything of its
+own, it sends everything under its own SSRC with consecutive sequence
+numbers, relayed packets get their sequence number and timestamp moved by an
+offset fixed at each switch, and timestamps follow the clock. The marker bit
+flags the first packet of each prompt, of the stream, and after a gap (a
+hold, ticks the clock skipped); RFC 3389 comfort noise is not offered in our
+SDP, so silence is plain codec silence. A side that never sends anything of
+its own keeps the untouched pass-through path of :mod:`pbx.media.relay_side`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pbx.media.clock import ClockSubscription, MediaClock
 from pbx.media.codecs import Codec
+from pbx.media.prompts import SILENCE
 from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRule, pack_seq_ts_ssrc, packet_struct, rewrite, unpack_seq_ts_ssrc
+
+logger = logging.getLogger(__name__)
 
 
 class NoMediaClock(RuntimeError):
-    """``play()`` on a relay that was created without a ``MediaClock``."""
+    """``play()``, ``tune_in()`` or ``start_filling()`` on a relay created without a ``MediaClock``."""
 
 
 class Playback:
@@ -59,7 +74,7 @@ class Playback:
 
 class PeerStream:
     """What a relay side sends its peer: our own frames, and relayed packets
-    continued in the same stream once it has played.
+    continued in the same stream once it has sent frames of its own.
 
     The base of :class:`pbx.media.relay_side.RelaySide`, which keeps the
     peer's ``codec``, ``dest`` and ``transport`` and hands each packet from
@@ -72,17 +87,29 @@ class PeerStream:
     dest: Address | None  # where RTP for the peer goes, None: nowhere
 
     def __init__(self, media_clock: MediaClock | None) -> None:
-        self.played = 0  # frames of our own sent to the peer
-        self.closed = False  # set by RtpRelay.close()
+        self.played = 0  # frames of our own (prompts, music, silence) sent to the peer
+        # Packets and payload octets of our own stream (our frames and relayed
+        # packets within it): an RTCP sender report's counts (pbx.media.rtcp).
+        self.stream_packets = 0
+        self.stream_octets = 0
+        # Each frame of our own the peer is sent (its payload), e.g. for a recording.
+        self.on_played: Callable[[bytes], None] | None = None
+        self.closed = False  # set by close()
         self._media_clock = media_clock
-        # Our own outgoing stream, used once this side has played something.
+        # What this side sends of its own, by precedence; the clock calls
+        # _tick while any of them is set (and only then).
         self._playback: Playback | None = None
+        self._music: Sequence[bytes] | None = None  # tune_in()'s loop
+        self._music_origin = 0  # the tick at which that loop is at its first frame
+        self._silence: bytes | None = None  # set while filling
         self._subscription: ClockSubscription | None = None
+        # Our own outgoing stream, used once this side has sent anything of its own.
         self._rewriting = False  # relayed packets go out in our stream
         self._ssrc = random.getrandbits(32)
         self._seq = random.getrandbits(16)  # of the last packet the peer got
         self._timestamp = random.getrandbits(32)  # of the last packet the peer got
         self._position: int | None = None  # clock tick that last packet stands for
+        self._marker = 0  # 0x80: the next frame sent starts a prompt
         self._in_ssrc: int | None = None  # relayed stream the offsets are for
         self._seq_offset = 0
         self._timestamp_offset = 0
@@ -95,20 +122,25 @@ class PeerStream:
         """What is being played to this side now, if anything."""
         return self._playback
 
+    @property
+    def holds_back(self) -> bool:
+        """Whether what the other side relays is kept from the peer now,
+        which gets frames of our own instead (a prompt, music, silence)."""
+        return self._subscription is not None
+
     def play(self, payloads: Sequence[bytes], *, loop: bool = False) -> Playback:
         """Send ``payloads`` to this side's peer, one per media clock tick.
 
         Each payload is one pre-encoded 20 ms frame in the side's negotiated
-        codec; it goes out under that codec's payload type. Replaces what was
-        playing. Until the playback ends, packets relayed from the other side
-        to this peer are dropped; then relaying resumes, still in our stream.
+        codec; it goes out under that codec's payload type, the first with the
+        marker bit. Replaces what was playing. Until the playback ends, packets
+        relayed from the other side to this peer are held back; then the side
+        goes back to its music, its silence, or relaying, in the same stream.
         While the side has no destination (no address yet, on hold) frames are
         used up without being sent. ``loop=True`` starts over after the last
         frame until stopped. Raises NoMediaClock when the relay has no clock.
         """
-        clock = self._media_clock
-        if clock is None:
-            raise NoMediaClock(f"relay side {self.name} cannot play: create the relay with RtpRelay.create(pool, clock)")
+        self._clock()
         if self.closed:
             raise RuntimeError(f"relay side {self.name} is closed")
         frames = payloads if isinstance(payloads, tuple) else tuple(payloads)
@@ -119,16 +151,14 @@ class PeerStream:
             return playback
         current = self._playback
         self._playback = playback
-        self._rewriting = True
-        self._in_ssrc = None
+        self._marker = 0x80
         if current is not None:
             self._end_playback(current, False)
-        if self._subscription is None:
-            self._subscription = clock.subscribe(self._tick)
+        self._own_stream_changed()
         return playback
 
     def stop_playback(self) -> None:
-        """Stop what is playing to this side, if anything; relaying resumes."""
+        """Stop what is playing to this side, if anything."""
         if self._playback is not None:
             self._end_playback(self._playback, False)
 
@@ -138,35 +168,92 @@ class PeerStream:
             playback.done.set_result(played_out)
         if self._playback is playback:
             self._playback = None
-            self._in_ssrc = None  # the next relayed packet fixes new offsets
-            if self._subscription is not None and self._media_clock is not None:
-                self._media_clock.unsubscribe(self._subscription)
-                self._subscription = None
+            self._own_stream_changed()
+
+    def tune_in(self, frames: Sequence[bytes], origin: int) -> None:
+        """Send a shared loop of 20 ms frames whenever nothing plays: in tick
+        ``t`` its frame ``(t - origin) % len(frames)``, so every side tuned to
+        one loop with one ``origin`` hears the same frame at once (music on
+        hold). Replaces the loop it was tuned to; like ``play()`` it holds back
+        what the other side relays. Raises NoMediaClock when the relay has no clock."""
+        self._clock()
+        self._music = frames if frames else None
+        self._music_origin = origin
+        self._own_stream_changed()
+
+    def tune_out(self) -> None:
+        """Stop sending the loop of ``tune_in()``; a no-op when not tuned in."""
+        if self._music is not None:
+            self._music = None
+            self._own_stream_changed()
+
+    def start_filling(self) -> None:
+        """Send a frame of silence in every tick in which nothing else of ours
+        plays: for as long as the server answers this side's peer itself,
+        which then gets one packet every 20 ms whatever happens. Holds back
+        what the other side relays until ``hand_over()``. The peer's codec
+        must be known (``set_remote``); for a codec we have no silence of, or
+        on a closed side, nothing happens. Raises NoMediaClock when the relay
+        has no clock."""
+        self._clock()
+        codec = self.codec
+        self._silence = SILENCE.get(codec.name.upper()) if codec is not None else None
+        if self._silence is None:
+            logger.warning("relay side %s: no silence for codec %s; its peer gets no RTP between prompts", self.name, codec)
+        self._own_stream_changed()
+
+    def hand_over(self) -> None:
+        """Stop sending anything of ours, the silence of ``start_filling()``
+        included: someone else talks to the peer now, and the packets relayed
+        from the other side continue the stream. What was playing is done, False."""
+        self._music = self._silence = None
+        self.stop_playback()
+        self._own_stream_changed()
+
+    def close(self) -> None:
+        """Send nothing of ours any more (the relay closes)."""
+        self.closed = True
+        self.hand_over()
+
+    def _clock(self) -> MediaClock:
+        clock = self._media_clock
+        if clock is None:
+            raise NoMediaClock(f"relay side {self.name} cannot send of its own: create the relay with RtpRelay.create(pool, clock)")
+        return clock
+
+    def _own_stream_changed(self) -> None:
+        """Be on the clock exactly while there is something of ours to send;
+        starting or stopping, the stream changes hands with relayed packets."""
+        sending = not self.closed and (self._playback is not None or self._music is not None or self._silence is not None)
+        subscription = self._subscription
+        if sending == (subscription is not None):
+            return
+        self._in_ssrc = None  # the next relayed packet fixes new offsets
+        if subscription is None:
+            self._rewriting = True
+            self._subscription = self._clock().subscribe(self._tick)
+        else:
+            self._clock().unsubscribe(subscription)
+            self._subscription = None
 
     def send_frame(self, payload: bytes, tick: int) -> None:
         """Send one pre-encoded 20 ms frame of our own stream, stamped for clock tick ``tick``.
 
-        For senders that share one stream among many sides (music on hold),
-        called from their clock callback; ``play()`` uses it too. The frame
-        goes out under the side's codec payload type, SSRC and next sequence
-        number, with a marker and the clock's time when the last packet the
-        peer got was not for ``tick - 1``. Counted in ``played``. Without a
-        destination (no address yet, on hold) or codec nothing is sent.
-        Unlike ``play()`` it does not hold back what the other side relays;
-        packets relayed afterwards continue this stream.
+        The one way our frames leave (``_tick`` calls it once per tick): under
+        the side's codec payload type, SSRC and next sequence number, with the
+        marker when a prompt starts, and with a marker and the clock's time
+        when the last packet the peer got was not for ``tick - 1``. Counted in
+        ``played``. Without a destination (no address yet, on hold) or codec
+        nothing is sent.
         """
-        # Called from outside play(), this side may not have taken its stream
-        # over yet; and the next relayed packet must fix new offsets after us.
-        self._rewriting = True
-        self._in_ssrc = None
         dest = self.dest
         codec = self.codec
         if dest is None or codec is None:
             return
         if self._position == tick - 1:
-            second = codec.payload_type
+            second = codec.payload_type | self._marker
             timestamp = (self._timestamp + self._samples) & 0xFFFFFFFF
-        else:  # a talkspurt starts (or our stream takes over): marker
+        else:  # the stream starts or resumes after a gap: marker
             second = codec.payload_type | 0x80
             timestamp = self._next_timestamp(tick)
         seq = (self._seq + 1) & 0xFFFF
@@ -180,23 +267,39 @@ class PeerStream:
         self._seq = seq
         self._timestamp = timestamp
         self._position = tick
+        self._marker = 0
         self.played += 1
+        self.stream_packets += 1
+        self.stream_octets += len(payload)
+        on_played = self.on_played
+        if on_played is not None:
+            on_played(payload)
 
     def _tick(self, tick: int) -> None:
-        """Send the next frame: the per-packet path of every prompt played."""
+        """Send this tick's one frame: the prompt's, else the loop's, else
+        silence. The per-packet path of every call the server answers."""
         playback = self._playback
-        if playback is None:
-            return
-        frames = playback.frames
-        index = playback._index
-        self.send_frame(frames[index], tick)
-        index += 1
-        if index < len(frames):
-            playback._index = index
-        elif playback.loop:
-            playback._index = 0
-        else:
-            self._end_playback(playback, True)
+        try:
+            if playback is not None:
+                frames = playback.frames
+                index = playback._index
+                self.send_frame(frames[index], tick)
+                index += 1
+                if index < len(frames):
+                    playback._index = index
+                elif playback.loop:
+                    playback._index = 0
+                else:
+                    self._end_playback(playback, True)
+            elif self._music is not None:
+                music = self._music
+                self.send_frame(music[(tick - self._music_origin) % len(music)], tick)
+            elif self._silence is not None:
+                self.send_frame(self._silence, tick)
+        except Exception:
+            # Given up rather than retried: one traceback, not fifty a second.
+            logger.exception("relay side %s: cannot send its own frames; it sends none any more", self.name)
+            self.hand_over()
 
     def _next_timestamp(self, position: int) -> int:
         """Timestamp of a packet for clock tick ``position`` after a gap or switch.
@@ -211,12 +314,13 @@ class PeerStream:
     def _relay_into_stream(self, data: bytes, rule: PayloadRule | None, dest: Address) -> bool:
         """Forward a packet from the other side within this side's own stream.
 
-        Used once this side has played: the SSRC becomes ours, and sequence
-        number and timestamp continue ours by offsets fixed at the first packet
-        after a switch (end of playback, or a new SSRC from the other peer).
-        False when not sent: something is playing, or the packet is malformed.
+        Used once this side has sent of its own: the SSRC becomes ours, and
+        sequence number and timestamp continue ours by offsets fixed at the
+        first packet after a switch (the end of our own frames, or a new SSRC
+        from the other peer). False when not sent: we send our own frames
+        (held back), or the packet is malformed.
         """
-        if self._playback is not None:
+        if self._subscription is not None:
             return False
         packet = bytearray(data) if rule is None else rewrite(data, rule)
         if packet is None:
@@ -233,6 +337,8 @@ class PeerStream:
         timestamp = (timestamp + self._timestamp_offset) & 0xFFFFFFFF
         pack_seq_ts_ssrc(packet, 2, seq, timestamp, self._ssrc)
         self.transport.sendto(packet, dest)
+        self.stream_packets += 1
+        self.stream_octets += len(packet) - RTP_HEADER
         if (seq - self._seq) & 0xFFFF < 0x8000:  # not a late, reordered one
             self._seq = seq
             self._timestamp = timestamp

@@ -145,9 +145,11 @@ def g722_encode(pcm: Samples) -> bytes:
 
 
 SILENCE: Mapping[str, bytes] = MappingProxyType(
-    {name: encode(name, np.zeros(AUDIO_RATE[name] * FRAME_MS // 1000, dtype=np.int16)) for name in AUDIO_RATE}
+    {name: encode(name, np.zeros(AUDIO_RATE[name], dtype=np.int16))[-FRAME_BYTES:] for name in AUDIO_RATE}
 )
-"""One 20 ms frame of silence per codec name (G.722: from a reset encoder)."""
+"""One 20 ms frame of silence per codec name, to send over and over: the last
+of a second of silence, by when G.722's adaptive encoder has settled (its
+first frame, sent over and over, decodes to a hum at -43 dBFS)."""
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """How a call leg sounded: an estimated MOS from its packet loss and jitter.
 
 A simplified ITU-T G.107 E-model, the kind a media server can afford at the
-end of every call (it sees loss and jitter of what it receives, nothing of the
-phones' acoustics or echo):
+end of every call (it sees loss and jitter of what it receives, what the
+phones' RTCP reports say of what they receive, nothing of their acoustics or
+echo):
 
     R = 93.2 - Id - Ie,eff
 
@@ -12,8 +13,9 @@ phones' acoustics or echo):
   those defaults ("Voice over IP performance monitoring", ACM CCR 31(2), 2001):
   ``0.024 d + 0.11 (d - 177.3)`` for the part above 177.3 ms. The one-way delay
   ``d`` is what this leg adds that we can see: a jitter buffer of twice the
-  measured jitter, one packet of packetization and the codec's own delay. The
-  network's propagation delay is unknown to a relay and left out.
+  jitter, one packet of packetization, the codec's own delay, and half the
+  round trip to the phone when its RTCP reports let us time one (else the
+  network's delay is unknown to a relay and left out).
 - ``Ie,eff = Ie + (95 - Ie) Ppl / (Ppl + Bpl)``, G.107's formula with
   BurstR = 1 (random loss), ``Ppl`` the loss in percent.
 - MOS from R by G.107 Annex B, clamped to 1..4.5.
@@ -40,7 +42,9 @@ Codec values (G.113 Appendix I):
 - Any other codec is rated as G.711.
 
 These are pure functions: ``estimate_mos`` is what the B2BUA calls once per
-finished leg.
+finished leg and direction: inbound from the loss and jitter we measured of
+what the phone sent us, outbound from what the phone's RTCP receiver reports
+say of what we sent it.
 """
 
 from __future__ import annotations
@@ -101,16 +105,18 @@ def mos_from_r(r: float) -> float:
     return min(max(mos, MOS_MIN), MOS_MAX)
 
 
-def mouth_to_ear_delay(jitter_ms: float, ptime_ms: float, codec: CodecImpairment = G711) -> float:
+def mouth_to_ear_delay(jitter_ms: float, ptime_ms: float, codec: CodecImpairment = G711, rtt_ms: float = 0.0) -> float:
     """The delay this leg adds that a relay can estimate: a jitter buffer of
-    twice the jitter, one packet of packetization, the codec's own delay."""
-    return 2.0 * max(jitter_ms, 0.0) + ptime_ms + codec.delay_ms
+    twice the jitter, one packet of packetization, the codec's own delay,
+    half the round trip."""
+    return 2.0 * max(jitter_ms, 0.0) + ptime_ms + codec.delay_ms + max(rtt_ms, 0.0) / 2.0
 
 
-def estimate_mos(codec: str, loss_fraction: float, jitter_ms: float, ptime_ms: float = 20.0) -> float:
+def estimate_mos(codec: str, loss_fraction: float, jitter_ms: float, ptime_ms: float = 20.0, rtt_ms: float = 0.0) -> float:
     """The estimated MOS (1..4.5) of a leg that lost ``loss_fraction`` (0..1) of
     its packets with interarrival jitter ``jitter_ms``, in codec ``codec``
-    (SDP encoding name) with ``ptime_ms`` per packet."""
+    (SDP encoding name) with ``ptime_ms`` per packet, ``rtt_ms`` from the
+    phone and back (0: unknown)."""
     values = impairment(codec)
-    delay = mouth_to_ear_delay(jitter_ms, ptime_ms, values)
+    delay = mouth_to_ear_delay(jitter_ms, ptime_ms, values, rtt_ms)
     return mos_from_r(r_factor(100.0 * loss_fraction, delay, values))

@@ -71,11 +71,11 @@ class RtpRelay:
     def close(self) -> None:
         """Close all four sockets and give the ports back; safe to call twice.
 
-        Stops any playback first (its ``done`` becomes False).
+        Stops what the sides send of their own first (a playback's ``done``
+        becomes False).
         """
         for side in (self.a, self.b):
-            side.stop_playback()
-            side.closed = True
+            side.close()
         for pair in self._pairs:
             pair.close()
         self._pairs.clear()

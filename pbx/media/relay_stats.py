@@ -3,7 +3,8 @@ RTP its peer sends us (``side.stats``, RFC 3550 §6.4.1).
 
 The statistics are packets expected from the extended highest sequence
 number against packets received, and the interarrival jitter. They are what
-the call's quality estimate (``pbx.media.quality``) is made from when it
+our RTCP reports tell the peer (``pbx.media.rtcp``) and what the inbound half
+of the call's quality estimate (``pbx.media.quality``) is made from when it
 ends. Their per-packet cost is one bit test and one reference kept; two
 packets in sixteen also read the clock and their header.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pbx.media.rtcp import ReportBlock
 from pbx.media.rtp_packet import RTP_HEADER, unpack_seq_ts_ssrc
 
 # RFC 3550 A.1: a jump forward of up to MAX_DROPOUT sequence numbers is loss;
@@ -96,7 +98,7 @@ class ReceiveStats:
 
     __slots__ = (
         "counters", "stray", "ssrc", "base_seq", "max_seq", "cycles", "jitter", "tick", "skip_pt",
-        "first_seq", "last", "_pair_seq", "_pair_transit", "_sampled", "_expected_before", "_pairs",
+        "first_seq", "last", "_pair_seq", "_pair_transit", "_sampled", "_expected_before", "_pairs", "_reported",
     )  # fmt: skip
 
     def __init__(self, counters: RelayCounters) -> None:
@@ -116,6 +118,7 @@ class ReceiveStats:
         self._sampled = 0  # ``received`` at the last 16n sample, that one included
         self._expected_before = 0  # of the streams before this one, and their tails
         self._pairs = 0  # that fed the jitter
+        self._reported = (0, 0)  # packets expected and received at the last report_block()
 
     @property
     def received(self) -> int:
@@ -185,10 +188,48 @@ class ReceiveStats:
         expected = self._expected_before
         if self.ssrc is not None:
             expected += self.cycles + self.max_seq - self.base_seq + 1
-            if len(self.last) >= RTP_HEADER:
-                seq, _, ssrc = unpack_seq_ts_ssrc(self.last, 2)
-                ahead = (seq - self.max_seq) & 0xFFFF
-                if ssrc == self.ssrc and ahead < MAX_DROPOUT:
-                    tail = ahead  # the stream ends at its last packet
+            ahead = self._ahead()
+            if ahead is not None:
+                tail = ahead  # the stream ends at its last packet
         return ReceiveReport(received, expected + tail, self.jitter * 1000.0)
+
+    def report_block(self, lsr: int, dlsr: int) -> ReportBlock | None:
+        """What our next RTCP report says of the peer's stream (§6.4.1), its
+        fraction lost since the previous call; None before the peer sent RTP.
+        ``lsr`` and ``dlsr`` are about the peer's last SR, 0 without one."""
+        if len(self.last) < RTP_HEADER:
+            return None
+        report = self.report()
+        expected = report.expected - self._reported[0]
+        lost = expected - (report.received - self._reported[1])
+        self._reported = (report.expected, report.received)
+        return ReportBlock(
+            ssrc=unpack_seq_ts_ssrc(self.last, 2)[2],
+            fraction_lost=(lost << 8) // expected if lost > 0 else 0,
+            cumulative_lost=report.expected - report.received,
+            highest_seq=self.highest_seq(),
+            jitter=round(self.jitter / self.tick),
+            lsr=lsr,
+            dlsr=dlsr,
+        )
+
+    def highest_seq(self) -> int:
+        """The extended highest sequence number received (A.1), what an RTCP
+        report block says of the stream: from its last packet, or that
+        packet's own number when it starts a stream not yet sampled."""
+        ahead = self._ahead()
+        if ahead is not None:
+            return self.cycles + self.max_seq + ahead
+        if len(self.last) >= RTP_HEADER:
+            return unpack_seq_ts_ssrc(self.last, 2)[0]
+        return self.cycles + self.max_seq
+
+    def _ahead(self) -> int | None:
+        """How far the peer's last packet is past the highest sampled one of
+        its stream; None when it is of another stream, or of none yet."""
+        if self.ssrc is None or len(self.last) < RTP_HEADER:
+            return None
+        seq, _, ssrc = unpack_seq_ts_ssrc(self.last, 2)
+        ahead = (seq - self.max_seq) & 0xFFFF
+        return ahead if ssrc == self.ssrc and ahead < MAX_DROPOUT else None
 

@@ -1,9 +1,10 @@
 """Agents: who may be offered a queue call now, and what agents do about it.
 
-An agent is free when logged in, not paused, registered, out of wrap-up, and
-on no call at all (queue or direct). Agents log in and out and pause with
-feature codes or the API; two offers missed in a row pause them too. After
-a queue call the agent has the queue's wrap-up time before the next offer.
+An agent is free when logged in, not paused, registered with a phone that
+answers (pbx.sip.qualify), out of wrap-up, and on no call at all (queue or
+direct). Agents log in and out and pause with feature codes or the API; two
+offers missed in a row pause them too. After a queue call the agent has the
+queue's wrap-up time before the next offer.
 """
 
 from __future__ import annotations

@@ -189,6 +189,7 @@ class Callbacks:
             return
         call = result
         call.queue, call.agent = line.name, agent
+        call.bridge.moh_class = queue.moh  # what a party on hold plays the other
         ends: list[asyncio.Future[Any]] = [call.done, call.bridged]
         await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         if call.bridged.done():

@@ -165,6 +165,7 @@ class Dispatcher:
             call.agent = None
             call.extensions.discard(agent)
             return
+        call.bridge.moh_class = queue.moh  # what a party on hold plays the other
         wait = time.time() - entry.entered
         line.remove(entry)
         entry.outcome.set_result("answered")

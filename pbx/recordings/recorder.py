@@ -1,12 +1,17 @@
 """Call recording: a bridged call's two directions written to a WAV file.
 
+Each direction's channel has what the other party hears from it: what the
+peer on that side says, or what the server sends the other party instead of
+it (music on hold while that peer holds).
+
 Nothing here blocks the event loop or the media clock. The relay's
-``on_audio`` tap only appends ``(tick, payload, codec)`` to a list per
-channel; one timer for all open recordings hands each recording's batch,
-about once a second, to one shared writer thread, which decodes, places and
-writes the audio (:mod:`pbx.recordings.files`). So the loop never decodes a
-packet or touches the disk. Half a second behind the clock, audio is final:
-each flush has the writer write both channels up to that point.
+``on_audio`` and ``on_played`` taps only append ``(tick, payload, codec)`` to
+a list per channel; one timer for all open recordings hands each
+recording's batch, about once a second, to one shared writer thread, which
+decodes, places and writes the audio (:mod:`pbx.recordings.files`). So the
+loop never decodes a packet or touches the disk. Half a second behind the
+clock, audio is final: each flush has the writer write both channels up to
+that point.
 
 A recording's row is stored only once its file is complete, closed and
 renamed to its final name. A write error (disk full, a file where a folder
@@ -73,7 +78,8 @@ class Recording:
         self._sink = sink  # writes on the writer thread only; its start_tick is read on the loop too
         # Packets not yet handed to the writer: caller (left), agent (right).
         self._pending: list[list[Packet]] = [[], []]
-        self._taps: list[tuple[RelaySide, Callable[[bytes, int], None]]] = []
+        self._taps: list[tuple[RelaySide, Callable[[bytes, int], None]]] = []  # on_audio
+        self._played_taps: list[tuple[RelaySide, Callable[[bytes], None]]] = []  # on_played
         self._exception: BaseException | None = None
         self._reported = False
         self._finishing: asyncio.Task[dict[str, Any] | None] | None = None
@@ -91,17 +97,38 @@ class Recording:
         self.paused = False
 
     def _tap(self, side: RelaySide, channel: int, clock: MediaClock) -> Callable[[bytes, int], None]:
-        """The ``on_audio`` listener of ``side``: one append per packet, nothing more."""
+        """The ``on_audio`` listener of ``side``: one append per packet, nothing more.
+
+        A channel has what the other party hears from that direction, so what
+        the other side holds back (a holder's microphone while the other party
+        hears music) is left out; :meth:`_tap_played` brings what it hears instead.
+        """
         pending = self._pending
+        other = side.other
 
         def on_audio(payload: bytes, payload_type: int) -> None:
             codec = side.codec
             # Other payload types (comfort noise) are not audio in the side's codec.
-            if codec is None or payload_type != codec.payload_type or self.paused or self.failed:
+            if codec is None or payload_type != codec.payload_type or self.paused or self.failed or other.holds_back:
                 return
             pending[channel].append((clock.tick, payload, codec.name))
 
         return on_audio
+
+    def _tap_played(self, side: RelaySide, channel: int, clock: MediaClock) -> Callable[[bytes], None]:
+        """The ``on_played`` listener of the side opposite ``side``: the frames
+        the server sends the other party in place of ``side``'s peer (music while
+        that peer holds) go on ``side``'s channel."""
+        pending = self._pending
+        other = side.other
+
+        def on_played(payload: bytes) -> None:
+            codec = other.codec
+            if codec is None or self.paused or self.failed:
+                return
+            pending[channel].append((clock.tick, payload, codec.name))
+
+        return on_played
 
     def _take_pending(self) -> tuple[list[Packet], list[Packet]]:
         pending = self._pending
@@ -188,8 +215,8 @@ class Recorder:
         """Start recording: ``caller`` (relay side a) left, ``agent`` (side b) right.
         The row's id is ``recording_id``, by default the call id.
 
-        Taps both sides' ``on_audio`` until :meth:`end`. Never raises for
-        disk trouble: that shows later as ``failed``.
+        Taps both sides' ``on_audio`` and ``on_played`` until :meth:`end`.
+        Never raises for disk trouble: that shows later as ``failed``.
         """
         self._loop = asyncio.get_running_loop()
         config = self.config()
@@ -212,6 +239,9 @@ class Recorder:
                 logger.warning("recording %s: relay side %s already had an audio listener; replacing it", call_id, side.name)
             side.on_audio = tap
             recording._taps.append((side, tap))
+            played = recording._tap_played(side, channel, self._clock)
+            side.other.on_played = played
+            recording._played_taps.append((side.other, played))
         self._open[recording] = None
         self._submit(recording, sink.open)
         if self._timer is None:
@@ -243,6 +273,9 @@ class Recorder:
             for side, tap in recording._taps:
                 if side.on_audio is tap:
                     side.on_audio = None
+            for side, played in recording._played_taps:
+                if side.on_played is played:
+                    side.on_played = None
             future = self._submit(recording, recording._sink.finish, recording._take_pending())
             if future is not None:
                 await asyncio.wrap_future(future)

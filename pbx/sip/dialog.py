@@ -3,7 +3,8 @@
 An :class:`InboundLeg` is a dialog a peer opened with us (we are its UAS); an
 :class:`OutboundLeg` is one we opened (we are its UAC). Both are explicit state
 machines: every change goes through :meth:`Leg._enter`, which refuses a
-transition that the table does not allow.
+transition that the table does not allow. Each runs its own session timer
+with its peer (:mod:`pbx.sip.session_timer`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiosipua import (
 from aiosipua.auth import build_credentials
 
 from pbx.sip.messages import make_response
+from pbx.sip.session_timer import SessionTimer, listed
 from pbx.sip.stack import SipStack
 from pbx.sip.transactions import T1, T2, TIMER_B, ClientTransaction, ServerTransaction, invite_sibling
 from pbx.sip.transport import Flow
@@ -72,12 +74,13 @@ class LegEvents:
     hangup: Callable[[Leg], None] = lambda leg: None
     reinvite: Callable[[Leg, SipRequest, ServerTransaction], None] = lambda leg, req, txn: None
     info: Callable[[Leg, SipRequest], None] = lambda leg, req: None
+    expired: Callable[[Leg], None] = lambda leg: None  # its session was not refreshed (RFC 4028)
 
 
 class Leg:
     """What both kinds of leg share: the dialog, its flow, in-dialog requests."""
 
-    def __init__(self, stack: SipStack, flow: Flow, dialog: Dialog, events: LegEvents) -> None:
+    def __init__(self, stack: SipStack, flow: Flow, dialog: Dialog, events: LegEvents, session_expires: int = 0) -> None:
         self.stack = stack
         self.flow = flow
         self.dialog = dialog
@@ -85,6 +88,9 @@ class Leg:
         self.state = LegState.CALLING
         self._ok: SipResponse | None = None  # our 2xx to an INVITE, until its ACK
         self._ok_timer: asyncio.TimerHandle | None = None
+        self.timer = SessionTimer(session_expires, self._refresh_session, self._session_expired)
+        self.sdp: str | None = None  # our SDP as last agreed: what a refreshing re-INVITE offers again
+        self.peer_allows_update = False  # its Allow lists UPDATE: refreshes need no SDP
 
     @property
     def key(self) -> tuple[str, str]:
@@ -103,6 +109,7 @@ class Leg:
         if self.state is not LegState.ENDED:
             self._enter(LegState.ENDED)
             self.dialog.terminate()
+            self.timer.stop()
 
     def new_request(self, method: str, body: str | None = None) -> SipRequest:
         request = self.dialog.create_request(
@@ -112,7 +119,10 @@ class Leg:
             via_transport=self.flow.name.upper(),
         )
         request.headers.set_single("User-Agent", self.stack.user_agent)
-        self._stamp(request, body, contact=method == "INVITE")
+        refreshes = method in ("INVITE", "UPDATE")  # target refreshes, and session refreshes (RFC 4028)
+        self._stamp(request, body, contact=refreshes)
+        for name, value in (self.timer.request_headers() if refreshes else {}).items():
+            request.headers.set_single(name, value)
         return request
 
     def _stamp(self, msg: SipMessage, body: str | None, *, contact: bool) -> None:
@@ -125,9 +135,11 @@ class Leg:
             msg.headers.set_single("Content-Type", "application/sdp")
 
     def answer_reinvite(self, txn: ServerTransaction, body: str) -> None:
-        """200 OK with our new SDP to a re-INVITE this leg received, retransmitted over UDP until the ACK."""
-        response = make_response(txn.request, 200, to_tag=self.dialog.local_tag)
+        """200 OK with our new SDP to a re-INVITE this leg received, retransmitted
+        over UDP until the ACK; it refreshes the session."""
+        response = make_response(txn.request, 200, to_tag=self.dialog.local_tag, headers=self.timer.answer(txn.request))
         self._stamp(response, body, contact=True)
+        self.sdp = body
         self._send_ok(txn, response)
 
     def _send_ok(self, txn: ServerTransaction, ok: SipResponse) -> None:
@@ -175,16 +187,35 @@ class Leg:
             self.cancel()
 
     def reinvite(self, body: str, on_answer: Callable[[SipResponse], None]) -> None:
-        """Send a re-INVITE with a new offer; ``on_answer`` gets the final response."""
+        """Send a re-INVITE with a new offer; ``on_answer`` gets the final
+        response. Its 2xx refreshes the session."""
 
         def answered(resp: SipResponse) -> None:
             if resp.status_code < 200:
                 return
             if resp.status_code < 300:
                 self._ack(resp)
+                self.sdp = body
+                self.timer.follow(resp)
             on_answer(resp)
 
         self.send("INVITE", body, answered)
+
+    def _refresh_session(self, on_answer: Callable[[SipResponse], None], by_invite: bool) -> None:
+        """Refresh the session (RFC 4028 §10): an UPDATE without a body when
+        the peer allows UPDATE (unless ``by_invite``), else a re-INVITE that offers
+        our SDP as last agreed, byte for byte, so its o= version says nothing changed."""
+        if self.state is not LegState.ANSWERED:
+            return
+        if (self.peer_allows_update and not by_invite) or self.sdp is None:
+            self.send("UPDATE", on_response=on_answer)
+        else:
+            self.reinvite(self.sdp, on_answer)
+
+    def _session_expired(self) -> None:
+        if self.state is LegState.ANSWERED:
+            logger.warning("session %s with %s expired (%d s)", self.dialog.call_id, self.dialog.remote_target, self.timer.interval)
+            self.events.expired(self)
 
     def _ack(self, resp: SipResponse) -> None:
         """ACK a 2xx: a new transaction-less request with the INVITE's CSeq number."""
@@ -211,28 +242,48 @@ class Leg:
                 txn.reply(500, "CSeq out of order")
                 return
             self.dialog.remote_cseq = cseq.seq
+        brief = self.timer.too_brief(request) if method in ("INVITE", "UPDATE") else None
         if method == "BYE":
             txn.reply(200)
             was_active = not self.ended
             self._finish()
             if was_active:
                 self.events.hangup(self)
+        elif brief is not None:
+            txn.reply(422, headers={"Min-SE": str(brief)})
         elif method == "INVITE":
             if self.state is not LegState.ANSWERED:
                 txn.reply(491, "Request Pending")
                 return
-            contact = request.contact
-            if contact:
-                self.dialog.remote_target = stringify_uri(contact[0].uri)
+            self._retarget(request)
             txn.to_tag = self.dialog.local_tag
             self.events.reinvite(self, request, txn)
         elif method == "INFO":
             txn.reply(200)
             self.events.info(self, request)
-        elif method == "UPDATE" and request.body:
-            txn.reply(488, "Not Acceptable Here")
+        elif method == "UPDATE":
+            self._update(request, txn)
         else:
             txn.reply(200)
+
+    def _retarget(self, request: SipRequest) -> None:
+        """A target refresh request's Contact is where the peer is from now on."""
+        contact = request.contact
+        if contact:
+            self.dialog.remote_target = stringify_uri(contact[0].uri)
+
+    def _update(self, request: SipRequest, txn: ServerTransaction) -> None:
+        """An UPDATE (RFC 3311). Without a body it refreshes the session (RFC
+        4028); an SDP offer gets 488: offers after the answer come by
+        re-INVITE here, the one request the call answers offers in."""
+        if request.body:
+            txn.reply(488, "Not Acceptable Here")
+            return
+        self._retarget(request)
+        headers = self.timer.answer(request) if self.state is LegState.ANSWERED else {}
+        response = make_response(request, 200, to_tag=self.dialog.local_tag, headers=headers)
+        self._stamp(response, None, contact=True)
+        txn.respond(response)
 
     def _acked(self) -> None:
         """An ACK for our 2xx: stop repeating it."""
@@ -244,15 +295,21 @@ class Leg:
 class InboundLeg(Leg):
     """A dialog a peer opened by sending us an INVITE."""
 
-    def __init__(self, stack: SipStack, flow: Flow, invite: SipRequest, txn: ServerTransaction, events: LegEvents) -> None:
-        super().__init__(stack, flow, create_dialog_from_request(invite), events)
+    def __init__(
+        self, stack: SipStack, flow: Flow, invite: SipRequest, txn: ServerTransaction, events: LegEvents, session_expires: int = 0
+    ) -> None:
+        """``session_expires``: the session interval we want (sip.session_expires; 0: no session timer)."""
+        super().__init__(stack, flow, create_dialog_from_request(invite), events, session_expires)
         self.state = LegState.INCOMING
         self.invite = invite
         self.txn = txn
+        self.peer_allows_update = "UPDATE" in listed(invite, "allow")
         txn.to_tag = self.dialog.local_tag
 
-    def _response(self, status: int, reason: str | None = None, body: str | None = None) -> SipResponse:
-        resp = make_response(self.invite, status, reason, to_tag=self.dialog.local_tag)
+    def _response(
+        self, status: int, reason: str | None = None, body: str | None = None, headers: dict[str, str] | None = None
+    ) -> SipResponse:
+        resp = make_response(self.invite, status, reason, to_tag=self.dialog.local_tag, headers=headers)
         self._stamp(resp, body, contact=100 < status < 300)
         return resp
 
@@ -264,18 +321,17 @@ class InboundLeg(Leg):
         self.txn.respond(self._response(183 if body else 180, body=body))
 
     def answer(self, body: str) -> None:
-        """200 OK with our SDP answer, retransmitted over UDP until the ACK."""
+        """200 OK with our SDP answer, retransmitted over UDP until the ACK;
+        the session timer starts as the caller asked and we agree."""
         self._enter(LegState.ANSWERED)
         self.dialog.confirm()
-        self._send_ok(self.txn, self._response(200, body=body))
+        self.sdp = body
+        self._send_ok(self.txn, self._response(200, body=body, headers=self.timer.answer(self.invite)))
 
     def reject(self, status: int, reason: str | None = None, headers: dict[str, str] | None = None) -> None:
         if self.state in (LegState.ANSWERED, LegState.ENDED):
             return
-        resp = self._response(status, reason)
-        for name, value in (headers or {}).items():
-            resp.headers.set_single(name, value)
-        self.txn.respond(resp)
+        self.txn.respond(self._response(status, reason, headers=headers))
         self._finish()
 
     def cancelled(self) -> None:
@@ -303,9 +359,11 @@ class OutboundLeg(Leg):
         events: LegEvents,
         auth: SipDigestAuth | None = None,
         fallback_offer: str | None = None,
+        session_expires: int = 0,
     ) -> None:
         """``fallback_offer``: sent in a new INVITE once if ``body`` gets 488
-        (an SRTP offer to a phone that does no SRTP)."""
+        (an SRTP offer to a phone that does no SRTP); ``session_expires``: the
+        session interval we offer (sip.session_expires; 0: no session timer)."""
         dialog = Dialog(
             call_id=generate_call_id(stack.advertised_host),
             local_tag=generate_tag(),
@@ -314,7 +372,7 @@ class OutboundLeg(Leg):
             remote_target=request_uri,
             state=DialogState.EARLY,
         )
-        super().__init__(stack, flow, dialog, events)
+        super().__init__(stack, flow, dialog, events, session_expires)
         self.offer = body  # sent again when the INVITE is retried with credentials
         self.fallback_offer = fallback_offer
         self.from_name = from_name
@@ -378,14 +436,22 @@ class OutboundLeg(Leg):
             # As FreeSWITCH does when optional SRTP is refused: offer again, plainly.
             logger.info("%s refused our offer (488); offering it again without SRTP", self.dialog.remote_target)
             self.offer, self.fallback_offer = self.fallback_offer, None
-            self.dialog.remote_tag = ""  # a new INVITE, outside the early dialog the 488 ended
-            self._auth_tries = 0
-            self._provisional_seen = False
-            self._send_invite(None)
+            self._invite_again()
+            return
+        if status == 422 and not self.ended and self.timer.raise_to(resp):
+            logger.info("%s wants a longer session interval (422); asking for %d s", self.dialog.remote_target, self.timer.wanted)
+            self._invite_again()
             return
         if not self.ended:
             self._finish()
             self.events.failed(self, status, resp)
+
+    def _invite_again(self) -> None:
+        """A new INVITE after a final refusal, outside the early dialog it ended."""
+        self.dialog.remote_tag = ""
+        self._auth_tries = 0
+        self._provisional_seen = False
+        self._send_invite(None)
 
     def _on_2xx(self, resp: SipResponse) -> None:
         if self.state is LegState.ANSWERED:
@@ -403,6 +469,9 @@ class OutboundLeg(Leg):
             self.bye()
             return
         self._enter(LegState.ANSWERED)
+        self.sdp = self.offer
+        self.peer_allows_update = "UPDATE" in listed(resp, "allow")
+        self.timer.follow(resp)
         self.events.answered(self, resp)
 
     def _answer_challenge(self, resp: SipResponse, status: int) -> tuple[str, str] | None:

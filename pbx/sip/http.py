@@ -1,4 +1,5 @@
-"""``GET /api/registrations``: the contacts the registrar holds."""
+"""``GET /api/registrations``: the contacts the registrar holds, and
+whether each answers its OPTIONS (pbx.sip.qualify)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ async def list_registrations(request: web.Request) -> web.Response:
             "expires": iso_time(b.expires_at),
             "expires_in": max(0, int(b.expires_at - now)),
             "user_agent": b.user_agent,
+            "reachable": b.reachable,
+            "rtt_ms": b.rtt_ms,
         }
         for b in request.app[SERVICES].registrar.all_bindings()
     ]

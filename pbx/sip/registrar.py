@@ -41,6 +41,10 @@ class Binding:
     expires_at: float  # unix time
     user_agent: str
     call_id: str
+    # What qualify (pbx.sip.qualify) found: a contact that left OPTIONS
+    # unanswered is not rung until it answers or registers again.
+    reachable: bool = True
+    rtt_ms: float | None = None  # the last OPTIONS' round trip; None before one, and while unreachable
 
 
 class _BadRequest(Exception):
@@ -53,8 +57,9 @@ class Registrar:
     ``passwords`` gives an extension's password, or None for an unknown one;
     ``max_contacts`` how many bindings it may have at once. Events:
     ``registrations_changed(count)`` after every change to the set of
-    bindings, ``auth_failure(ip, extension)`` after every REGISTER refused for
-    its credentials, and the ``auth_failure`` and ``replay`` security events.
+    bindings or to whether one is reachable, ``auth_failure(ip, extension)``
+    after every REGISTER refused for its credentials, and the
+    ``auth_failure`` and ``replay`` security events.
     ``on_bound(binding)`` is called for each binding a REGISTER added or
     refreshed, once it is stored and before the 200 OK goes out: it must
     not block (message-waiting indication schedules a NOTIFY from it).
@@ -126,13 +131,39 @@ class Registrar:
                 logger.exception("dropping expired registrations failed")
 
     def contacts(self, extension: str) -> list[Binding]:
-        """The extension's bindings that have not expired, newest first."""
+        """The extension's bindings a call may ring: not expired and not
+        found unreachable by qualify, newest first."""
+        return [b for b in self.bindings(extension) if b.reachable]
+
+    def bindings(self, extension: str) -> list[Binding]:
+        """The extension's bindings that have not expired, reachable or not, newest first."""
         now = self._clock()
         return [b for b in reversed(self._bindings.get(extension, {}).values()) if b.expires_at > now]
 
+    def binding(self, extension: str, contact: str) -> Binding | None:
+        """The extension's binding of ``contact`` if it has not expired."""
+        binding = self._bindings.get(extension, {}).get(contact)
+        return binding if binding is not None and binding.expires_at > self._clock() else None
+
     def all_bindings(self) -> list[Binding]:
-        """Every binding that has not expired."""
-        return [b for extension in list(self._bindings) for b in self.contacts(extension)]
+        """Every binding that has not expired, reachable or not."""
+        return [b for extension in list(self._bindings) for b in self.bindings(extension)]
+
+    def qualified(self, binding: Binding, rtt: float | None) -> None:
+        """What an OPTIONS to ``binding`` found: an answer after ``rtt``
+        seconds, or none (None). The answer for a binding that a REGISTER
+        has replaced or removed meanwhile is dropped: that REGISTER said more."""
+        if self._bindings.get(binding.extension, {}).get(binding.contact) is not binding:
+            return
+        binding.rtt_ms = round(rtt * 1000, 1) if rtt is not None else None
+        if binding.reachable == (rtt is not None):
+            return
+        binding.reachable = rtt is not None
+        if binding.reachable:
+            logger.info("%s at %s answers OPTIONS again (%.0f ms): rung again", binding.extension, binding.contact, binding.rtt_ms)
+        else:
+            logger.warning("%s at %s does not answer OPTIONS: not rung until it does", binding.extension, binding.contact)
+        self._changed()
 
     async def expire(self) -> int:
         """Drop expired bindings, here and in the store; returns how many."""
@@ -231,7 +262,7 @@ class Registrar:
             self.on_bound(binding)
 
         response = make_response(request, 200, headers={"Date": formatdate(now, usegmt=True)})
-        for binding in self.contacts(extension):
+        for binding in self.bindings(extension):
             remaining = max(0, math.ceil(binding.expires_at - now))
             response.headers.append("Contact", f"<{binding.contact}>;expires={remaining}")
         return response
@@ -240,7 +271,7 @@ class Registrar:
         """Whether applying ``changes`` adds a contact and leaves the extension
         with more than ``limit`` bindings. Refreshing bindings that exist is
         always allowed, so a limit lowered by a reload strands no phone."""
-        current = {b.contact for b in self.contacts(extension)}
+        current = {b.contact for b in self.bindings(extension)}
         after = set(current)
         for contact, expires in changes:
             if contact == "*":
@@ -273,9 +304,11 @@ class Registrar:
 
     def _add(self, binding: Binding) -> None:
         bindings = self._bindings.setdefault(binding.extension, {})
-        is_new = bindings.pop(binding.contact, None) is None
+        old = bindings.pop(binding.contact, None)
+        if old is not None and (old.source, old.transport) == (binding.source, binding.transport):
+            binding.rtt_ms = old.rtt_ms  # the same path: its last round trip still tells
         bindings[binding.contact] = binding
-        if is_new:
+        if old is None:
             logger.info(
                 "%s registered %s from %s:%d/%s",
                 binding.extension,

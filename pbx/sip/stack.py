@@ -37,7 +37,7 @@ from pbx.sip.messages import make_response
 from pbx.sip.syntax import request_problem
 from pbx.sip.tcp import BoundedTcp
 from pbx.sip.tls import TlsSipTransport, client_context
-from pbx.sip.transactions import ClientTransaction, NoTransaction, ResponseHandler, ServerTransaction
+from pbx.sip.transactions import TIMER_B, ClientTransaction, NoTransaction, ResponseHandler, ServerTransaction
 from pbx.sip.transport import Flow, TcpTransport, UdpTransport, transport_kind
 
 logger = logging.getLogger(__name__)
@@ -168,9 +168,10 @@ class SipStack:
         except (RuntimeError, OSError, ValueError) as exc:
             logger.warning("cannot send %d to %s: %s", response.status_code, flow.addr, exc)
 
-    def request(self, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> ClientTransaction:
-        """Send a request in a new client transaction; responses go to ``on_response``."""
-        txn = ClientTransaction(self, request, flow, on_response)
+    def request(self, request: SipRequest, flow: Flow, on_response: ResponseHandler, *, timeout: float = TIMER_B) -> ClientTransaction:
+        """Send a request in a new client transaction; responses go to
+        ``on_response``, a 408 of our own after ``timeout`` seconds without one."""
+        txn = ClientTransaction(self, request, flow, on_response, timeout)
         txn.start()
         return txn
 

@@ -163,14 +163,19 @@ class ServerTransaction:
 
 
 class ClientTransaction:
-    """One request we sent: retransmitted over UDP, timed out after 64*T1,
-    and (for INVITE) ACKed when the final answer is not a 2xx."""
+    """One request we sent: retransmitted over UDP, timed out after
+    ``timeout`` seconds (64*T1 unless told), and (for INVITE) ACKed when the
+    final answer is not a 2xx. On timeout ``on_response`` gets a 408 of our
+    own, and :attr:`final_response` stays None: nothing answered."""
 
-    def __init__(self, stack: TransactionOwner, request: SipRequest, flow: Flow, on_response: ResponseHandler) -> None:
+    def __init__(
+        self, stack: TransactionOwner, request: SipRequest, flow: Flow, on_response: ResponseHandler, timeout: float = TIMER_B
+    ) -> None:
         self.stack = stack
         self.request = request
         self.flow = flow
         self.on_response = on_response
+        self.timeout = timeout
         self.branch = request.via[0].branch or ""
         self.key = (self.branch, request.method)
         self.final_response: SipResponse | None = None
@@ -184,7 +189,7 @@ class ClientTransaction:
         self.stack.send_request(self.request, self.flow)
         if not self.flow.transport.reliable:
             self._retrans = loop.call_later(T1, self._retransmit, T1)
-        self._timeout = loop.call_later(TIMER_B, self._timed_out)
+        self._timeout = loop.call_later(self.timeout, self._timed_out)
 
     def _retransmit(self, interval: float) -> None:
         if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
@@ -198,6 +203,7 @@ class ClientTransaction:
         if self.final_response is not None or (self._provisional and self.request.method == "INVITE"):
             return
         self._stop()
+        self.stack.client_ended(self.key)
         self.on_response(make_response(self.request, 408))
 
     def received(self, response: SipResponse) -> None:

@@ -24,6 +24,8 @@ Event shapes (every event also has ``"event": <kind>``):
   negotiated encoding name (``"PCMU"``, ``"PCMA"``) or None; ``srtp`` is
   True when the stream is RTP/SAVP
 * ``dtmf {call, digit}``
+* ``request {call, method}`` for each request the far end sends in a call's
+  dialog (re-INVITE, UPDATE, BYE, ...)
 * ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
   for each message-summary NOTIFY (RFC 3842), in a subscription
   (``in_dialog``) or unsolicited; ``waiting`` is Messages-Waiting as a bool,
@@ -95,6 +97,7 @@ class Phone:
         srtp: str = "off",
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        session_timers: bool = True,
     ) -> Phone:
         """Spawn a phone and wait until its SIP transport is bound.
 
@@ -106,7 +109,9 @@ class Phone:
         codecs to enable, most preferred first (e.g. ``"PCMU"`` or
         ``"PCMA/8000"``); ``name`` is the user part of :attr:`uri` and labels
         the phone's log lines; ``log_level`` is pjsua2's (0-6), logged at debug
-        level through :mod:`logging`.
+        level through :mod:`logging`; without ``session_timers`` the phone
+        neither asks for nor agrees to RFC 4028 session timers (pjsua's own
+        cannot go below 90 s).
         """
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -122,6 +127,7 @@ class Phone:
             "--srtp",
             srtp,
             *(("--tls-cert", str(tls_cert), "--tls-key", str(tls_key)) if tls_cert and tls_key else ()),
+            *(() if session_timers else ("--no-session-timers",)),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -134,6 +140,11 @@ class Phone:
             raise
         phone.sip_port = ready["sip_port"]
         return phone
+
+    @property
+    def pid(self) -> int:
+        """The phone's process: SIGSTOP makes it a phone that vanished without a word."""
+        return self._process.pid
 
     @property
     def uri(self) -> str:

@@ -9,6 +9,9 @@ driver). It is started by path::
 With ``--transport tls`` SIP runs over TLS (``--tls-cert``/``--tls-key``
 give the certificate it shows when it is the one called); ``--srtp
 optional|mandatory`` offers and takes SRTP with SDES keys (RFC 4568).
+``--no-session-timers`` turns pjsua's RFC 4028 session timers off: it then
+neither lists ``timer`` in Supported nor answers with Session-Expires (its
+own timers cannot go below Min-SE 90 s, too long for a test).
 
 Protocol (one JSON object per line):
 
@@ -28,6 +31,8 @@ Protocol (one JSON object per line):
     negotiated encoding name (e.g. ``PCMU``) or null without a stream, and
     ``srtp`` whether the stream is RTP/SAVP,
   - ``dtmf {call, digit}``,
+  - ``request {call, method}`` for each request the far end sends in a
+    call's dialog (re-INVITE, UPDATE, BYE, ...),
   - ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
     for every message-summary NOTIFY (RFC 3842): ``in_dialog`` tells a
     subscription's NOTIFY from an unsolicited one, ``body`` is the body
@@ -264,6 +269,14 @@ class PhoneCall(pj.Call):
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:  # noqa: N802 - pjsua2 API
         self.phone.channel.emit("dtmf", call=self.handle, digit=prm.digit)
 
+    @guarded
+    def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:  # noqa: N802 - pjsua2 API
+        if prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
+            return
+        tsx = prm.e.body.tsxState.tsx
+        if tsx.role == pj.PJSIP_ROLE_UAS and tsx.state == pj.PJSIP_TSX_STATE_TRYING:
+            self.phone.channel.emit("request", call=self.handle, method=tsx.method)
+
 
 def parse_mwi_notify(message: str) -> dict[str, Any]:
     """The fields of an ``mwi`` event from a whole NOTIFY as received."""
@@ -359,11 +372,13 @@ class PhoneProcess:
         srtp: str = "off",
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        session_timers: bool = True,
     ) -> None:
         self.name = name
         self.channel = channel
         self.transport = transport
         self.srtp = srtp
+        self.session_timers = session_timers
         self.calls: dict[int, PhoneCall] = {}
         self.recordings: dict[int, Recording] = {}
         self.deferred: list[Deferred] = []
@@ -434,6 +449,8 @@ class PhoneProcess:
             config.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY if self.srtp == "mandatory" else pj.PJMEDIA_SRTP_OPTIONAL
             # SDES keys only over a secure next hop (TLS), pjsua's default, unless SIP is plain on purpose.
             config.mediaConfig.srtpSecureSignaling = 1 if self.transport == "tls" else 0
+        if not self.session_timers:
+            config.callConfig.timerUse = pj.PJSUA_SIP_TIMER_INACTIVE
         if server is not None:
             params = f";transport={self.transport}" if self.transport != "udp" else ""
             config.regConfig.registrarUri = f"sip:{server}{params}"
@@ -689,6 +706,7 @@ def main() -> None:
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--codecs", default="PCMU,PCMA", help="comma-separated, most preferred first")
     parser.add_argument("--log-level", type=int, default=1, help="pjsua2 log level (0-6) on stderr")
+    parser.add_argument("--no-session-timers", action="store_true", help="turn RFC 4028 session timers off")
     options = parser.parse_args()
 
     # Keep the real stdout for the protocol and send everything else that
@@ -705,6 +723,7 @@ def main() -> None:
         srtp=options.srtp,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
+        session_timers=not options.no_session_timers,
     )
     phone.run()
 
