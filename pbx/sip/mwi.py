@@ -21,8 +21,6 @@ from aiosipua import (
     SipRequest,
     SipResponse,
     create_dialog_from_request,
-    generate_call_id,
-    generate_tag,
     stringify_uri,
 )
 
@@ -342,13 +340,7 @@ class MessageWaiting:
         new, old = await self.counts(mailbox)
         if self._subscribed(mailbox, binding):
             return  # it subscribed while we read the counts
-        request = SipRequest(method="NOTIFY", uri=binding.contact)
-        request.headers.append("Via", self._stack.new_via(flow))
-        request.headers.set_single("From", f"<sip:{self._config().sip.domain}>;tag={generate_tag()}")
-        request.headers.set_single("To", f"<{self._account(mailbox)}>")
-        request.headers.set_single("Call-ID", generate_call_id(self._stack.advertised_host))
-        request.headers.set_single("CSeq", "1 NOTIFY")
-        request.headers.set_single("Max-Forwards", "70")
+        request = self._stack.out_of_dialog("NOTIFY", binding.contact, self._account(mailbox), flow, self._config().sip.domain)
         self._stamp(request, flow, mailbox, new, old)
         response = await self._send(request, flow)
         if response.status_code >= 300:

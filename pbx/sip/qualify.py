@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from aiosipua import SipRequest, SipResponse, generate_call_id, generate_tag
+from aiosipua import SipResponse
 
 from pbx.config.model import Config, Trunk
 from pbx.sip.registrar import Registrar
@@ -131,13 +131,7 @@ class Qualifier:
         self._send(target, flow, uri, timeout, lambda rtt: self._trunk_answered(name, rtt, f"no answer within {timeout:g} s"))
 
     def _send(self, target: Target, flow: Flow, uri: str, timeout: float, answered: Answered) -> None:
-        request = SipRequest(method="OPTIONS", uri=uri)
-        request.headers.append("Via", self._stack.new_via(flow))
-        request.headers.set_single("From", f"<sip:{self._config().sip.domain}>;tag={generate_tag()}")
-        request.headers.set_single("To", f"<{uri}>")
-        request.headers.set_single("Call-ID", generate_call_id(self._stack.advertised_host))
-        request.headers.set_single("CSeq", "1 OPTIONS")
-        request.headers.set_single("Max-Forwards", "70")
+        request = self._stack.out_of_dialog("OPTIONS", uri, uri, flow, self._config().sip.domain)
         request.headers.set_single("Accept", "application/sdp")
         request.headers.set_single("User-Agent", self._stack.user_agent)
         loop = asyncio.get_running_loop()

@@ -27,6 +27,8 @@ from aiosipua import (
     UdpSipTransport,
     Via,
     generate_branch,
+    generate_call_id,
+    generate_tag,
     parse_via,
     stringify_via,
 )
@@ -145,6 +147,18 @@ class SipStack:
             params={"branch": generate_branch(), "rport": None},
         )
         return stringify_via(via)
+
+    def out_of_dialog(self, method: str, uri: str, to: str, flow: Flow, domain: str) -> SipRequest:
+        """A request outside any dialog (NOTIFY of message waiting, OPTIONS
+        of qualify) from the server itself, ``sip:domain``, to ``to``."""
+        request = SipRequest(method=method, uri=uri)
+        request.headers.append("Via", self.new_via(flow))
+        request.headers.set_single("From", f"<sip:{domain}>;tag={generate_tag()}")
+        request.headers.set_single("To", f"<{to}>")
+        request.headers.set_single("Call-ID", generate_call_id(self.advertised_host))
+        request.headers.set_single("CSeq", f"1 {method}")
+        request.headers.set_single("Max-Forwards", "70")
+        return request
 
     def contact_uri(self, flow: Flow, user: str | None = None) -> str:
         userpart = f"{user}@" if user else ""
