@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import uuid
 import wave
 import warnings
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +27,19 @@ from aiortp import RtpPacket
 
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, Codec
-from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import SILENCE
 from pbx.media.relay import RtpRelay
 from tests.support.audio import dominant_frequency, write_tone
+from tests.support.bare_phone import NUMBER, PROVIDER, ivr_server
 from tests.support.phone import Phone
 from tests.support.raw_sip import RawCaller, open_caller
+from tests.support.rtp_peer import Arrivals, RtpPhone, assert_one_stream, frames, on_clock, until
 from tests.support.server import PASSWORDS, queue_settings, start_server
-from tests.test_media import free_range
-from tests.test_media_playback import HOST, Phone as FakePhone, assert_one_stream, frames, on_clock, open_phone, until
-from tests.test_reload_pace import SO_TIMESTAMPNS, TIMESPEC
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: audioop leaves the stdlib in 3.13
     import audioop
 
-PROVIDER = "127.0.0.7"  # the trunk's network: its INVITEs need no password
 PCMU_SILENCE = b"\xff" * 160
 # Two packets of one stream are never further apart than this (kernel
 # stamps). Two ticks, plus room for a busy machine: without the silence the
@@ -55,37 +50,13 @@ LONGEST_GAP = 0.060
 # --- a relay side, driven directly ---
 
 
-@pytest.fixture
-async def clock() -> AsyncIterator[MediaClock]:
-    clock = MediaClock()
-    clock.start()
-    yield clock
-    await clock.stop()
-
-
-@pytest.fixture
-async def relay(clock: MediaClock) -> AsyncIterator[RtpRelay]:
-    low, high = free_range(4)
-    relay = await RtpRelay.create(RtpPortPool(HOST, low, high), clock)
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
-async def phones() -> AsyncIterator[tuple[FakePhone, FakePhone]]:
-    a, b = await open_phone(), await open_phone()
-    yield a, b
-    a.transport.close()
-    b.transport.close()
-
-
 @pytest.mark.parametrize(
     ("codec", "silence"),
     [(PCMU, b"\xff" * 160), (PCMA, b"\xd5" * 160), (G722, SILENCE["G722"])],
     ids=lambda value: value.name if isinstance(value, Codec) else "",
 )
 async def test_a_side_answered_here_sends_silence_in_its_codec_every_tick(
-    relay: RtpRelay, phones: tuple[FakePhone, FakePhone], clock: MediaClock, codec: Codec, silence: bytes
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock, codec: Codec, silence: bytes
 ) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, codec, 101)
@@ -98,7 +69,7 @@ async def test_a_side_answered_here_sends_silence_in_its_codec_every_tick(
 
 
 async def test_prompts_break_the_silence_with_a_marker_in_one_stream(
-    relay: RtpRelay, phones: tuple[FakePhone, FakePhone], clock: MediaClock
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock
 ) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
@@ -119,7 +90,7 @@ async def test_prompts_break_the_silence_with_a_marker_in_one_stream(
 
 
 async def test_hand_over_stops_the_silence_and_the_other_party_continues_the_stream(
-    relay: RtpRelay, phones: tuple[FakePhone, FakePhone], clock: MediaClock
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock
 ) -> None:
     a, b = phones
     relay.a.set_remote(a.addr, PCMU, 101)
@@ -147,7 +118,7 @@ async def test_hand_over_stops_the_silence_and_the_other_party_continues_the_str
     assert (relayed[0].timestamp - ours[-1].timestamp) & 0xFFFFFFFF in range(160, 160 * 50, 160)
 
 
-async def test_closing_the_relay_stops_the_silence(relay: RtpRelay, phones: tuple[FakePhone, FakePhone], clock: MediaClock) -> None:
+async def test_closing_the_relay_stops_the_silence(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
     relay.a.start_filling()
@@ -163,52 +134,15 @@ async def test_closing_the_relay_stops_the_silence(relay: RtpRelay, phones: tupl
 # --- `pbx serve`, called from a bare socket ---
 
 
-class Arrivals:
-    """A caller's RTP socket: each packet with the time the kernel received it."""
-
-    def __init__(self, host: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.packets: list[RtpPacket] = []
-        self.times: list[float] = []
-        asyncio.get_running_loop().add_reader(self.sock, self._drain)
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(2048, socket.CMSG_SPACE(TIMESPEC.size))
-            except BlockingIOError:
-                return
-            for level, kind, stamp in ancillary:
-                if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
-                    seconds, nanoseconds = TIMESPEC.unpack(stamp[: TIMESPEC.size])
-                    self.times.append(seconds + nanoseconds / 1e9)
-                    self.packets.append(RtpPacket.parse(data))
-
-    async def until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.02)
-
-    def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.sock)
-        self.sock.close()
-
-    def assert_continuous(self) -> None:
-        """One SSRC and consecutive sequence numbers; no gap over LONGEST_GAP and 50 packets a second."""
-        packets, times = self.packets, self.times
-        assert {p.ssrc for p in packets} == {packets[0].ssrc}
-        assert [p.sequence_number for p in packets] == [(packets[0].sequence_number + i) & 0xFFFF for i in range(len(packets))]
-        gaps = np.diff(times)
-        assert gaps.max() < LONGEST_GAP, f"a {gaps.max() * 1000:.0f} ms gap after packet {int(gaps.argmax())}"
-        rate = (len(packets) - 1) / (times[-1] - times[0])
-        assert 47 < rate < 53, f"{rate:.1f} packets a second"
+def assert_continuous(audio: Arrivals) -> None:
+    """One SSRC and consecutive sequence numbers; no gap over LONGEST_GAP and 50 packets a second."""
+    packets, times = audio.packets, audio.times
+    assert {p.ssrc for p in packets} == {packets[0].ssrc}
+    assert [p.sequence_number for p in packets] == [(packets[0].sequence_number + i) & 0xFFFF for i in range(len(packets))]
+    gaps = np.diff(times)
+    assert gaps.max() < LONGEST_GAP, f"a {gaps.max() * 1000:.0f} ms gap after packet {int(gaps.argmax())}"
+    rate = (len(packets) - 1) / (times[-1] - times[0])
+    assert 47 < rate < 53, f"{rate:.1f} packets a second"
 
 
 async def call(caller: RawCaller, number: str, media_port: int) -> None:
@@ -240,23 +174,11 @@ nodes:
 async def test_an_ivr_caller_waiting_for_a_key_hears_silence_between_prompts(tmp_path: Path) -> None:
     # The menu's prompt (0.4 s), a second of waiting for a key, the prompt
     # again, another second, and the server hangs up.
-    folder = tmp_path / "pbx"
-    sounds, flows = folder / "sounds", folder / "ivr_flows"
-    sounds.mkdir(parents=True)
-    flows.mkdir()
-    write_tone(sounds / "tone.wav", 600, 0.4)
-    (flows / "main.yaml").write_text(MENU)
-    server = await start_server(
-        folder,
-        ivr={"dir": str(flows)},
-        sounds={"dir": str(sounds)},
-        inbound={"8000": "ivr:main"},
-        trunks={"carrier": {"host": "127.0.0.9:5060", "inbound_from": [f"{PROVIDER}/32"]}},
-    )
+    server = await ivr_server(tmp_path, flow=MENU, prompt_seconds=0.4)
     audio = Arrivals(PROVIDER)
     caller = await open_caller(("127.0.0.1", server.sip_port), host=PROVIDER)
     try:
-        await call(caller, "8000", audio.port)
+        await call(caller, NUMBER, audio.port)
         await server.wait_log(r"event=ended", timeout=10)
         await asyncio.sleep(0.1)  # the last packets on the wire
     finally:
@@ -265,7 +187,7 @@ async def test_an_ivr_caller_waiting_for_a_key_hears_silence_between_prompts(tmp
         assert await server.stop() == 0
 
     packets = audio.packets
-    audio.assert_continuous()
+    assert_continuous(audio)
     assert [(p.timestamp - packets[0].timestamp) & 0xFFFFFFFF for p in packets] == [160 * i for i in range(len(packets))]
     assert {p.payload_type for p in packets} == {PCMU.payload_type}
     assert len(packets) > 2.5 * 50  # 2.8 s of prompts and waiting
@@ -314,7 +236,7 @@ async def test_a_queue_caller_hears_silence_music_and_the_agent_in_one_stream(tm
         assert await server.stop() == 0
 
     packets = audio.packets
-    audio.assert_continuous()
+    assert_continuous(audio)
     # Ours, then the agent's as the stream's: music (after any silence while
     # it loaded), then what the agent sends (its silence, then its tone),
     # never mixed, with a marker only where the stream starts and where the

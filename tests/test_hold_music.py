@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import sqlite3
 import wave
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,9 @@ from pbx.media.prompts import SILENCE, PromptLibrary
 from pbx.media.relay import RtpRelay
 from tests.support.audio import dominant_frequency, write_tone
 from tests.support.phone import Phone
+from tests.support.rtp_peer import HOST, RtpPhone, open_phone, until
 from tests.support.server import PASSWORDS, Server, queue_settings, start_server
 from tests.test_media import free_range
-from tests.test_media_playback import HOST, open_phone, until
-from tests.test_media_playback import Phone as FakePhone
 from tests.test_moh import ticks
 
 HOLDER_HZ = 440  # the holder's tone (its microphone, still sending on hold)
@@ -56,15 +54,7 @@ def write_sounds(folder: Path) -> Path:
 VOICE = b"\x11" * 160  # what the holder's phone sends, on hold as before
 
 
-@pytest.fixture
-async def clock() -> AsyncIterator[MediaClock]:
-    clock = MediaClock()
-    clock.start()
-    yield clock
-    await clock.stop()
-
-
-async def talk(phone: FakePhone, port: int, stop: asyncio.Event) -> None:
+async def talk(phone: RtpPhone, port: int, stop: asyncio.Event) -> None:
     """Send VOICE every 20 ms, one stream, until ``stop``."""
     for seq in itertools.count(1):
         if stop.is_set():

@@ -10,92 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
 
 import pytest
-from aiortp import RtpPacket
 from aiortp.dtmf import DtmfEvent
 
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import G722, PCMA, PCMU, Codec
-from pbx.media.playback import NoMediaClock, PeerStream
+from pbx.media.playback import NoMediaClock
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
+from tests.support.rtp_peer import HOST, PHONE_SSRC, RtpPhone, assert_one_stream, frames, on_clock, until
 from tests.test_media import free_range
 
-HOST = "127.0.0.1"
-PHONE_SSRC = 0x1234
 
-
-# --- helpers ---
-
-
-class Phone(asyncio.DatagramProtocol):
-    """A fake phone's RTP socket: sends datagrams and queues what arrives, with arrival times."""
-
-    def __init__(self) -> None:
-        self.received: asyncio.Queue[tuple[RtpPacket, float]] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport
-        self.sources: set[tuple[str, int]] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sources.add(addr)
-        self.received.put_nowait((RtpPacket.parse(data), asyncio.get_running_loop().time()))
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        host, port = self.transport.get_extra_info("sockname")[:2]
-        return host, port
-
-    def send(self, port: int, pt: int, seq: int, ts: int, payload: bytes, marker: int = 0, ssrc: int = PHONE_SSRC) -> None:
-        packet = RtpPacket(payload_type=pt, marker=marker, sequence_number=seq, timestamp=ts, ssrc=ssrc, payload=payload)
-        self.transport.sendto(packet.serialize(), (HOST, port))
-
-    async def recv(self, timeout: float = 1.0) -> RtpPacket:
-        return (await asyncio.wait_for(self.received.get(), timeout))[0]
-
-    async def recv_timed(self, count: int, timeout: float = 1.0) -> list[tuple[RtpPacket, float]]:
-        return [await asyncio.wait_for(self.received.get(), timeout) for _ in range(count)]
-
-    async def quiet(self, wait: float = 0.1) -> bool:
-        """True when nothing arrives within ``wait`` seconds."""
-        await asyncio.sleep(wait)
-        return self.received.empty()
-
-    async def drain(self, settle: float = 0.03) -> list[RtpPacket]:
-        """What has arrived, after ``settle`` seconds for packets already on the wire."""
-        await asyncio.sleep(settle)
-        packets = []
-        while not self.received.empty():
-            packets.append(self.received.get_nowait()[0])
-        return packets
-
-
-async def open_phone() -> Phone:
-    _, phone = await asyncio.get_running_loop().create_datagram_endpoint(Phone, local_addr=(HOST, 0))
-    return phone
-
-
-async def until(condition: Callable[[], bool], timeout: float = 1.0) -> None:
-    """Wait until ``condition()`` holds (the relay has processed what a phone sent)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.002)
-
-
-def frames(count: int, size: int = 160) -> list[bytes]:
-    """Pre-encoded frames whose every byte is the frame's index, to tell them apart."""
-    return [bytes([i % 256]) * size for i in range(count)]
-
-
-def event_stream(phone: Phone, port: int, key: int, seq: int, ts: int, pt: int = 101) -> int:
+def event_stream(phone: RtpPhone, port: int, key: int, seq: int, ts: int, pt: int = 101) -> int:
     """Send one key press as a phone does: a marked start, updates, three end packets.
 
     Every packet carries the event's start timestamp ``ts``. Returns the next
@@ -111,58 +39,11 @@ def event_stream(phone: Phone, port: int, key: int, seq: int, ts: int, pt: int =
     return seq
 
 
-def assert_one_stream(packets: list[RtpPacket], pt: int, clock: MediaClock, starts: tuple[int, ...] = ()) -> None:
-    """Consecutive sequence numbers, timestamps 160 apart, one SSRC, a marker
-    on the first packet and on those at ``starts`` (where a prompt starts) only.
-
-    When the loop stalled long enough for the clock to skip ticks, the stream
-    rightly shows a gap there (timestamp jump, new marker): only the sequence
-    numbers and SSRC are checked then.
-    """
-    first = packets[0]
-    assert [p.sequence_number for p in packets] == [(first.sequence_number + i) & 0xFFFF for i in range(len(packets))]
-    assert {p.ssrc for p in packets} == {first.ssrc}
-    assert {p.payload_type for p in packets} == {pt}
-    assert first.marker == 1
-    if clock.skipped == 0:
-        assert [p.timestamp for p in packets] == [(first.timestamp + 160 * i) & 0xFFFFFFFF for i in range(len(packets))]
-        assert [i for i, p in enumerate(packets) if p.marker] == sorted({0, *starts})
-
-
-def on_clock(clock: MediaClock, side: PeerStream) -> bool:
-    """Whether the clock calls ``side`` (other subscribers, RTCP's timer, aside)."""
-    return any(getattr(callback, "__self__", None) is side for callback in clock._callbacks)
-
-
-@pytest.fixture
-async def clock() -> AsyncIterator[MediaClock]:
-    clock = MediaClock()
-    clock.start()
-    yield clock
-    await clock.stop()
-
-
-@pytest.fixture
-async def relay(clock: MediaClock) -> AsyncIterator[RtpRelay]:
-    low, high = free_range(4)
-    relay = await RtpRelay.create(RtpPortPool(HOST, low, high), clock)
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
-async def phones() -> AsyncIterator[tuple[Phone, Phone]]:
-    a, b = await open_phone(), await open_phone()
-    yield a, b
-    a.transport.close()
-    b.transport.close()
-
-
 # --- playback ---
 
 
 @pytest.mark.parametrize("codec", [PCMU, PCMA, G722], ids=lambda c: c.name)
-async def test_play_sends_one_frame_per_tick(relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock, codec: Codec) -> None:
+async def test_play_sends_one_frame_per_tick(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock, codec: Codec) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, codec, 101)
     sent = frames(10)
@@ -183,7 +64,7 @@ async def test_play_sends_one_frame_per_tick(relay: RtpRelay, phones: tuple[Phon
     assert not on_clock(clock, relay.a)  # idle sides leave the shared clock alone
 
 
-async def test_stop_ends_playback_and_its_packets(relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock) -> None:
+async def test_stop_ends_playback_and_its_packets(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
     playback = relay.a.play(frames(100))
@@ -204,7 +85,7 @@ async def test_stop_ends_playback_and_its_packets(relay: RtpRelay, phones: tuple
     assert again.done.result() is False
 
 
-async def test_loop_repeats_until_stopped(relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock) -> None:
+async def test_loop_repeats_until_stopped(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
     playback = relay.a.play(frames(3), loop=True)
@@ -217,7 +98,7 @@ async def test_loop_repeats_until_stopped(relay: RtpRelay, phones: tuple[Phone, 
 
 
 async def test_play_replaces_the_current_playback_in_one_stream(
-    relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock
 ) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
@@ -233,7 +114,7 @@ async def test_play_replaces_the_current_playback_in_one_stream(
     assert_one_stream(packets, 0, clock, starts=(len(before) + first_of_second,))  # one stream, a marker where the second starts
 
 
-async def test_empty_play_is_done_at_once(relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock) -> None:
+async def test_empty_play_is_done_at_once(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
     current = relay.a.play(frames(50), loop=True)
@@ -244,7 +125,7 @@ async def test_empty_play_is_done_at_once(relay: RtpRelay, phones: tuple[Phone, 
 
 
 async def test_playback_pauses_relaying_and_the_peer_sees_one_stream(
-    relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock
 ) -> None:
     a, b = phones
     relay.a.set_remote(a.addr, PCMU, 101)
@@ -296,7 +177,7 @@ async def test_playback_pauses_relaying_and_the_peer_sees_one_stream(
     assert (await b.recv()).ssrc == PHONE_SSRC
 
 
-async def test_no_destination_uses_up_frames_without_sending(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_no_destination_uses_up_frames_without_sending(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, _ = phones
     # No remote yet: the prompt still takes its time, and nothing goes anywhere.
     silent = relay.a.play(frames(3))
@@ -322,7 +203,7 @@ async def test_no_destination_uses_up_frames_without_sending(relay: RtpRelay, ph
     assert [p.payload[0] for p in after] == list(range(30 - len(after), 30))
 
 
-async def test_play_needs_a_clock(phones: tuple[Phone, Phone]) -> None:
+async def test_play_needs_a_clock(phones: tuple[RtpPhone, RtpPhone]) -> None:
     low, high = free_range(2)
     relay = await RtpRelay.create(RtpPortPool(HOST, low, high))
     try:
@@ -333,7 +214,7 @@ async def test_play_needs_a_clock(phones: tuple[Phone, Phone]) -> None:
         relay.close()
 
 
-async def test_close_stops_playback(relay: RtpRelay, phones: tuple[Phone, Phone], clock: MediaClock) -> None:
+async def test_close_stops_playback(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], clock: MediaClock) -> None:
     a, _ = phones
     relay.a.set_remote(a.addr, PCMU, 101)
     playback = relay.a.play(frames(10), loop=True)
@@ -348,7 +229,7 @@ async def test_close_stops_playback(relay: RtpRelay, phones: tuple[Phone, Phone]
 # --- DTMF and audio in ---
 
 
-async def test_rfc4733_event_stream_reports_the_key_once(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_rfc4733_event_stream_reports_the_key_once(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, _ = phones
     keys: list[str] = []
     relay.a.on_dtmf = keys.append
@@ -359,7 +240,7 @@ async def test_rfc4733_event_stream_reports_the_key_once(relay: RtpRelay, phones
     assert keys == ["5"]
 
 
-async def test_same_key_twice_and_every_key_name(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_same_key_twice_and_every_key_name(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, _ = phones
     keys: list[str] = []
     relay.a.on_dtmf = keys.append
@@ -373,7 +254,7 @@ async def test_same_key_twice_and_every_key_name(relay: RtpRelay, phones: tuple[
     assert keys == ["7", "7", "*", "#", "0", "A", "D"]
 
 
-async def test_lost_start_still_reports_the_key(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_lost_start_still_reports_the_key(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, _ = phones
     keys: list[str] = []
     relay.a.on_dtmf = keys.append
@@ -385,7 +266,7 @@ async def test_lost_start_still_reports_the_key(relay: RtpRelay, phones: tuple[P
     assert keys == ["9"]
 
 
-async def test_dtmf_is_reported_and_forwarded_when_bridged(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_dtmf_is_reported_and_forwarded_when_bridged(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, b = phones
     keys: list[str] = []
     relay.a.on_dtmf = keys.append
@@ -401,7 +282,7 @@ async def test_dtmf_is_reported_and_forwarded_when_bridged(relay: RtpRelay, phon
 
 
 async def test_a_failing_listener_does_not_stop_the_relay(
-    relay: RtpRelay, phones: tuple[Phone, Phone], caplog: pytest.LogCaptureFixture
+    relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone], caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = phones
 
@@ -417,7 +298,7 @@ async def test_a_failing_listener_does_not_stop_the_relay(
     assert "listener bug" in caplog.text
 
 
-async def test_on_audio_gets_the_payloads(relay: RtpRelay, phones: tuple[Phone, Phone]) -> None:
+async def test_on_audio_gets_the_payloads(relay: RtpRelay, phones: tuple[RtpPhone, RtpPhone]) -> None:
     a, b = phones
     heard: list[tuple[bytes, int]] = []
     keys: list[str] = []

@@ -31,8 +31,8 @@ from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import PromptLibrary
 from pbx.media.relay import RtpRelay
 from pbx.media.relay_side import RelaySide
+from tests.support.rtp_peer import HOST, PHONE_SSRC, RtpPhone, assert_one_stream, open_phone, until
 from tests.test_media import free_range
-from tests.test_media_playback import HOST, PHONE_SSRC, Phone, assert_one_stream, open_phone, until
 
 CLASS = "test"
 # The files of CLASS in the order they must play: file name order, not the order written.
@@ -128,7 +128,7 @@ async def ticks(clock: MediaClock, count: int) -> None:
         clock.unsubscribe(handle)
 
 
-async def receive(phone: Phone, count: int) -> list[RtpPacket]:
+async def receive(phone: RtpPhone, count: int) -> list[RtpPacket]:
     return [await phone.recv() for _ in range(count)]
 
 
@@ -149,7 +149,7 @@ class Caller:
     """A phone with its own relay; side ``a`` faces the phone."""
 
     relay: RtpRelay
-    phone: Phone
+    phone: RtpPhone
 
     @property
     def side(self) -> RelaySide:

@@ -10,8 +10,6 @@ arrives, and the test looks at the gaps while `POST /api/ivr/reload` runs.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +19,7 @@ import aiohttp
 
 from tests.support.audio import write_tone
 from tests.support.raw_sip import open_caller
+from tests.support.rtp_peer import Arrivals
 from tests.support.server import Server, start_server
 
 PROVIDER = "127.0.0.5"  # the trunk's network: its INVITEs need no password
@@ -74,50 +73,6 @@ async def pace_server(tmp_path: Path) -> Server:
     )
 
 
-# Linux's SO_TIMESTAMPNS (asm-generic): the kernel stamps each datagram as it
-# arrives. Python's socket module has no name for it.
-SO_TIMESTAMPNS = 35
-TIMESPEC = struct.Struct("@qq")
-
-
-class Arrivals:
-    """An RTP socket that keeps the time the kernel received each packet, so
-    that pauses of the test process itself (its own garbage collector) do not
-    show as gaps in the server's audio."""
-
-    def __init__(self, host: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.times: list[float] = []  # seconds, CLOCK_REALTIME
-        asyncio.get_running_loop().add_reader(self.sock, self._drain)
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                _, ancillary, _, _ = self.sock.recvmsg(2048, socket.CMSG_SPACE(TIMESPEC.size))
-            except BlockingIOError:
-                return
-            for level, kind, data in ancillary:
-                if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
-                    seconds, nanoseconds = TIMESPEC.unpack(data[: TIMESPEC.size])
-                    self.times.append(seconds + nanoseconds / 1e9)
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.times) < count:
-                await asyncio.sleep(0.02)
-
-    def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.sock)
-        self.sock.close()
-
-
 async def reload(server: Server) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.post(
@@ -136,7 +91,7 @@ async def test_a_call_keeps_its_20_ms_pace_while_a_large_flow_set_reloads(tmp_pa
         answer = await caller.final(call_id, "pace")
         assert answer.status_code == 200
         dialog = caller.ack(answer, "8000")
-        await audio.wait_for(25)  # half a second of the prompt: the stream is steady
+        await audio.until(lambda: len(audio.times) >= 25, timeout=5.0)  # half a second of the prompt: the stream is steady
 
         before = len(audio.times)
         started = time.time()  # the clock of the kernel's stamps

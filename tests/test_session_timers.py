@@ -13,11 +13,8 @@ refreshed every 2 s has its own timers off and only answers ours.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiosipua import SipMessage
@@ -29,18 +26,6 @@ from tests.support.server import PASSWORDS, Server, start_server
 from tests.support.sipp import SippResult, run_sipp
 
 SE = 4  # sip.session_expires in these tests: a refresh every 2 s, expiry 1.3 s before the 4 s are up
-
-
-async def cdr_row(server: Server) -> dict[str, Any]:
-    for _ in range(50):  # the row is stored right after the call ends
-        status, body = await server.http("/api/cdr")
-        assert status == 200
-        rows = json.loads(body)["items"]
-        if rows:
-            (row,) = rows
-            return dict(row)
-        await asyncio.sleep(0.1)
-    raise AssertionError("no CDR row")
 
 
 def received(result: SippResult, start: str, cseq: str = "") -> list[str]:
@@ -66,7 +51,7 @@ async def test_a_caller_that_never_refreshes_is_hung_up_before_its_session_expir
         result = await call_ivr(server, "session_timer_idle")
         (ok,) = received(result, "SIP/2.0 200", "INVITE")
         assert f"Session-Expires: {SE};refresher=uac" in ok and "Require: timer" in ok
-        row = await cdr_row(server)
+        row = await server.cdr_row()
         assert (row["disposition"], row["hangup"], row["reason"]) == ("answered", "pbx", "session-expired")
         assert SE - SE / 3 - 0.5 < row["billsec"] < SE  # BYE before expiry (RFC 4028 §10), not long before
     finally:
@@ -80,7 +65,7 @@ async def test_a_caller_that_refreshes_by_update_and_reinvite_stays_up_past_the_
         refreshed = received(result, "SIP/2.0 200", "(UPDATE|INVITE)")
         assert len(refreshed) == 4  # the call, UPDATE, re-INVITE, UPDATE
         assert all(f"Session-Expires: {SE};refresher=uac" in m for m in refreshed)
-        row = await cdr_row(server)
+        row = await server.cdr_row()
         assert (row["hangup"], row["reason"]) == ("caller", None)
         assert row["billsec"] > 1.5 * SE
     finally:
@@ -98,7 +83,7 @@ async def test_the_server_refreshes_a_caller_without_timers_by_reinvite_with_the
         assert all(f"Session-Expires: {SE};refresher=uac" in m for m in reinvites)
         origins = [line for m in [ok, *reinvites] for line in re.findall(r"^o=.*$", m, re.MULTILINE)]
         assert len(origins) == 3 and len(set(origins)) == 1, origins  # our SDP as answered, same version: nothing changed
-        assert (await cdr_row(server))["hangup"] == "caller"
+        assert (await server.cdr_row())["hangup"] == "caller"
     finally:
         await server.stop()
 
@@ -107,7 +92,7 @@ async def test_a_refresh_answered_481_ends_the_call(tmp_path: Path) -> None:
     server = await ivr_server(tmp_path, sip={"session_expires": SE})
     try:
         await call_ivr(server, "session_timer_gone")  # fails unless the BYE follows the 481
-        row = await cdr_row(server)
+        row = await server.cdr_row()
         assert (row["hangup"], row["reason"]) == ("pbx", "session-expired")
         assert row["billsec"] < SE  # at the refresh (SE / 2), not at expiry
     finally:
@@ -122,7 +107,7 @@ async def test_too_brief_a_session_interval_gets_422_with_the_rfc_min_se(tmp_pat
         assert re.search(r"^Min-SE: 90$", refused, re.IGNORECASE | re.MULTILINE)  # aiosipua writes "Min-Se"
         (ok,) = received(result, "SIP/2.0 200", "INVITE")
         assert "Session-Expires: 90;refresher=uac" in ok
-        row = await cdr_row(server)  # one call: the refused INVITE left no row
+        row = await server.cdr_row()  # one call: the refused INVITE left no row
         assert (row["disposition"], row["hangup"]) == ("answered", "caller")
     finally:
         await server.stop()
@@ -161,7 +146,7 @@ async def test_a_bridged_callee_refreshed_by_update_keeps_the_call_and_its_audio
             assert heard_by_bob == pytest.approx(440, abs=15)
             await alice.hangup(a)
             await bob.wait_event("call_state", call=b, state="disconnected")
-        assert (await cdr_row(server))["hangup"] == "caller"
+        assert (await server.cdr_row())["hangup"] == "caller"
     finally:
         await server.stop()
 
@@ -175,7 +160,7 @@ async def test_a_callee_with_a_longer_min_se_gets_the_call_after_a_422(tmp_path:
             heard_by_alice, heard_by_bob = await exchange_tones(tmp_path, alice, a, bob, b)
             assert (heard_by_alice, heard_by_bob) == (pytest.approx(1000, abs=15), pytest.approx(440, abs=15))
             await alice.hangup(a)
-        assert (await cdr_row(server))["disposition"] == "answered"
+        assert (await server.cdr_row())["disposition"] == "answered"
     finally:
         await server.stop()
 

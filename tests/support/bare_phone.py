@@ -28,14 +28,15 @@ nodes:
 """
 
 
-async def ivr_server(tmp_path: Path, **overrides: Any) -> Server:
-    """`pbx serve` whose NUMBER leads to a flow that waits 30 s for a key, and a trunk network PROVIDER."""
+async def ivr_server(tmp_path: Path, flow: str = MAIN, prompt_seconds: float = 1.0, **overrides: Any) -> Server:
+    """`pbx serve` whose NUMBER leads to ``flow`` (by default one that waits 30 s
+    for a key), its prompt "tone" a 600 Hz tone, and a trunk network PROVIDER."""
     folder = tmp_path / "pbx"
     sounds, flows = folder / "sounds", folder / "ivr_flows"
     sounds.mkdir(parents=True)
     flows.mkdir()
-    write_tone(sounds / "tone.wav", 600, 1.0)
-    (flows / "main.yaml").write_text(MAIN)
+    write_tone(sounds / "tone.wav", 600, prompt_seconds)
+    (flows / "main.yaml").write_text(flow)
     return await start_server(
         folder,
         ivr={"dir": str(flows)},

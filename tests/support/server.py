@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -163,6 +164,18 @@ class Server:
             if metric == name and got == want:
                 return float(value)
         return 0.0
+
+    async def cdr_row(self) -> dict[str, Any]:
+        """The one CDR row of a server that took one call, waiting for it: it is stored right after the call ends."""
+        for _ in range(50):
+            status, body = await self.http("/api/cdr")
+            assert status == 200
+            rows = json.loads(body)["items"]
+            if rows:
+                (row,) = rows
+                return dict(row)
+            await asyncio.sleep(0.1)
+        raise AssertionError("no CDR row")
 
     async def stop(self) -> int:
         await stop_process(self.proc, (signal.SIGTERM, 10))
