@@ -443,6 +443,24 @@ async def test_music_and_silence_take_turns_one_frame_per_tick(
     assert sent.most == 1  # never two frames in one tick
 
 
+async def test_music_still_loading_when_a_person_takes_the_caller_never_plays(
+    moh: MusicOnHold, connect: Connect, clock: CountingClock
+) -> None:
+    # An agent answers (the bridge hands the caller over) while the queue's
+    # class is still being decoded: the music must not start over the agent.
+    caller = await connect()
+    caller.side.start_filling()
+    joining = asyncio.ensure_future(moh.join(CLASS, caller.side, "PCMU"))
+    await asyncio.sleep(0)  # the join is under way: the class is loading
+    assert not joining.done()
+    caller.side.hand_over()
+    await joining
+    assert clock.sides_on_clock() == 0
+    played = caller.side.played
+    await ticks(clock, 5)
+    assert caller.side.played == played
+
+
 # --- failures ---
 
 

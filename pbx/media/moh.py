@@ -63,7 +63,7 @@ class MusicOnHold:
         side without music (in the silence of ``start_filling()`` when the
         server answers it); nothing is raised.
         """
-        token = object()
+        token, handovers = object(), side.handovers
         self._joining[side] = token
         try:
             music = await self._load_class(moh_class, codec.upper())
@@ -71,8 +71,8 @@ class MusicOnHold:
             current = self._joining.get(side) is token
             if current:
                 del self._joining[side]
-        if not current:
-            return  # left, or joined elsewhere, while this class was loading
+        if not current or side.handovers != handovers:
+            return  # left, joined elsewhere or handed over to a person while this class was loading
         if not music or side.closed:
             side.tune_out()
             return

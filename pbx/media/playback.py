@@ -95,6 +95,7 @@ class PeerStream:
         # Each frame of our own the peer is sent (its payload), e.g. for a recording.
         self.on_played: Callable[[bytes], None] | None = None
         self.closed = False  # set by close()
+        self.handovers = 0  # calls of hand_over(): music still loading when one came is not for this peer
         self._media_clock = media_clock
         # What this side sends of its own, by precedence; the clock calls
         # _tick while any of them is set (and only then).
@@ -207,6 +208,7 @@ class PeerStream:
         included: someone else talks to the peer now, and the packets relayed
         from the other side continue the stream. What was playing is done, False."""
         self._music = self._silence = None
+        self.handovers += 1
         self.stop_playback()
         self._own_stream_changed()
 

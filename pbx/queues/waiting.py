@@ -84,7 +84,8 @@ class Waiting:
         finally:
             if decided.done():
                 outcome = decided.result()
-            self.moh.leave(side)
+            if outcome != "answered":  # else the agent's bridge stopped the music, and a hold may have started it again
+                self.moh.leave(side)
             audio.stop()
             line.remove(entry)
             if outcome != "answered" and entry.offering is not None:
