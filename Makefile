@@ -59,6 +59,7 @@ bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/ivr.py
 	$(PY) bench/queue.py
 	$(PY) bench/recording.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

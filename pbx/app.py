@@ -47,6 +47,7 @@ from pbx.sip.tls import client_context, server_context
 from pbx.sip.transport import Flow
 from pbx.sip.trunks import TrunkRegistration
 from pbx.store.db import Store
+from pbx import systemd
 from pbx.voicemail.service import VoicemailService
 from pbx.yamlfile import ConfigIssue
 
@@ -326,10 +327,16 @@ async def serve(config: Config, prompts: PromptLibrary, flows: dict[str, IvrFlow
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(pbx.reload()))
     logger.info("admin HTTP on %s:%d", config.http.host, config.http.port)
+    # SIP and HTTP listen by now (pbx.start ran in runner.setup): systemd may count us as started.
+    pings = systemd.start_watchdog()
+    systemd.notify("READY=1", f"STATUS=up: {len(config.extensions)} extensions, {len(config.trunks)} trunks")
     await stop.wait()
+    systemd.notify("STOPPING=1", "STATUS=stopping: draining calls")
     await pbx.drain(interrupted)
     logger.info("stopping")
     await runner.cleanup()
+    if pings is not None:
+        pings.cancel()
     return 0
 
 

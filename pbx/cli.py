@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # systemd's watchdog ends a stuck server with SIGABRT (pbx.systemd): the
+    # traceback of every thread then shows in the journal where the loop hung.
+    faulthandler.enable()
     return asyncio.run(serve(config, prompts, flows))
 
 

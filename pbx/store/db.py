@@ -108,6 +108,21 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     ),
 }
 
+# Indexes for the queries that would otherwise read a whole table: those of
+# every start-up (the journal's open calls, recording retention, the agents'
+# logins, pending callbacks, mailbox counts, live registrations), which must
+# not grow with the site's history (bench/startup.py), and the API's pages
+# of calls by time.
+INDEXES = {
+    "cdr_open": "cdr(call_id) where ended is null",  # partial: only calls in progress, so it stays tiny
+    "cdr_started": "cdr(started, call_id)",
+    "recordings_started": "recordings(started)",
+    "queue_log_event": "queue_log(event)",
+    "callbacks_status": "callbacks(status, entered)",
+    "voicemail_mailbox": "voicemail(mailbox, heard)",
+    "registrations_expires": "registrations(expires_at)",
+}
+
 
 class Store:
     """Owns the database connection and the thread that uses it."""
@@ -132,6 +147,8 @@ class Store:
             for column, kind in columns.items():
                 if column not in table.columns_dict:
                     table.add_column(column, kind)
+        for index, on in INDEXES.items():
+            self._db.execute(f"create index if not exists {index} on {on}")
 
     async def close(self) -> None:
         if self._db is not None:
