@@ -177,6 +177,8 @@ class Pbx:
         await self.store.open()
         await self.recorder.start()
         await self.registrar.load()
+        # Before SIP listens: no call may take a port that still hears a call of a process before this one.
+        await self.ports.sweep()
         tls = self.config.sip.tls
         # Checked by load_config; the contexts serve every tls: listener.
         server_ssl = server_context(tls.cert, tls.key) if tls is not None else None
@@ -245,6 +247,7 @@ class Pbx:
         for trunk in self.trunks:
             await trunk.stop()
         await self.clock.stop()
+        self.ports.close()
         if self._http is not None:
             await self._http.close()
         await self.stack.close()

@@ -20,7 +20,11 @@ stranger's: dropped, counted in ``side.strangers`` and reported as the
 ``rtp_stranger`` security event, at most once per stranger IP per side and
 once every few seconds per side, so a spray cannot flood the log. (Packets
 that reach a side before its peer is known are dropped without a report: the
-callee's answer may still be on its way.) A new SDP address from
+callee's answer may still be on its way.) A stranger that shares the peer's
+very address, such as a phone still sending to this port for a call of a
+process before a restart, shows in the statistics as a second stream
+interleaving with the peer's (:class:`ReceiveStats`): reported once per side
+as ``rtp_stranger`` with ``senders=2``. A new SDP address from
 ``set_remote`` starts the learning again under the same rules. The accepted
 path pays one address comparison for all this.
 
@@ -94,6 +98,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.rules: PayloadRules = {}  # for packets received here
         self.counters = RelayCounters()
         self.stats = ReceiveStats(self.counters)  # of the RTP the peer sends us
+        self.stats.on_two_senders = self._report_two_senders
         # Each RFC 4733 key press once, as "0"-"9", "*", "#", "A"-"D".
         self.on_dtmf: Callable[[str], None] | None = None
         # (payload, payload type) of every other RTP packet the peer sends us.
@@ -257,6 +262,11 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._report_after = now + _STRANGER_REPORT_INTERVAL
         self._reported.add(host)
         security_event(events, "rtp_stranger", host, port=addr[1], side=self.name, local_port=self.port, stream=stream)
+
+    def _report_two_senders(self) -> None:
+        source = self.source  # where both streams come from: statistics count only admitted packets
+        if self.events is not None and source is not None:
+            security_event(self.events, "rtp_stranger", _source_ip(source), port=source[1], side=self.name, local_port=self.port, stream="rtp", senders=2)
 
     def error_received(self, exc: Exception) -> None:
         # sendto() failures (unreachable peer, ICMP errors) land here; a lost

@@ -11,6 +11,7 @@ packets in sixteen also read the clock and their header.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pbx.media.rtcp import ReportBlock
@@ -21,6 +22,10 @@ from pbx.media.rtp_packet import RTP_HEADER, unpack_seq_ts_ssrc
 # the count, as a new SSRC does.
 MAX_DROPOUT = 3000
 MAX_MISORDER = 100
+# A stream that comes back after another one took over, this many times, is
+# two senders interleaving, not one sender that started a new stream (a late
+# packet of the old stream makes two comebacks: the old stream's and the new one's).
+TWO_SENDERS_COMEBACKS = 4
 # Consecutive packets whose transit times differ by this many seconds are a
 # stream whose timestamps jumped (a 32-bit wrap, a sender that started
 # over), not jitter.
@@ -94,11 +99,18 @@ class ReceiveStats:
       than from 0, so that a short call's figure is not mostly the start
       value. Packets of ``skip_pt`` (RFC 4733 events, all stamped with their
       event's start) make no pair.
+
+    A single sender never goes back to a stream it left: when the sampled
+    packets keep switching between two streams (two SSRCs, or one SSRC with
+    two sequences: what only the packet count would otherwise show), two
+    senders share the peer's address, such as a phone of a call from before
+    a restart and the call's own party; ``on_two_senders`` is told once.
     """
 
     __slots__ = (
         "counters", "stray", "ssrc", "base_seq", "max_seq", "cycles", "jitter", "tick", "skip_pt",
         "first_seq", "last", "_pair_seq", "_pair_transit", "_sampled", "_expected_before", "_pairs", "_reported",
+        "on_two_senders", "_previous", "_comebacks",
     )  # fmt: skip
 
     def __init__(self, counters: RelayCounters) -> None:
@@ -119,6 +131,9 @@ class ReceiveStats:
         self._expected_before = 0  # of the streams before this one, and their tails
         self._pairs = 0  # that fed the jitter
         self._reported = (0, 0)  # packets expected and received at the last report_block()
+        self.on_two_senders: Callable[[], None] | None = None
+        self._previous: tuple[int, int] | None = None  # SSRC and highest sequence number of the stream before this one
+        self._comebacks = 0  # times that stream came back
 
     @property
     def received(self) -> int:
@@ -164,6 +179,13 @@ class ReceiveStats:
                 self._pairs += 1
 
     def _restart(self, seq: int, ssrc: int, since: int) -> None:
+        previous = self._previous
+        if previous is not None and ssrc == previous[0] and (seq - previous[1]) & 0xFFFF < MAX_DROPOUT:
+            self._comebacks += 1
+            if self._comebacks == TWO_SENDERS_COMEBACKS and self.on_two_senders is not None:
+                self.on_two_senders()
+        if self.ssrc is not None:
+            self._previous = (self.ssrc, self.max_seq)
         # Packets between the last sample and this one: the old stream's tail
         # and the new one's head, taken as expected one for one.
         between = since - 1
