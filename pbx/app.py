@@ -175,6 +175,7 @@ class Pbx:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.calls.journal.start()  # calls cut by a dead process get their rows before anything is served
         await self.recorder.start()
         await self.registrar.load()
         # Before SIP listens: no call may take a port that still hears a call of a process before this one.
@@ -251,6 +252,7 @@ class Pbx:
         if self._http is not None:
             await self._http.close()
         await self.stack.close()
+        await self.calls.journal.stop()
         await self.store.close()
 
     def _start_trunks(self) -> None:

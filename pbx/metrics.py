@@ -75,6 +75,7 @@ class Metrics:
         events.subscribe("callback", lambda queue, outcome, **_: self.callbacks.labels(queue, outcome).inc())
         events.subscribe("call_started", lambda **_: self.active_calls.inc())
         events.subscribe("call_ended", self._call_ended)
+        events.subscribe("call_interrupted", lambda direction, **_: self.calls.labels(direction, "interrupted").inc())
         events.subscribe("registrations_changed", lambda count, **_: self.registrations.set(count))
         events.subscribe("sip_request", self._sip_request)
         events.subscribe("sip_response", lambda code, **_: self.sip_responses.labels(str(code)).inc())

@@ -1,6 +1,7 @@
-"""A call's one CDR row: made from the call when it ends (or from a call the
-server placed that never got going), stored, then logged as ``event=ended``
-so that whoever reads the line finds the row."""
+"""A call's one CDR row: opened when the call is accepted, completed when it
+ends (or made whole for a call the server placed that never got going), and
+logged as ``event=ended`` once stored, so that whoever reads the line finds
+the row. pbx.calls.journal stores them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from pbx.calls.model import Call, call_event
 from pbx.config.model import Destination
 from pbx.events import EventBus
-from pbx.store.db import Store, iso_time
+from pbx.store.db import iso_time
 
 
 def cdr_row(
@@ -81,10 +82,21 @@ def unconnected_row(
     )  # fmt: skip
 
 
-async def write_cdr(store: Store, row: dict[str, Any]) -> None:
-    """Store the call's one CDR row, then log its ``ended`` event. Inserted,
-    never upserted: the id is the server's own and new, so no row is ever replaced."""
-    await store.insert("cdr", row)
+def open_row(call: Call) -> dict[str, Any]:
+    """The row of ``call`` while it is in progress: no end nor disposition yet."""
+    return {
+        "call_id": call.id,
+        "direction": call.direction,
+        "from_number": call.caller,
+        "to_number": call.callee,
+        "started": iso_time(call.started),
+        "answered": iso_time(call.answered_at) if call.answered_at else None,
+        "sip_call_id": call.sip_call_id or None,
+    }
+
+
+def log_ended(row: dict[str, Any]) -> None:
+    """The ``event=ended`` line of a stored row."""
     call_event(
         row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
         **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],

@@ -115,6 +115,7 @@ async def hang_up_call(request: web.Request) -> web.Response:
         services.calls.hang_up(call)
     elif not await services.click_to_call.cancel(call_id):
         raise _no_call(call_id)
+    await services.calls.journal.stored(call_id)  # 204 promises the call's row
     return web.Response(status=204)
 
 

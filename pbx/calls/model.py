@@ -49,6 +49,8 @@ logger = logging.getLogger("pbx.calls")
 #   callback     the caller left the queue asking to be called back
 #   timeout      the caller waited a queue's max_wait and had nowhere to go
 #   voicemail    the caller left a message
+#   interrupted  the server's process died while it carried the call; the next
+#                start closed its journal row (pbx.calls.journal)
 DISPOSITIONS = (
     "answered",
     "busy",
@@ -61,6 +63,7 @@ DISPOSITIONS = (
     "callback",
     "timeout",
     "voicemail",
+    "interrupted",
 )
 
 

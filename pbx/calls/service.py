@@ -26,9 +26,10 @@ from aiosipua import SdpNegotiationError, SipRequest, SipResponse
 from pbx.calls.admission import Admission
 from pbx.calls.answering import Answering
 from pbx.calls.bridge import Bridge
-from pbx.calls.cdr import row_of, unconnected_row, write_cdr
+from pbx.calls.cdr import row_of, unconnected_row
 from pbx.calls.dialer import Dialer
 from pbx.calls.forks import Forks
+from pbx.calls.journal import CallJournal
 from pbx.calls.midcall import MidCall
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
 from pbx.calls.recording import CallRecording
@@ -89,6 +90,7 @@ class CallService:
             config=config, flows=flows, prompts=prompts, http=http, events=events, answer=self.answer, go=self._go, hang_up=self.hang_up
         )
         self.recording = CallRecording(config)
+        self.journal = CallJournal(store, events)
         self.calls: dict[str, Call] = {}
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self.dialing = DialPolicy(config, events, self.calls_of)  # outbound rules, class of service, max_calls
@@ -152,7 +154,7 @@ class CallService:
         await self.watchdog.stop()
         for call in list(self.calls.values()):
             self.hang_up(call, ringing_status=503)
-        # Let CDR writes and recordings finish; anything still connecting after that is abandoned.
+        # Let recordings finish (the journal finishes the rows); anything still connecting after that is abandoned.
         await self._tasks.close(grace=5)
 
     # --- a new INVITE ---
@@ -190,8 +192,9 @@ class CallService:
         self.events.emit("call_started", call_id=call.id, direction=direction)
         fields = {"direction": direction, "from": caller, "to": called, "destination": destination}
         call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None, sip_call_id=call.sip_call_id)
+        opened = self.journal.open(call)
         # A number the extension dialed is dialed on its behalf (its class of service).
-        self._run(call, self._connect(call, destination, party=caller if direction == "outbound" else None))
+        self._run(call, self._connect(call, opened, destination, party=caller if direction == "outbound" else None))
 
     def _run(self, call: Call, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as the call's own task (ended with the call); if it fails the call ends
@@ -218,7 +221,8 @@ class CallService:
 
     # --- where a call goes ---
 
-    async def _connect(self, call: Call, destination: Destination, party: str | None = None) -> None:
+    async def _connect(self, call: Call, opened: asyncio.Task[None], destination: Destination, party: str | None = None) -> None:
+        await asyncio.shield(opened)  # the call's row is stored before its caller hears 180 or 200
         try:
             relay = await call.bridge.open(self.ports, self.clock, self.events)
         except OSError as exc:
@@ -272,6 +276,7 @@ class CallService:
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(sdp)
             call.answered_at = time.time()
+            self.journal.answered(call)
         return codec
 
     # --- joining someone to a call, and calls the server places ---
@@ -311,6 +316,7 @@ class CallService:
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(answer)
             call.answered_at = time.time()
+            self.journal.answered(call)
         self.recording.on_bridged(call)
         by = uri_user(leg.dialog.remote_uri)
         call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
@@ -344,8 +350,7 @@ class CallService:
         started = time.time()
 
         def unconnected(disposition: str, sip_call_id: str | None = None) -> None:
-            row = unconnected_row(self.events, call_id, direction, extension, destination, disposition, started, sip_call_id)
-            self._tasks.spawn(write_cdr(self.store, row))
+            self.journal.close(unconnected_row(self.events, call_id, direction, extension, destination, disposition, started, sip_call_id))
 
         try:
             rung = await self.dialer.ring_first(extension, caller_id=caller_id, timeout=timeout)
@@ -367,6 +372,7 @@ class CallService:
         leg.events = self.midcall.leg_events()
         self.calls[call.id] = call
         self._legs[leg.key] = (call, leg)
+        self.journal.open(call)
         self.events.emit("call_started", call_id=call.id, direction=direction)
         call_event(
             call.id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination,
@@ -467,4 +473,4 @@ class CallService:
             self._tasks.spawn(ending)
         call.leave_queue(ended)
         self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
-        self._tasks.spawn(write_cdr(self.store, row_of(call, disposition, ended)))
+        self.journal.close(row_of(call, disposition, ended))

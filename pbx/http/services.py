@@ -15,6 +15,7 @@ from typing import Protocol
 from aiohttp import web
 
 from pbx.calls.click_to_call import ClickToCalls
+from pbx.calls.journal import CallJournal
 from pbx.calls.model import Call
 from pbx.calls.recording import CallRecording
 from pbx.config.model import Config, Destination
@@ -43,6 +44,10 @@ class AdminCalls(Protocol):
     @property
     def draining(self) -> bool:
         """Whether the server is stopping: no new calls."""
+
+    @property
+    def journal(self) -> CallJournal:
+        """The calls' rows: an answer that promises one awaits :meth:`CallJournal.stored` first."""
 
     def hang_up(self, call: Call) -> None:
         """End ``call`` from the server's side."""

@@ -58,6 +58,9 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         },
         "call_id",
     ),
+    # One row (id 1): the last time the server's process was known alive, for
+    # closing the calls a dead process left open (pbx.calls.journal).
+    "heartbeat": ({"id": int, "time": str}, "id"),
     "callbacks": (
         {
             "id": str,

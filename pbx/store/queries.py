@@ -88,7 +88,11 @@ def _cdr_columns(store: Store) -> list[str]:
 
 
 async def cdr_page(store: Store, *, start: str | None, end: str | None, limit: int, offset: int) -> tuple[list[str], Page]:
-    """The cdr table's columns, and a page of the calls started in ``[start, end)``, oldest first."""
+    """The cdr table's columns, and a page of the calls started in ``[start, end)``, oldest first.
+
+    Finished calls only, as Asterisk writes a CDR when a call ends: the
+    journal's rows of calls in progress (no ``ended`` yet) are GET /api/calls's."""
     columns: list[str] = await store.run(_cdr_columns, store)
     selected = ", ".join(f"[{name}]" for name in columns)
-    return columns, await _page(store, "cdr", _since_until(start, end), "started, call_id", limit, offset, selected)
+    conditions = [*_since_until(start, end), ("ended is not null", [])]
+    return columns, await _page(store, "cdr", conditions, "started, call_id", limit, offset, selected)

@@ -1,0 +1,125 @@
+"""The call journal: a call's CDR row exists from the moment the call is
+accepted until it ends, and a heartbeat says until when the server was alive.
+
+A process that dies (power cut, SIGKILL, OOM) cannot finish its calls' rows;
+the next one closes each row left open as ``interrupted`` at the last time
+the dead process was known alive, so billing and queue figures keep the call.
+Every write also moves the heartbeat forward in the same transaction, taking
+the time on the store's thread after the call's own times were taken: the
+heartbeat is never older than any time a row holds, so an interrupted call
+never ends before it started or was answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from pbx.calls.cdr import log_ended, open_row
+from pbx.calls.model import Call
+from pbx.events import EventBus
+from pbx.store.db import Store, iso_time
+from pbx.tasks import Background
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+
+
+class CallJournal:
+    """Writes calls' rows as they go; closes those a dead process left open.
+
+    Writes run on the store's one thread in the order they are spawned (each
+    task's first step queues its write), so a call's end never overtakes its
+    opening; the end writes the whole row, opened or not.
+    """
+
+    def __init__(self, store: Store, events: EventBus) -> None:
+        self.store = store
+        self.events = events
+        self._writes = Background("journal")
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        """Close the rows a dead process left open, then keep the heartbeat; before serving."""
+        rows: list[dict[str, Any]] = await self.store.run(self._close_open)
+        for row in rows:
+            log_ended(row)
+            self.events.emit("call_interrupted", call_id=row["call_id"], direction=row["direction"])
+        if rows:
+            logger.warning("closed %d calls cut by the previous process's end as interrupted", len(rows))
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        """Let the rows being written finish (a few seconds at most), then stop the heartbeat."""
+        await self._writes.close(grace=5)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+
+    def open(self, call: Call) -> asyncio.Task[None]:
+        """Store ``call``'s row as in progress; await the task before confirming anything to its caller."""
+        return self._writes.spawn(self.store.run(self._write, "insert", open_row(call)))
+
+    def answered(self, call: Call) -> None:
+        if call.answered_at:
+            values = {"call_id": call.id, "answered": iso_time(call.answered_at)}
+            self._writes.spawn(self.store.run(self._write, "update", values))
+
+    def close(self, row: dict[str, Any]) -> None:
+        """Store a call's final row, then log ``event=ended``; :meth:`stored` awaits it."""
+        task = self._writes.spawn(self._close(row))
+        self._closing[row["call_id"]] = task
+        task.add_done_callback(lambda _: self._closing.pop(row["call_id"], None))
+
+    async def stored(self, call_id: str) -> None:
+        """Return once the final row of ``call_id`` (if it is being written) is committed."""
+        task = self._closing.get(call_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _close(self, row: dict[str, Any]) -> None:
+        await self.store.run(self._write, "upsert", row)
+        log_ended(row)
+
+    async def _beat(self) -> None:
+        while True:
+            await self.store.run(self._write, "beat", {})
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    def _write(self, how: str, row: dict[str, Any]) -> None:
+        """On the store's thread: ``row`` written ``how``, with the heartbeat, in one transaction."""
+        db = self.store.db
+        with db.conn:  # sqlite-utils commits its write inside: the heartbeat goes with it
+            db.execute("insert or replace into heartbeat (id, time) values (1, ?)", [iso_time(time.time())])
+            if how == "insert":
+                db.table("cdr").insert(row)
+            elif how == "update":
+                db.table("cdr").update(row["call_id"], row)
+            elif how == "upsert":
+                db.table("cdr").upsert(row, pk="call_id")
+
+    def _close_open(self) -> list[dict[str, Any]]:
+        """On the store's thread: every row without an end, closed as ``interrupted``."""
+        db = self.store.db
+        beat = next(db["heartbeat"].rows_where("id = 1"), None)
+        closed = []
+        with db.conn:
+            for row in list(db["cdr"].rows_where("ended is null")):
+                times = [t for t in (beat and beat["time"], row["started"], row["answered"]) if t]
+                ended = max(times)
+                row.update(
+                    ended=ended, disposition="interrupted", duration=round(_seconds(ended, row["started"]), 3),
+                    billsec=round(_seconds(ended, row["answered"]), 3) if row["answered"] else 0.0,
+                )  # fmt: skip
+                db.table("cdr").update(row["call_id"], row)
+                closed.append(row)
+        return closed
+
+
+def _seconds(later: str, earlier: str) -> float:
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
