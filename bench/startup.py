@@ -45,6 +45,7 @@ from typing import Any  # noqa: E402
 import yaml  # noqa: E402
 
 from pbx.store.db import Store, iso_time  # noqa: E402
+from tests.support.raw_sip import options_probe  # noqa: E402
 from tests.support.server import base_config, free_port, queue_settings, stop_process  # noqa: E402
 
 DAY = 86400.0
@@ -113,15 +114,6 @@ def build_data(folder: Path, args: argparse.Namespace) -> None:
     conn.close()
 
 
-def options(port: int) -> bytes:
-    branch = uuid.uuid4().hex
-    return (
-        f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;rport;branch=z9hG4bK{branch}\r\n"
-        f"Max-Forwards: 70\r\nFrom: <sip:bench@127.0.0.1>;tag={branch[:8]}\r\nTo: <sip:127.0.0.1>\r\n"
-        f"Call-ID: {branch}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
-
-
 async def start_once(folder: Path, notify: socket.socket, notify_name: str) -> tuple[float, float]:
     """Seconds from spawn to READY=1 and to the SIP port's first answer."""
     sip_port, http_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -148,7 +140,7 @@ async def start_once(folder: Path, notify: socket.socket, notify_name: str) -> t
 
         async def answered() -> float:
             while True:
-                probe.sendto(options(sip_port), ("127.0.0.1", sip_port))
+                probe.sendto(options_probe(sip_port), ("127.0.0.1", sip_port))
                 try:
                     async with asyncio.timeout(0.01):
                         await loop.sock_recv(probe, 65535)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pbx import systemd
+from tests.support.raw_sip import options_probe
 from tests.support.server import start_server
 
 UNIT = Path(__file__).resolve().parent.parent / "config" / "pbx.service"
@@ -44,19 +45,10 @@ async def next_message(sock: socket.socket, timeout: float = 5.0) -> tuple[float
     return time.monotonic(), fields
 
 
-def options(port: int) -> bytes:
-    branch = uuid.uuid4().hex
-    return (
-        f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;rport;branch=z9hG4bK{branch}\r\n"
-        f"Max-Forwards: 70\r\nFrom: <sip:test@127.0.0.1>;tag={branch[:8]}\r\nTo: <sip:127.0.0.1>\r\n"
-        f"Call-ID: {branch}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
-
-
 async def sip_answers(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.setblocking(False)
-        probe.sendto(options(port), ("127.0.0.1", port))
+        probe.sendto(options_probe(port), ("127.0.0.1", port))
         try:
             async with asyncio.timeout(1):
                 reply = await asyncio.get_running_loop().sock_recv(probe, 65535)

@@ -19,6 +19,17 @@ NL = "\n"
 REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 482: "Loop Detected", 486: "Busy Here", 487: "Request Terminated"}
 
 
+def options_probe(port: int) -> bytes:
+    """An out-of-dialog OPTIONS to the server's SIP port on loopback: any
+    answer shows the server listens (start-up measurements, readiness)."""
+    branch = uuid.uuid4().hex
+    return (
+        f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;rport;branch=z9hG4bK{branch}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag={branch[:8]}\r\nTo: <sip:127.0.0.1>\r\n"
+        f"Call-ID: {branch}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
 class _Endpoint(asyncio.DatagramProtocol):
     """A UDP socket that queues every SIP message it receives (unparsable datagrams are dropped)."""
 
