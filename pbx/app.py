@@ -106,7 +106,7 @@ class Pbx:
             prompts=lambda: self.prompts,
         )
         self.calls.answering.queues = self.queues
-        self.click_to_call = ClickToCalls(self.calls, lambda: self.config)
+        self.click_to_call = ClickToCalls(self.calls, self.calls.journal, lambda: self.config)
         self.mwi = MessageWaiting(
             config=lambda: self.config,
             stack=self.stack,

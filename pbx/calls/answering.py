@@ -135,7 +135,7 @@ class Answering:
             await self.voicemail.main(audio, call.caller, own=True, source=call.a.flow.addr[0])
         else:
             assert self.queues is not None
-            await audio.play([self.queues.feature(call.caller, code)], interruptible=False)
+            await audio.play([await self.queues.feature(call.caller, code)], interruptible=False)
         self.hang_up(call, "answered")
 
     async def _voicemail(self, call: Call, mailbox: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pbx.calls.control import CallControl
+from pbx.calls.journal import CallJournal
 from pbx.calls.model import Unreachable
 from pbx.config.model import Config, Destination
 from pbx.tasks import Background
@@ -40,16 +41,23 @@ class ClickToCalls:
     """Click-to-call requests until their ``from`` extension answers; from
     then on the call is the call service's, under the same id."""
 
-    def __init__(self, calls: CallControl, config: Callable[[], Config]) -> None:
+    def __init__(self, calls: CallControl, journal: CallJournal, config: Callable[[], Config]) -> None:
         self.calls = calls
+        self.journal = journal
         self.config = config
         self.placing: dict[str, Placing] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background = Background("click-to-call")
 
-    def start(self, from_ext: str, to: str, destination: Destination) -> Placing:
+    async def start(self, from_ext: str, to: str, destination: Destination) -> Placing:
+        """Ring ``from_ext`` to connect it to ``destination``; returns once the call's row is stored."""
         placing = Placing(f"c2c-{uuid.uuid4().hex[:16]}", from_ext, to, destination, time.time())
-        self.placing[placing.id] = placing
+        self.placing[placing.id] = placing  # from now on `from_ext` counts as ringing
+        try:
+            await self.journal.placed(placing.id, CLICK_TO_CALL, from_ext, destination.target, placing.started)
+        except BaseException:
+            del self.placing[placing.id]
+            raise
         self._tasks[placing.id] = self._background.spawn(self._originate(placing))
         logger.info("click-to-call %s: ringing %s to connect it to %s", placing.id, from_ext, destination)
         return placing

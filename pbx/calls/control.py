@@ -77,8 +77,8 @@ class Queues(Protocol):
         """Keep ``call`` in ``queue`` until an agent has it (None, also when the
         caller hung up or asked for a callback) or it must go elsewhere."""
 
-    def feature(self, extension: str, code: str) -> str:
-        """Carry out agent feature ``code`` for ``extension``; the prompt confirming it."""
+    async def feature(self, extension: str, code: str) -> str:
+        """Carry out agent feature ``code`` for ``extension``; the prompt confirming it, once stored."""
 
 
 class Voicemail(Protocol):

@@ -1,8 +1,8 @@
 """``/api/calls``: the calls in progress, click-to-call, hanging up and
 recording a call.
 
-``POST /api/calls`` answers 202 at once with the id the call keeps: the call
-goes on in the background (pbx.calls.click_to_call), ringing ``from`` first
+``POST /api/calls`` answers 202 with the id the call keeps as soon as the
+call's CDR row is stored: the call goes on in the background (pbx.calls.click_to_call), ringing ``from`` first
 (state ``originating``), then ``to`` once ``from`` answers.
 """
 
@@ -98,7 +98,7 @@ async def place_call(request: web.Request) -> web.Response:
         raise CallError(f"extension {from_ext} has no registered phone", code="extension-unavailable")
     if services.calls.extension_busy(from_ext) or services.click_to_call.ringing(from_ext):
         raise CallError(f"extension {from_ext} is on a call", code="extension-busy")
-    placing = services.click_to_call.start(from_ext, to, destination)
+    placing = await services.click_to_call.start(from_ext, to, destination)  # 202 promises the call's row
     return web.json_response(_placing_json(placing), status=202)
 
 

@@ -62,8 +62,14 @@ class CallJournal:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
 
     def open(self, call: Call) -> asyncio.Task[None]:
-        """Store ``call``'s row as in progress; await the task before confirming anything to its caller."""
-        return self._writes.spawn(self.store.run(self._write, "insert", open_row(call)))
+        """Store ``call``'s row as in progress; await the task before confirming anything to its caller.
+        A call the server placed has a row from before it rang (:meth:`placed`): this completes it."""
+        return self._writes.spawn(self.store.run(self._write, "upsert", open_row(call)))
+
+    async def placed(self, call_id: str, direction: str, caller: str, callee: str, started: float) -> None:
+        """Store the row of a call the server is about to place, and return once it is committed."""
+        row = {"call_id": call_id, "direction": direction, "from_number": caller, "to_number": callee, "started": iso_time(started)}
+        await self._writes.spawn(self.store.run(self._write, "upsert", row))
 
     def answered(self, call: Call) -> None:
         if call.answered_at:
@@ -96,9 +102,7 @@ class CallJournal:
         db = self.store.db
         with db.conn:  # sqlite-utils commits its write inside: the heartbeat goes with it
             db.execute("insert or replace into heartbeat (id, time) values (1, ?)", [iso_time(time.time())])
-            if how == "insert":
-                db.table("cdr").insert(row)
-            elif how == "update":
+            if how == "update":
                 db.table("cdr").update(row["call_id"], row)
             elif how == "upsert":
                 db.table("cdr").upsert(row, pk="call_id")

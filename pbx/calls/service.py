@@ -348,6 +348,8 @@ class CallService:
                 return Unreachable(exc.sip_status, "failed")
         call_id = call_id or new_call_id()
         started = time.time()
+        # The row exists before anyone rings (a click-to-call stored it already, to promise it in its 202).
+        await self.journal.placed(call_id, direction, extension, destination.target, started)
 
         def unconnected(disposition: str, sip_call_id: str | None = None) -> None:
             self.journal.close(unconnected_row(self.events, call_id, direction, extension, destination, disposition, started, sip_call_id))

@@ -100,9 +100,9 @@ class Agents:
 
     # --- what agents do ---
 
-    def feature(self, extension: str, code: str) -> str:
+    async def feature(self, extension: str, code: str) -> str:
         """*45 toggles login and *46 pause, in every queue the agent belongs to;
-        the prompt that confirms it."""
+        the prompt that confirms it, once the new state is stored."""
         self.lines.sync(self.config().queues)
         members = [(line, line.members[extension]) for line in self.lines.values() if extension in line.members]
         if not members:
@@ -114,6 +114,7 @@ class Agents:
             action = "unpause" if any(m.paused for _, m in members) else "pause"
         for line, member in members:
             self.apply(line.name, extension, action)
+        await self.log.flush()
         return {"login": "agent-logged-in", "logout": "agent-logged-out", "pause": "agent-paused", "unpause": "agent-unpaused"}[action]
 
     def apply(self, queue: str, extension: str, action: str) -> None:

@@ -85,7 +85,7 @@ async def set_agent(request: web.Request) -> web.Response:
     if extension not in queues.agent_states(name):  # before the body: an unknown agent is 404 whatever it asks
         raise NotFound(f"{extension} is no agent of queue {name}", code="no-such-agent")
     body = await read_body(request, ref("AgentAction"))
-    queues.set_agent(name, extension, body["action"])
+    await queues.set_agent(name, extension, body["action"])
     return web.json_response({"queue": name, "extension": extension, "state": queues.agent_states(name)[extension]})
 
 

@@ -113,9 +113,9 @@ class QueueService:
         None once an agent has it or it has been hung up here."""
         return await self._waiting.wait(call, queue_name)
 
-    def feature(self, extension: str, code: str) -> str:
+    async def feature(self, extension: str, code: str) -> str:
         """*45 toggles login and *46 pause, in every queue the agent belongs to."""
-        return self._agents.feature(extension, code)
+        return await self._agents.feature(extension, code)
 
     # --- what the API asks ---
 
@@ -123,10 +123,11 @@ class QueueService:
         """Each agent of ``queue`` and its state now (one of pbx.queues.agents.AGENT_STATES)."""
         return self._agents.states(queue)
 
-    def set_agent(self, queue: str, extension: str, action: str) -> None:
-        """login, logout, pause or unpause an agent in one queue; NotFound
-        (``no-such-agent``) when ``extension`` is no agent of ``queue``."""
+    async def set_agent(self, queue: str, extension: str, action: str) -> None:
+        """login, logout, pause or unpause an agent in one queue, and return once
+        that is stored; NotFound (``no-such-agent``) when ``extension`` is no agent of ``queue``."""
         self._agents.apply(queue, extension, action)
+        await self._agents.log.flush()
 
     def check_callback_number(self, number: str, *, src: str = "-") -> None:
         """DialRefused (with its security event from ``src``) when ``number`` may not be called back."""

@@ -189,7 +189,8 @@ class VoicemailService:
         finally:
             take.stop()
             pcm = take.samples(trim=ended == "silence")
-            self._tasks.spawn(self._save(mailbox, caller, pcm, ended))
+            saving = self._tasks.spawn(self._save(mailbox, caller, pcm, ended))
+        await asyncio.shield(saving)  # the goodbye or hang-up that follows confirms a stored message
         if ended != "max":
             return
         await audio.play(["goodbye"], interruptible=False)
@@ -233,7 +234,7 @@ class VoicemailService:
         logger.info("voicemail %s for %s from %s: %.1f s, ended by %s", message_id, mailbox, caller, seconds, ended)
         self._count(mailbox, new=1)
         if wants_mail:
-            await self._mail(row)
+            self._tasks.spawn(self._mail(row))
 
     # --- mail ---
 
