@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.support.phone import Phone, phones_for
-from tests.support.server import PASSWORDS, Server, queue_settings, start_server
+from tests.support.server import PASSWORDS, Server, queue_settings, restart_server, start_server
 from tests.test_voicemail import DEPOSIT, SOUNDS, leave_message, messages
 
 SETTINGS: dict[str, Any] = {
@@ -46,9 +46,8 @@ async def _api(server: Server, method: str, path: str, body: Any) -> tuple[int, 
 async def _kill_and_restart(server: Server) -> Server:
     """SIGKILL ``server`` now, then start a new process on its data."""
     server.proc.kill()
-    await server.proc.wait()
     await server.stop()
-    return await start_server(server.folder, **SETTINGS)
+    return await restart_server(server, log_level="INFO")
 
 
 async def test_a_click_to_call_answered_202_has_its_row_even_if_the_server_dies_then(

@@ -204,10 +204,20 @@ async def start_server(
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
-    path = folder / "pbx.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (folder / "pbx.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return await _serve(folder, sip_port, http_port, log_level)
+
+
+async def restart_server(server: Server, *, log_level: str = "DEBUG") -> Server:
+    """`pbx serve` again on the folder, config and ports ``server`` had (it
+    must have exited): the same data and RTP range, as after a crash or a reboot."""
+    return await _serve(server.folder, server.sip_port, server.http_port, log_level)
+
+
+async def _serve(folder: Path, sip_port: int, http_port: int, log_level: str) -> Server:
+    """Start `pbx serve` on ``folder``'s pbx.yaml and wait until its admin HTTP listens."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pbx.cli", "serve", "--config", str(path), "--log-level", log_level,
+        sys.executable, "-m", "pbx.cli", "serve", "--config", str(folder / "pbx.yaml"), "--log-level", log_level,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
