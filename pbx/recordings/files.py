@@ -3,7 +3,7 @@
 Nothing here runs on the event loop: :class:`RecordingFile` runs on the
 recorder's one writer thread, which decodes, places and writes a
 recording's audio; :func:`remove_partial_files` and :func:`delete_files` run
-in an executor.
+in an executor, :func:`unlisted_recording_rows` on the store thread.
 
 Placement is by arrival time, not by RTP timestamp: a packet belongs at the
 sample position of the media clock tick it arrived on (160 samples per 20 ms
@@ -15,7 +15,9 @@ jitter, and the packet follows the previous one. What the recorder says is
 final is padded with silence on both channels up to that point and written.
 
 A file is written as ``.<name>.wav.part`` and renamed to ``<name>.wav`` only
-once complete and closed, so a ``.part`` file is always a crash's leftover.
+once complete and closed, so a ``.part`` file is always a crash's leftover;
+a complete file without its row (a crash between rename and row) is indexed
+at the next start (:mod:`pbx.store.reconcile`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
+import sqlite_utils
 
 from pbx.media.codecs import Decoder, UnsupportedCodec
+from pbx.store.db import iso_time
 from pbx.store.durable import make_folders, sync_folder
+from pbx.store.reconcile import FoundWav, free_id
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ AHEAD_FRAMES = 10  # packets that would land further ahead of their arrival are 
 PARTIAL_SUFFIX = ".part"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
+_LATER = re.compile(r"-[0-9]+$")  # a call's second, third... recording: <stem>-2, <stem>-3
 _NO_SAMPLES: Samples = np.zeros(0, dtype=np.int16)
 
 
@@ -250,3 +256,42 @@ def delete_files(data_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
                 break
             folder = folder.parent
     return gone
+
+
+def unlisted_recording_rows(db: sqlite_utils.Database, found: list[FoundWav], taken: set[str]) -> list[dict[str, Any]]:
+    """Rows for recordings whose file a crash left without one; on the store thread.
+
+    A file's stem is its call id (:func:`file_stem`; ``-2``, ``-3``... for a
+    call's later recordings). The call's ``cdr`` row, when there is one,
+    gives queue, agent, caller, callee and started; otherwise the file is
+    all there is: it started its length before its mtime, and queue, agent,
+    caller and callee are unknown (null). The id is the stem, made unique
+    among ``taken``, as a recording's id is its call id.
+    """
+    stems = {wav.path.stem for wav in found}
+    wanted = sorted(stems | {_LATER.sub("", stem) for stem in stems})
+    calls: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(wanted), 500):  # below SQLite's limit of variables per statement
+        chunk = wanted[start : start + 500]
+        sql = f"select call_id, queue, agent, from_number, to_number, started from cdr where call_id in ({', '.join('?' * len(chunk))})"
+        calls.update((row["call_id"], row) for row in db.query(sql, chunk))
+    rows = []
+    for wav in found:
+        stem = wav.path.stem
+        call = calls.get(stem) or calls.get(_LATER.sub("", stem)) or {}
+        rows.append(
+            {
+                "id": free_id(stem, taken),
+                "call_id": call.get("call_id", stem),
+                "queue": call.get("queue"),
+                "agent": call.get("agent"),
+                "caller": call.get("from_number"),
+                "callee": call.get("to_number"),
+                "started": call.get("started") or iso_time(wav.modified - wav.seconds),
+                "seconds": wav.seconds,
+                "bytes": wav.size,
+                "channels": wav.channels,
+                "path": str(wav.path),
+            }
+        )
+    return rows

@@ -35,8 +35,18 @@ from pbx.config.model import Config
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.media.relay_side import RelaySide
-from pbx.recordings.files import FRAME, RATE, Packet, RecordingFile, delete_files, file_stem, remove_partial_files
+from pbx.recordings.files import (
+    FRAME,
+    RATE,
+    Packet,
+    RecordingFile,
+    delete_files,
+    file_stem,
+    remove_partial_files,
+    unlisted_recording_rows,
+)
 from pbx.store.db import Store
+from pbx.store.reconcile import index_unlisted
 from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
@@ -170,7 +180,8 @@ class Recorder:
     # --- lifetime ---
 
     async def start(self) -> None:
-        """Remove temporary files a crash left behind, apply retention once, then daily."""
+        """Remove temporary files a crash left behind, index the complete ones
+        it left without a row, apply retention once, then daily."""
         loop = self._loop = asyncio.get_running_loop()
         data_dir = self.config().storage.data_dir
         folders = [data_dir / "recordings", data_dir / "voicemail"]
@@ -183,6 +194,7 @@ class Recorder:
                 logger.warning("removed %d unfinished recording/voicemail files left by an earlier run", removed)
             else:
                 logger.debug("no unfinished recording/voicemail files under %s", data_dir)
+        await index_unlisted(self._store, data_dir, "recordings", unlisted_recording_rows)
         await self._retain()
         self._retention = asyncio.create_task(self._retention_loop(), name="recording retention")
 

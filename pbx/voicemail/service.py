@@ -5,7 +5,8 @@ recorded by phone) or the configured default, then a beep, and records what
 the caller says until ``#``, 3 s of silence (trimmed off), hang-up or
 ``voicemail.max_seconds``. A message shorter than ``min_seconds`` is dropped;
 the others become ``voicemail/<box>/<id>.wav`` (written under a temporary
-name, renamed when complete) and a ``voicemail`` row. Every change tells the
+name, renamed when complete) and a ``voicemail`` row; a message a crash left
+without its row is indexed at the next start. Every change tells the
 message-waiting service, and a mailbox with ``email`` gets the WAV by mail
 when ``smtp`` is configured; a failed send stays pending and is retried.
 
@@ -53,8 +54,9 @@ from pbx.media.relay_side import RelaySide
 from pbx.pin_locks import PinLocks
 from pbx.security import security_event
 from pbx.sip.auth import AddressGuard
-from pbx.store.db import Store
+from pbx.store.db import Store, iso_time
 from pbx.store.durable import make_folders, sync_folder
+from pbx.store.reconcile import FoundWav, free_id, index_unlisted
 from pbx.tasks import Background
 from pbx.voicemail.mailer import MailError, send_voicemail
 
@@ -68,6 +70,7 @@ GREETING_MAX = 60  # seconds
 PIN_TRIES = 3  # per call
 IDLE_PROMPTS = 3  # menu prompts without a key before hanging up
 EMAIL_RETRY = 60.0  # seconds between attempts for messages whose mail failed
+UNKNOWN_CALLER = "unknown"  # of a message indexed from its file alone: only the row knew the caller
 
 
 class MessageWaiting(Protocol):
@@ -147,6 +150,10 @@ class VoicemailService:
         self._tasks = Background("voicemail")
 
     async def start(self) -> None:
+        """Index the messages a crash left without a row, count the mailboxes'
+        messages, and retry pending mail from now on."""
+        data_dir = self.config().storage.data_dir
+        await index_unlisted(self.store, data_dir, "voicemail", unlisted_message_rows, depth=1, skip={"greeting.wav"})
         rows = await self.store.run(
             lambda: list(self.store.db.query("select mailbox, heard, count(*) as n from voicemail group by mailbox, heard"))
         )
@@ -428,6 +435,26 @@ class VoicemailService:
         self.counts[mailbox] = (max(was_new + new, 0), max(was_old + old, 0))
         if self.mwi is not None:
             self.mwi.changed(mailbox)
+
+
+def unlisted_message_rows(_db: Any, found: list[FoundWav], taken: set[str]) -> list[dict[str, Any]]:
+    """Rows for messages whose file (``voicemail/<box>/<id>.wav``) a crash
+    left without one: what the file tells (received when its writing ended),
+    the caller unknown, new, and not mailed: it waits in its mailbox, counted
+    and lit like any new message."""
+    return [
+        {
+            "id": free_id(wav.path.stem, taken),
+            "mailbox": wav.path.parts[1],
+            "caller": UNKNOWN_CALLER,
+            "received": iso_time(wav.modified),
+            "seconds": round(wav.seconds, 2),
+            "heard": 0,
+            "path": str(wav.path),
+            "email": "",
+        }
+        for wav in found
+    ]
 
 
 def write_wav(path: Path, pcm: npt.NDArray[np.int16]) -> None:
