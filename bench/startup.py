@@ -79,7 +79,8 @@ def build_data(folder: Path, args: argparse.Namespace) -> None:
              iso_time(started), iso_time(started + 5), iso_time(started + 65), "answered", 65.0, 60.0,
              queue, rng.choice(agents) if queue else None, 5.0 if queue else None, uuid.uuid4().hex, "caller", None)
         )
-    conn.executemany("insert into cdr values (" + ", ".join("?" * 16) + ")", cdr)
+    columns = "call_id, direction, from_number, to_number, started, answered, ended, disposition, duration, billsec, queue, agent, wait, sip_call_id, hangup, reason"
+    conn.executemany(f"insert into cdr ({columns}) values ({', '.join('?' * 16)})", cdr)
     recordings = []
     for row in rng.sample(cdr, min(args.recordings, len(cdr))):
         call_id, started = row[0], row[4]
@@ -87,7 +88,8 @@ def build_data(folder: Path, args: argparse.Namespace) -> None:
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(b"RIFF")
         recordings.append((call_id, call_id, row[10], row[11], row[2], row[3], started, 60.0, 960044, 2, path))
-    conn.executemany("insert into recordings values (" + ", ".join("?" * 11) + ")", recordings)
+    columns = "id, call_id, queue, agent, caller, callee, started, seconds, bytes, channels, path"
+    conn.executemany(f"insert into recordings ({columns}) values ({', '.join('?' * 11)})", recordings)
     log = []
     for _ in range(args.queue_log):
         event = rng.choices(["enter", "offer", "answer", "abandon", "login", "pause", "unpause", "logout"], [30, 30, 25, 5, 3, 3, 3, 1])[0]
@@ -95,7 +97,7 @@ def build_data(folder: Path, args: argparse.Namespace) -> None:
     log.sort()
     conn.executemany("insert into queue_log (time, queue, call_id, agent, event, data) values (?, ?, ?, ?, ?, ?)", log)
     conn.executemany(
-        "insert into voicemail values (?, ?, ?, ?, ?, ?, ?, ?)",
+        "insert into voicemail (id, mailbox, caller, received, seconds, heard, path, email) values (?, ?, ?, ?, ?, ?, ?, ?)",
         [(uuid.uuid4().hex, rng.choice(agents), "+15557654321", iso_time(when()), 20.0, rng.randint(0, 1), "voicemail/x.wav", "sent")
          for _ in range(args.voicemail)],
     )
