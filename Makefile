@@ -35,6 +35,8 @@ test-deps:
 	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
 	@command -v svwar >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sipvicious; }
 	@command -v openssl >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq openssl; }
+# baresip 1.0 is the old digest client of the per-extension auth_algorithms test (no GUI or video modules needed).
+	@command -v baresip >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends baresip; }
 # The RTCP tests decode what reaches the phones with tshark.
 	@command -v tshark >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
 # fail2ban-regex checks the shipped fail2ban filter; the service the package enables is not wanted here.

@@ -38,10 +38,12 @@ from pbx.recordings.recorder import Recorder
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
 from pbx.calls.click_to_call import ClickToCalls
 from pbx.calls.service import CallService
+from pbx.sip.blf import BusyLamps
 from pbx.sip.mwi import MessageWaiting
 from pbx.sip.qualify import Qualifier
 from pbx.sip.registrar import Registrar
 from pbx.sip.stack import SipStack
+from pbx.sip.subscriptions import EventRouter
 from pbx.sip.transactions import ServerTransaction
 from pbx.sip.tls import client_context, server_context
 from pbx.sip.transport import Flow
@@ -66,7 +68,7 @@ class Pbx:
         self.store = Store(config.storage.db)
         host = advertised_host(config)
         self.stack = SipStack(events=self.events, advertised_host=host, user_agent=config.sip.user_agent)
-        self.authenticator = DigestAuthenticator(config.sip.domain, algorithms=config.sip.auth_algorithms)
+        self.authenticator = DigestAuthenticator(config.sip.domain, algorithms=config.sip.auth_algorithms, algorithms_of=self._auth_algorithms)
         self.guard = AddressGuard(events=self.events)
         self.stack.is_blocked = self.guard.is_banned
         self.registrar = Registrar(
@@ -117,6 +119,15 @@ class Pbx:
             events=self.events,
         )
         self.registrar.on_bound = self.mwi.registered
+        self.blf = BusyLamps(
+            config=lambda: self.config,
+            stack=self.stack,
+            passwords=self.registrar.passwords,
+            authenticator=self.authenticator,
+            guard=self.guard,
+            events=self.events,
+        )
+        self.subscribe = EventRouter(self.mwi.subscriptions, self.blf.subscriptions)
         self.qualifier = Qualifier(lambda: self.config, self.stack, self.registrar)
         self.metrics.watch_trunks(self.qualifier.trunks_up)
         self.voicemail = VoicemailService(
@@ -156,11 +167,15 @@ class Pbx:
         ext = self.config.extensions.get(extension)
         return ext.max_contacts if ext else 0
 
+    def _auth_algorithms(self, extension: str) -> tuple[str, ...] | None:
+        ext = self.config.extensions.get(extension)
+        return ext.auth_algorithms if ext else None
+
     def _on_request(self, request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
         if request.method.upper() == "REGISTER":
             self.stack.spawn(txn, self._register(request, flow, txn))
         elif request.method.upper() == "SUBSCRIBE":
-            self.mwi.handle_subscribe(request, flow, txn)
+            self.subscribe.handle_subscribe(request, flow, txn)
         else:
             self.calls.handle_request(request, flow, txn)
 
@@ -176,6 +191,7 @@ class Pbx:
     async def start(self) -> None:
         await self.store.open()
         await self.calls.journal.start()  # calls cut by a dead process get their rows before anything is served
+        await self.calls.forwarding.settings.load()  # do-not-disturb and forwarding that phones set
         await self.recorder.start()
         await self.registrar.load()
         # Before SIP listens: no call may take a port that still hears a call of a process before this one.
@@ -238,6 +254,7 @@ class Pbx:
         await self.click_to_call.close()  # a `from` still ringing: stopped, with its CDR row
         await self.calls.stop()
         await self.mwi.stop()
+        await self.blf.stop()
         await self.queues.stop()
         # Again: callbacks the queues gave up while an agent's phone rang left CDR rows to write.
         await self.calls.stop()

@@ -304,6 +304,24 @@ async def test_registrations_list_the_registered_contacts(api: Api) -> None:
     assert (await api.json("GET", "/api/registrations?offset=1"))["items"] == []
 
 
+# --- extensions ---
+
+
+async def test_extensions_show_do_not_disturb_and_forwarding_in_effect(api: Api) -> None:
+    page = await api.conforming("GET", "/api/extensions", "/api/extensions", 200)
+    assert [ext["number"] for ext in page["items"]] == ["1001", "1002", "1003"]
+    assert page["items"][0] == {
+        "number": "1001", "name": "User 1001", "dnd": False,
+        "forward": {"always": None, "busy": "voicemail:1001", "no_answer": "voicemail:1001"},
+    }  # fmt: skip
+    settings = api.pbx.calls.forwarding.settings
+    await settings.set_dnd("1002", True)
+    await settings.set_forward("1003", "+15550123")
+    items = (await api.conforming("GET", "/api/extensions?offset=1", "/api/extensions", 200))["items"]
+    assert [(ext["dnd"], ext["forward"]["always"]) for ext in items] == [(True, None), (False, "external:+15550123")]
+    assert {"extension": "1002", "state": "dnd"} in (await api.json("GET", "/api/queues/support"))["agents"]
+
+
 # --- queues and agents ---
 
 

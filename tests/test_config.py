@@ -189,7 +189,7 @@ def test_bad_destination(tmp_path: Path) -> None:
     prefix = f"{tmp_path / 'pbx.yaml'}"
     assert errors(tmp_path, text) == [
         f"{prefix}:9: inbound.8000: unknown destination 'sales':"
-        " expected one of ivr, queue, extension, voicemail, external, hangup",
+        " expected one of ivr, queue, extension, group, voicemail, external, hangup",
         f"{prefix}:10: inbound.8001: there is no extension '1009'",
         f"{prefix}:11: inbound.8002: there is no trunk 'nope'",
     ]

@@ -14,194 +14,28 @@ from typing import Any
 
 import pytest
 import yaml
-from aiosipua import (
-    SipDigestAuth,
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    build_credentials,
-    generate_branch,
-    generate_call_id,
-    generate_tag,
-    parse_auth,
-    parse_via,
-    stringify_auth,
-)
+from aiosipua import SipMessage, SipRequest, generate_tag, parse_auth
 
 from pbx.config.load import load_config
 from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.messages import make_response
-from pbx.sip.mwi import CONTENT_TYPE, MessageWaiting, granted_expires, summary_body
+from pbx.sip.mwi import CONTENT_TYPE, MessageWaiting, summary_body
 from pbx.sip.registrar import Registrar
 from pbx.sip.stack import SipStack
+from pbx.sip.subscriptions import EventRouter, granted_expires
 from pbx.sip.transactions import ServerTransaction
 from pbx.sip.transport import Flow
 from pbx.store.db import Store
 from tests.support.phone import Phone
+from tests.support.raw_phone import DOMAIN, RawDialog, RawPhone
 from tests.support.server import PASSWORDS, Server, base_config, free_port, start_server
 
-DOMAIN = "pbx.local"
 # 1001 and 1002 have mailboxes, 1003 has none.
 EXTENSIONS: dict[str, dict[str, Any]] = {
     "1001": {"name": "User 1001", "password": PASSWORDS["1001"], "voicemail": {}},
     "1002": {"name": "User 1002", "password": PASSWORDS["1002"], "voicemail": {}},
     "1003": {"name": "User 1003", "password": PASSWORDS["1003"]},
 }
-
-
-# --- a bare SIP user agent ---
-
-
-@dataclass
-class RawDialog:
-    """The subscriber's side of one subscription dialog."""
-
-    mailbox: str
-    call_id: str
-    from_tag: str
-    to_tag: str | None = None
-
-
-class RawPhone(asyncio.DatagramProtocol):
-    """A SIP user agent on a bare UDP socket, for what pjsua2 will not send:
-    hand-built requests, and a chosen answer to every NOTIFY it receives."""
-
-    def __init__(self, server: tuple[str, int], user: str) -> None:
-        self.server = server
-        self.user = user
-        self.port = 0
-        self.notify_status = 200
-        self.notifies: asyncio.Queue[SipRequest] = asyncio.Queue()
-        self.cseq = 0
-        self._transport: asyncio.DatagramTransport | None = None
-        self._answers: dict[str, asyncio.Future[SipResponse]] = {}
-
-    @classmethod
-    async def open(cls, server: tuple[str, int], user: str) -> RawPhone:
-        loop = asyncio.get_running_loop()
-        transport, phone = await loop.create_datagram_endpoint(lambda: cls(server, user), local_addr=("127.0.0.1", 0))
-        phone.port = int(transport.get_extra_info("sockname")[1])
-        return phone
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    @property
-    def contact(self) -> str:
-        return f"sip:{self.user}@127.0.0.1:{self.port}"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        message = SipMessage.parse(data)
-        assert self._transport is not None
-        if isinstance(message, SipResponse):
-            branch = parse_via(message.headers.get("via")[0]).branch or ""
-            answer = self._answers.get(branch)
-            if message.status_code >= 200 and answer is not None and not answer.done():
-                answer.set_result(message)
-            return
-        status = self.notify_status if message.method == "NOTIFY" else 501
-        self._transport.sendto(bytes(make_response(message, status)), addr)
-        if message.method == "NOTIFY":
-            self.notifies.put_nowait(message)
-
-    async def next_notify(self, timeout: float = 10.0) -> SipRequest:
-        async with asyncio.timeout(timeout):
-            return await self.notifies.get()
-
-    def build(self, method: str, uri: str, to: str, call_id: str, from_tag: str, headers: dict[str, str]) -> SipRequest:
-        self.cseq += 1
-        lines = [
-            f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={generate_branch()};rport",
-            "Max-Forwards: 70",
-            f"From: <sip:{self.user}@{DOMAIN}>;tag={from_tag}",
-            f"To: {to}",
-            f"Call-ID: {call_id}",
-            f"CSeq: {self.cseq} {method}",
-            f"Contact: <{self.contact}>",
-            *(f"{name}: {value}" for name, value in headers.items()),
-            "Content-Length: 0",
-        ]
-        request = SipMessage.parse("\r\n".join(lines) + "\r\n\r\n")
-        assert isinstance(request, SipRequest)
-        return request
-
-    async def send(self, request: SipRequest, timeout: float = 5.0) -> SipResponse:
-        """Send ``request`` to the server; its final answer."""
-        assert self._transport is not None
-        branch = parse_via(request.headers.get("via")[0]).branch or ""
-        answer: asyncio.Future[SipResponse] = asyncio.get_running_loop().create_future()
-        self._answers[branch] = answer
-        self._transport.sendto(bytes(request), self.server)
-        try:
-            async with asyncio.timeout(timeout):
-                return await answer
-        finally:
-            self._answers.pop(branch, None)
-
-    async def send_authorized(self, method: str, uri: str, password: str | None, **build: Any) -> SipResponse:
-        """Send a request built by :meth:`build`; answer a 401 with ``password``'s credentials."""
-        response = await self.send(self.build(method, uri, **build))
-        if response.status_code != 401 or password is None:
-            return response
-        challenge = next(
-            c for c in map(parse_auth, response.headers.get("WWW-Authenticate")) if c.params.get("algorithm") == "MD5"
-        )
-        credentials = build_credentials(SipDigestAuth(self.user, password), challenge, method, uri)
-        assert credentials is not None
-        build["headers"] = {**build["headers"], "Authorization": stringify_auth(credentials)}
-        return await self.send(self.build(method, uri, **build))
-
-    async def register(self, password: str, expires: int = 600) -> SipResponse:
-        uri = f"sip:{DOMAIN}"
-        return await self.send_authorized(
-            "REGISTER",
-            uri,
-            password,
-            to=f"<sip:{self.user}@{DOMAIN}>",
-            call_id=generate_call_id("127.0.0.1"),
-            from_tag=generate_tag(),
-            headers={"Expires": str(expires)},
-        )
-
-    async def subscribe(
-        self,
-        mailbox: str,
-        password: str | None = None,
-        *,
-        dialog: RawDialog | None = None,
-        expires: int | None = 600,
-        event: str = "message-summary",
-        accept: str | None = CONTENT_TYPE,
-    ) -> tuple[SipResponse, RawDialog]:
-        """SUBSCRIBE to ``mailbox``: a new subscription, or inside ``dialog``."""
-        if dialog is None:
-            dialog = RawDialog(mailbox, generate_call_id("127.0.0.1"), generate_tag())
-        headers = {"Event": event}
-        if accept is not None:
-            headers["Accept"] = accept
-        if expires is not None:
-            headers["Expires"] = str(expires)
-        to = f"<sip:{mailbox}@{DOMAIN}>" + (f";tag={dialog.to_tag}" if dialog.to_tag else "")
-        response = await self.send_authorized(
-            "SUBSCRIBE",
-            f"sip:{mailbox}@{DOMAIN}",
-            password,
-            to=to,
-            call_id=dialog.call_id,
-            from_tag=dialog.from_tag,
-            headers=headers,
-        )
-        to_addr = response.to_addr
-        if response.status_code == 200 and dialog.to_tag is None and to_addr is not None:
-            dialog.to_tag = to_addr.tag
-        return response, dialog
 
 
 def summary(notify: SipRequest) -> dict[str, str]:
@@ -405,7 +239,7 @@ async def test_subscribe_refusals(server: Server, raw: RawPhone, mailbox: str, o
     response, _ = await raw.subscribe(mailbox, PASSWORDS["1001"], **options)
     assert response.status_code == status
     if status == 489:
-        assert response.headers.get_first("Allow-Events") == "message-summary"
+        assert response.headers.get_first("Allow-Events") == "message-summary, dialog"
 
 
 async def test_subscribe_accepts_wildcards_and_a_missing_accept(server: Server, raw: RawPhone) -> None:
@@ -461,6 +295,7 @@ async def in_process(tmp_path: Path) -> AsyncIterator[InProcess]:
         config=lambda: config, stack=stack, registrar=registrar, authenticator=auth, guard=guard, store=store, events=events
     )
     registrar.on_bound = mwi.registered
+    router = EventRouter(mwi.subscriptions)
     tasks: set[asyncio.Task[None]] = set()
 
     async def register(request: SipRequest, flow: Flow, txn: ServerTransaction) -> None:
@@ -472,7 +307,7 @@ async def in_process(tmp_path: Path) -> AsyncIterator[InProcess]:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif request.method == "SUBSCRIBE":
-            mwi.handle_subscribe(request, flow, txn)
+            router.handle_subscribe(request, flow, txn)
         else:
             txn.reply(501)
 
@@ -548,7 +383,7 @@ async def test_changed_notifies_subscribers_in_dialog_and_other_registered_phone
         # Each NOTIFY is answered before its task ends: once they all have,
         # nothing else was sent — no unsolicited NOTIFY to the subscriber,
         # none to another mailbox's phone.
-        await asyncio.wait_for(asyncio.gather(*in_process.mwi._tasks), 5)
+        await asyncio.wait_for(asyncio.gather(*in_process.mwi.subscriptions.tasks), 5)
         assert soft.notifies.empty()
         assert other.notifies.empty()
         assert await in_process.mwi.counts("1001") == (1, 1)

@@ -48,6 +48,7 @@ SPEECH = [
     "digits/hundred", "queue-position", "queue-wait", "minute", "minutes", "less-than-a-minute",
     "callback-offer", "callback-confirm", "callback-enter-number", "callback-already", "callback-not-allowed",
     "agent-logged-in", "agent-logged-out", "agent-paused", "agent-unpaused",
+    "dnd-on", "dnd-off", "forward-on", "forward-off", "forward-refused",
     "vm-greeting", "vm-enter-pin", "vm-invalid-pin", "vm-you-have", "vm-new", "vm-old", "vm-messages",
     "vm-message", "vm-no-messages", "vm-options", "vm-deleted", "vm-saved", "vm-record-greeting",
     "vm-greeting-saved", "vm-enter-mailbox", "vm-locked",
@@ -140,7 +141,7 @@ def test_shipped_set_is_complete_16k_mono_and_small() -> None:
         assert 0.1 < len(samples) / rate < 12, name
         assert rms(samples) > 300, f"{name} is (nearly) silent"
     total = sum(p.stat().st_size for p in SOUNDS.rglob("*") if p.is_file())
-    assert total < 4_500_000  # the whole set: greetings, queue and voicemail prompts, 30 s of music
+    assert total < 5_000_000  # the whole set: greetings, queue, voicemail and feature prompts, 30 s of music
 
 
 def test_music_on_hold_is_about_30_seconds_and_not_silent() -> None:

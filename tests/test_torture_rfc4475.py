@@ -222,7 +222,8 @@ async def test_rfc4475_torture_messages_get_right_answers_while_a_call_keeps_its
             if len(set(finals)) > 1:
                 wrong.append(f"{case.name}: conflicting answers {finals}")
         assert not wrong, "\n".join(wrong)
-        assert not any(r.status_code >= 500 for rs in answers.values() for r in rs)
+        # No server errors; 501 is the right answer to a method the server has never heard of.
+        assert not any(r.status_code >= 500 and r.status_code not in case.answers for case in CASES for r in answers[case.name])
         [bext01] = [r for r in answers["bext01"] if r.status_code == 420]
         assert bext01.headers.get("unsupported") == ["nothingSupportsThis", "nothingSupportsThisEither"]
         assert not any("Traceback" in line for line in server.log)

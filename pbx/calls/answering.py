@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiohttp
 
 from pbx.calls.control import Queues, Voicemail
+from pbx.calls.forwarding import Forwarding
 from pbx.calls.model import Call, CallState, call_event
 from pbx.config.model import Config, Destination
 from pbx.events import EventBus
@@ -51,6 +52,7 @@ class Answering:
         self.events = events
         self.queues: Queues | None = None
         self.voicemail: Voicemail | None = None
+        self.settings: Forwarding | None = None  # do-not-disturb and forwarding by feature codes
 
     def available(self, destination: Destination) -> bool:
         """Whether this server can take a call to ``destination`` now."""
@@ -64,11 +66,17 @@ class Answering:
             features = self.config().features
             if destination.target == features.voicemail_main:
                 return self.voicemail is not None
+            if features.sets_phone(destination.target):
+                return self.settings is not None
             return self.queues is not None and destination.target in (features.agent_login, features.agent_pause)
+        if destination.kind == "group":
+            return destination.target in self.config().groups
         return destination.kind in ("extension", "external", "hangup")
 
     async def take(self, call: Call, destination: Destination) -> None:
         """Answer ``call`` for ``destination`` (kind ivr, queue, feature or voicemail)."""
+        if call.bridge.relay is not None:
+            call.bridge.relay.a.stop_playback()  # a transfer's ringback: the server talks now
         if destination.kind == "ivr":
             await self._ivr(call, destination.target)
         elif destination.kind == "queue":
@@ -127,12 +135,16 @@ class Answering:
             await self.go(call, destination)
 
     async def _feature(self, call: Call, code: str) -> None:
-        """A feature code: voicemail by phone, or an agent feature (do it, say so); then hang up."""
+        """A feature code: voicemail by phone, or an agent's or phone's setting (do it, say so); then hang up."""
         audio = self._talk_here(call)
         call_event(call.id, "feature", code=code)
-        if code == self.config().features.voicemail_main:
+        features = self.config().features
+        if code == features.voicemail_main:
             assert self.voicemail is not None
             await self.voicemail.main(audio, call.caller, own=True, source=call.a.flow.addr[0])
+        elif features.sets_phone(code):
+            assert self.settings is not None
+            await audio.play([await self.settings.feature(call.caller, code, src=call.a.flow.addr[0])], interruptible=False)
         else:
             assert self.queues is not None
             await audio.play([await self.queues.feature(call.caller, code)], interruptible=False)

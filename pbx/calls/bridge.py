@@ -116,6 +116,55 @@ class Bridge:
         crypto = self.srtp.crypto(self.relay.a)
         return self._describe(self.relay.a, (a_codec,), self.a_media.dtmf_pt, crypto=crypto)
 
+    def turn(self) -> None:
+        """Swap the sides: side b's party becomes side a's, with its socket,
+        codec, SDP origin and keys, and side a's becomes side b's. A party
+        that stays in the bridge while the other leaves it (a transfer) is
+        always side a's: whoever comes next joins on side b, as a callee does."""
+        relay = self.relay
+        assert relay is not None and self.a_codec is not None and self.b_codec is not None
+        relay.a, relay.b = relay.b, relay.a
+        relay.a.name, relay.b.name = "a", "b"
+        addr = relay.a.remote or self.a_media.addr
+        b_media = MediaDescription(addr, (self.b_codec,), self.b_dtmf_pt, "sendrecv")
+        self.a_media, self.a_codec, self.b_codec, self.b_dtmf_pt = b_media, self.b_codec, self.a_codec, self.a_media.dtmf_pt
+        self.origins = {"a": self.origins["b"], "b": self.origins["a"]}
+        self.srtp.turn()
+        self.heard.clear()
+
+    def vacate(self) -> None:
+        """Side b's party has left the bridge: no more hold (or music) of
+        either party, side a's peer hears the server (silence, or what it
+        plays) until someone joins on side b, and side b sends nothing to
+        the party that left. The next one to join gets new keys and
+        continues our SDP towards side b with the origin it is given."""
+        relay = self.relay
+        assert relay is not None
+        self.hold.end()
+        self.hold = Hold()
+        relay.a.start_filling()
+        if relay.b.codec is not None:
+            relay.b.set_remote(("0.0.0.0", 0), relay.b.codec, relay.b.dtmf_pt)
+        self.srtp.forget(relay.b)
+        self.b_codec = self.b_dtmf_pt = None
+        self.origins["b"] = SdpOrigin()
+
+    def answer_b(self, b_body: str, b_signal_ip: str) -> str:
+        """A party joining on side b with an offer of its own (an INVITE
+        that replaces a leg, RFC 3891): point side b at it, in a codec the
+        caller's settled one passes or transcodes to, and return our SDP
+        answer; SdpNegotiationError when the offer is unusable."""
+        relay = self.relay
+        assert relay is not None and self.a_codec is not None
+        offer = parse_media(b_body, self.codecs)
+        chosen = answer_codec(offer, self.a_codec)
+        if not self.srtp.take_offer(relay.b, offer.secure, offer.cryptos):
+            raise SdpNegotiationError("the offer's SRTP is unusable under rtp.srtp")
+        self.b_codec, self.b_dtmf_pt = chosen, offer.dtmf_pt
+        relay.b.set_remote(offer.addr, codec_of(chosen), offer.dtmf_pt, b_signal_ip)
+        relay.a.hand_over()
+        return self._describe(relay.b, (chosen,), offer.dtmf_pt, crypto=self.srtp.crypto(relay.b))
+
     def reinvite_bridged(self, leg: Leg, from_a: bool, request: SipRequest, txn: ServerTransaction) -> None:
         """A re-INVITE from ``leg``, a bridged party (of side a when ``from_a``),
         answered here: the relay anchors the media, so the far party hears of

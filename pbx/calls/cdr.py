@@ -30,6 +30,9 @@ def cdr_row(
     sip_call_id: str | None = None,
     hangup: str | None = None,
     reason: str | None = None,
+    linked_id: str | None = None,
+    transferred_by: str | None = None,
+    transfer_to: str | None = None,
 ) -> dict[str, Any]:
     return {
         "call_id": call_id,
@@ -48,6 +51,9 @@ def cdr_row(
         "sip_call_id": sip_call_id or None,
         "hangup": hangup,
         "reason": reason,
+        "linked_id": linked_id or call_id,
+        "transferred_by": transferred_by,
+        "transfer_to": transfer_to,
     }
 
 
@@ -56,7 +62,8 @@ def row_of(call: Call, disposition: str, ended: float) -> dict[str, Any]:
     return cdr_row(
         call.id, call.direction, call.caller, call.callee, disposition,
         started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
-        sip_call_id=call.sip_call_id, hangup=call.hangup_by, reason=call.end_reason,
+        sip_call_id=call.sip_call_id, hangup=call.hangup_by, reason=call.end_reason, linked_id=call.linked_id,
+        transferred_by=call.transferred_by, transfer_to=call.transfer_to,
     )  # fmt: skip
 
 
@@ -92,6 +99,8 @@ def open_row(call: Call) -> dict[str, Any]:
         "started": iso_time(call.started),
         "answered": iso_time(call.answered_at) if call.answered_at else None,
         "sip_call_id": call.sip_call_id or None,
+        "linked_id": call.linked_id,
+        "transferred_by": call.transferred_by,
     }
 
 
@@ -101,4 +110,6 @@ def log_ended(row: dict[str, Any]) -> None:
         row["call_id"], "ended", disposition=row["disposition"], direction=row["direction"],
         **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
         queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=row["hangup"], reason=row["reason"],
+        linked_id=row.get("linked_id") if row.get("linked_id") != row["call_id"] else None, transferred_by=row.get("transferred_by"),
+        transfer_to=row.get("transfer_to"),
     )  # fmt: skip

@@ -18,7 +18,7 @@ from pbx.calls.model import Answered, Call, Unreachable
 from pbx.calls.routing import DialPolicy
 from pbx.config.model import Destination
 from pbx.ivr.audio import CallAudio
-from pbx.sip.dialog import OutboundLeg
+from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.sdp import SdpCodec
 
 
@@ -65,6 +65,9 @@ class CallControl(Protocol):
 
     def extension_busy(self, extension: str) -> bool:
         """Whether ``extension`` is on a call or being rung."""
+
+    def extension_dnd(self, extension: str) -> bool:
+        """Whether ``extension`` is in do-not-disturb."""
 
 
 class Queues(Protocol):

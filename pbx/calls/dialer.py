@@ -15,9 +15,10 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from aiosipua import SdpNegotiationError, SipDigestAuth, SipResponse
+from aiosipua import SdpNegotiationError, SipResponse
 
 from pbx.calls.bridge import Bridge, codec_of
+from pbx.calls.extension_states import ExtensionStates
 from pbx.calls.model import Answered, Unreachable, outcome
 from pbx.calls.routing import DialPolicy, DialRefused
 from pbx.config.model import Config, Destination, Trunk
@@ -27,7 +28,9 @@ from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from pbx.media.srtp import SrtpSides
-from pbx.sip.dialog import Leg, LegEvents, OutboundLeg
+from pbx.sip.credentials import Credentials
+from pbx.sip.dialog import Leg, LegEvents
+from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import DTMF_PT, SdpCodec, SdpOrigin, parse_media, plain_offer
 from pbx.sip.stack import SipStack
@@ -61,6 +64,7 @@ class Dialer:
         # What a party of a call hears while the other holds, for every call's
         # bridge (set by app.py); None: silence.
         self.music: MusicOnHold | None = None
+        self.states = ExtensionStates(events)  # what each extension's phones do, for busy lamps
 
     async def make_legs(
         self, caller: str, destination: Destination, offer: str, events: LegEvents, party: str | None = None
@@ -207,6 +211,8 @@ class Dialer:
                     session_expires=cfg.sip.session_expires,
                 )
             )
+        for leg in legs:
+            self.states.track(leg, number, "recipient", caller)
         return legs
 
     async def _trunk_leg(self, cfg: Config, trunk: Trunk, caller: str, number: str, offer: str, events: LegEvents) -> OutboundLeg:
@@ -219,7 +225,7 @@ class Dialer:
             # Checked again after the await: calls started meanwhile may have filled it.
             logger.warning("trunk %s has its %d calls up; not dialing %s", trunk.name, trunk.max_calls, number)
             raise Unreachable(503, "failed")
-        auth = SipDigestAuth(trunk.register.username, trunk.register.password) if trunk.register else None
+        auth = Credentials(trunk.register.username, trunk.register.password, trunk.auth_algorithms) if trunk.register else None
         caller_id = trunk.caller_id or caller
         params = f";transport={trunk.transport}" if trunk.transport != "udp" else ""
         body, fallback = self._leg_offer(flow, offer)

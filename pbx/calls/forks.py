@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiosipua import SdpNegotiationError, SipResponse
 
 from pbx.calls.dialer import Dialer
 from pbx.calls.model import Call, CallState, Unreachable, outcome
 from pbx.config.model import Config, Destination
-from pbx.sip.dialog import InboundLeg, Leg, LegEvents, OutboundLeg
+from pbx.sip.dialog import InboundLeg, Leg, LegEvents
+from pbx.sip.outbound_leg import OutboundLeg
+from pbx.sip.messages import uri_user
 
 logger = logging.getLogger(__name__)
 
@@ -41,25 +43,35 @@ class Forks:
         self.bridged = bridged
         self.callee_failed = failed
 
-    async def ring(self, call: Call, destination: Destination, party: str | None, mailbox: str | None) -> None:
-        """Ring an extension (every contact) or a number outside (dialed for
-        ``party``) for ``call``'s caller; ``mailbox`` takes the call when the
-        callee is busy, does not answer or is not registered."""
-        call.mailbox = mailbox
-        try:
-            legs = await self.dialer.make_legs(call.caller, destination, call.bridge.offer(), self.leg_events(), party)
-        except Unreachable as exc:
-            self.callee_failed(call, exc.status, exc.disposition)
-            return
+    async def ring(self, call: Call, destinations: Sequence[Destination], party: str | None, timeout: float | None = None) -> None:
+        """Ring extensions (every contact of each) or a number outside (dialed
+        for ``party``) at once for ``call``'s caller, for ``timeout`` seconds
+        (default ``sip.ring_timeout``); when none answers, the call service
+        hears why (``call.fallback`` may know where the call goes then)."""
+        legs: list[OutboundLeg] = []
+        unreachable: list[Unreachable] = []
+        for destination in destinations:
+            try:
+                legs += await self.dialer.make_legs(call.caller, destination, call.bridge.offer(), self.leg_events(), party)
+            except Unreachable as exc:
+                unreachable.append(exc)
         if call.ended:
             return
-        if destination.kind == "extension":
-            call.extensions.add(destination.target)
+        if not legs:
+            dispositions = {exc.disposition for exc in unreachable}
+            if len(dispositions) == 1:
+                self.callee_failed(call, unreachable[0].status, dispositions.pop())
+            else:
+                self.callee_failed(call, *outcome([exc.status for exc in unreachable]))
+            return
+        call.fork_codes += [exc.status for exc in unreachable]
+        call.rung = tuple(d.target for d in destinations if d.kind == "extension")
+        call.extensions.update(call.rung)
         for leg in legs:
             call.forks.append(leg)
             self.legs[leg.key] = (call, leg)
             leg.start()
-        call.ring_timer = asyncio.get_running_loop().call_later(self.config().sip.ring_timeout, self._no_answer, call)
+        call.ring_timer = asyncio.get_running_loop().call_later(timeout or self.config().sip.ring_timeout, self._no_answer, call)
 
     def _call_of(self, leg: Leg) -> Call | None:
         found = self.legs.get(leg.key)
@@ -101,6 +113,9 @@ class Forks:
             if other is not leg:
                 other.cancel()
                 self.legs.pop(other.key, None)
+        # Of a ring group, only the member who answered stays in the call.
+        call.extensions.difference_update(ext for ext in call.rung if ext not in (uri_user(leg.dialog.remote_uri), call.caller))
+        call.rung, call.fallback = (), None
         self.bridged(call, leg, answer)
 
     def failed(self, leg: Leg, code: int, resp: SipResponse | None) -> None:

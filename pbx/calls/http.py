@@ -17,8 +17,9 @@ from pbx.calls.click_to_call import CLICK_TO_CALL, Placing
 from pbx.calls.model import Call
 from pbx.calls.routing import DialRefused
 from pbx.errors import BadRequest, CallError, NotFound
-from pbx.http.openapi import NO_CONTENT, PAGINATION, Operation, Reply, page_reply, ref
+from pbx.http.openapi import NO_CONTENT, PAGINATION, Operation, Reply, page_reply
 from pbx.http.requests import about_field, invalid_body, paged, read_body
+from pbx.http.schemas import ref
 from pbx.http.services import SERVICES
 from pbx.recordings.recorder import Recording
 from pbx.store.db import iso_time
@@ -43,6 +44,8 @@ def _call_json(call: Call) -> dict[str, Any]:
         "queue": call.queue,
         "agent": call.agent,
         "recording": _recording_json(call.recording) if call.recording is not None else None,
+        "linked_id": call.linked_id,
+        "transferred_by": call.transferred_by,
     }
 
 
@@ -130,6 +133,24 @@ async def recording_action(request: web.Request) -> web.Response:
     return web.json_response({"call": call.id, "recording": _recording_json(recording, stopped=body["action"] == "stop")})
 
 
+async def transfer_call(request: web.Request) -> web.Response:
+    """A blind transfer: the leaving party is released, the other goes on in a new piece of the call (its id in the answer)."""
+    services = request.app[SERVICES]
+    call_id = request.match_info["id"]
+    call = services.calls.calls.get(call_id)
+    if call is None:
+        raise _no_call(call_id)
+    body = await read_body(request, ref("CallTransfer"))
+    try:
+        piece = services.calls.transfers.transfer(call, body["to"], leaving=body.get("leaving", "callee"), src=request.remote or "-")
+    except BadRequest as exc:
+        raise invalid_body({"to": exc.message}) from exc
+    except DialRefused as exc:
+        raise about_field(exc, "to") from exc
+    logger.info("call %s: transferred through the API to %s: now call %s", call_id, body["to"], piece.id)
+    return web.json_response(_call_json(piece))
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/api/calls", "listCalls", "Active calls, oldest first", list_calls,
@@ -155,5 +176,14 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=(409,),
         description="pause records silence (card numbers) until resume; stop finishes and indexes the file. "
         "409 when the call is not bridged or the action does not fit the recording's state.",
+    ),
+    Operation(
+        "POST", "/api/calls/{id}/transfer", "transferCall", "Blind-transfer a bridged call", transfer_call,
+        {200: Reply("the piece of the call the transferred party goes on in", ref("Call"))}, "calls", body=ref("CallTransfer"),
+        errors=(404, 409),
+        description="The leaving party (by default the callee) is hung up; the other one hears ringback while `to` rings, "
+        "and goes where `to` leads as a call to it would, busy and no-answer routing included. The call's CDR row ends "
+        "with transfer_to; the new piece has its own id and row, with the same linked_id. 409 `not-bridged`; "
+        "422 `invalid-body` when `to` leads nowhere, `number-not-allowed` when the leaving party may not dial it.",
     ),
 )  # fmt: skip

@@ -1,6 +1,7 @@
 """What the legs of a call bring up once it is under way: re-INVITEs (hold,
 unhold, a new address), keys sent by SIP INFO, sessions that expired, and
-the events every leg tells its call (:meth:`MidCall.leg_events`).
+the events every leg tells its call (:meth:`MidCall.leg_events`), a REFER
+among them (pbx.calls.transfer's).
 
 A re-INVITE is answered here while the server itself talks to the caller
 (the IVR), else by the call's bridge for the bridged party (``Bridge.reinvite_bridged``).
@@ -26,23 +27,29 @@ from pbx.sip.transactions import ServerTransaction
 
 class MidCall:
     def __init__(
-        self, legs: Mapping[tuple[str, str], tuple[Call, Leg]], hangup: Callable[[Leg], None], time_out: Callable[[Call, str], None]
+        self,
+        legs: Mapping[tuple[str, str], tuple[Call, Leg]],
+        hangup: Callable[[Leg], None],
+        time_out: Callable[[Call, str], None],
+        refer: Callable[[Leg, SipRequest, ServerTransaction], None],
     ) -> None:
         """``legs``: the call service's map of every leg (by dialog key) to
         its call; ``hangup``: what to do when a leg hangs up; ``time_out``:
-        how the server ends a call for a reason (the watchdog's)."""
+        how the server ends a call for a reason (the watchdog's); ``refer``:
+        a transfer a party asks for (pbx.calls.transfer)."""
         self.legs = legs
         self.hangup = hangup
         self.time_out = time_out
+        self.refer = refer
 
     def leg_events(self, ringing: Forks | None = None) -> LegEvents:
         """What a leg tells its call: the caller's leg (keys by INFO), or with
         ``ringing`` a callee's leg, whose forks hear it ring, answer or fail."""
         if ringing is None:
-            return LegEvents(hangup=self.hangup, reinvite=self.reinvite, info=self.info, expired=self.expired)
+            return LegEvents(hangup=self.hangup, reinvite=self.reinvite, info=self.info, expired=self.expired, refer=self.refer)
         return LegEvents(
             progress=ringing.progress, answered=ringing.answered, failed=ringing.failed, hangup=self.hangup, reinvite=self.reinvite,
-            expired=self.expired,
+            expired=self.expired, refer=self.refer,
         )  # fmt: skip
 
     def call_of(self, leg: Leg) -> Call | None:

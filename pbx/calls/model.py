@@ -27,11 +27,13 @@ from typing import Any
 from aiosipua import SipResponse
 
 from pbx.calls.bridge import Bridge
+from pbx.calls.steps import Fallback
 from pbx.errors import CallError
 from pbx.events import logfmt
 from pbx.ivr.audio import CallAudio
 from pbx.recordings.recorder import Recording
-from pbx.sip.dialog import Leg, OutboundLeg
+from pbx.sip.dialog import Leg
+from pbx.sip.outbound_leg import OutboundLeg
 
 logger = logging.getLogger("pbx.calls")
 
@@ -95,7 +97,8 @@ class CallState(enum.Enum):
 
 
 # The moves a call may make. A flow or a queue that sends the caller on makes
-# it ring again; a person who answered is the end of the road until transfers.
+# it ring again; a person who answered is the end of the road: a transfer goes
+# on in a new call, a piece of the same conversation (pbx.calls.moves).
 TRANSITIONS: dict[CallState, frozenset[CallState]] = {
     CallState.RINGING: frozenset({CallState.IVR, CallState.QUEUED, CallState.ANSWERED, CallState.ENDED}),
     CallState.IVR: frozenset({CallState.RINGING, CallState.ENDED}),
@@ -143,7 +146,7 @@ class Call:
     # places): in the log and the CDR to find the call in a SIP trace; never a key.
     sip_call_id: str = ""
     forks: list[OutboundLeg] = field(default_factory=list)
-    b: OutboundLeg | None = None
+    b: Leg | None = None  # whoever the caller talks to: a leg we dialed, or one a transfer moved in
     _state: CallState = CallState.RINGING
     started: float = field(default_factory=time.time)
     answered_at: float | None = None
@@ -162,14 +165,27 @@ class Call:
     hangup_by: str | None = None  # caller | callee | pbx
     end_reason: str | None = None  # why the server ended it: rtp-timeout, max-call-seconds, session-expired
     voicemail: str | None = None  # the mailbox the caller is leaving a message in
-    # The rung extension's mailbox: where the caller goes on busy or no answer.
-    mailbox: str | None = None
+    # What happens when nobody answers the extensions rung now (where the rung
+    # extension forwards, a ring group's next member), and which they are.
+    fallback: Fallback | None = None
+    rung: tuple[str, ...] = ()
+    forwards: int = 0  # times forwarded (pbx.calls.forwarding caps them: loops)
     # Extensions this call occupies: the calling one, the rung or bridged one, the agent.
     extensions: set[str] = field(default_factory=set)
+    # The id every piece of one conversation shares across transfers (pbx.calls.moves):
+    # the first piece's own id.
+    linked_id: str = ""
+    transferred_by: str | None = None  # who sent the caller here: the transferring extension or number
+    transfer_to: str | None = None  # where this piece's caller was transferred to when it ended so
     # Resolves with the CDR disposition when the call ends.
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # Resolves when the caller is bridged to someone.
     bridged: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Resolves when someone takes the call: a person, or the server (IVR, queue, voicemail).
+    taken: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def __post_init__(self) -> None:
+        self.linked_id = self.linked_id or self.id
 
     @property
     def state(self) -> CallState:
@@ -180,6 +196,8 @@ class Call:
         if state not in TRANSITIONS[self._state]:
             raise IllegalTransition(f"call {self.id} cannot go from {self._state.value} to {state.value}")
         self._state = state
+        if state in (CallState.IVR, CallState.QUEUED, CallState.ANSWERED) and not self.taken.done():
+            self.taken.set_result(None)
 
     @property
     def ended(self) -> bool:

@@ -11,7 +11,7 @@ from pbx.calls.model import Call, CallState
 from pbx.config.model import Config
 from pbx.errors import BadRequest, CallError
 from pbx.recordings.recorder import Recorder, Recording
-from pbx.sip.dialog import OutboundLeg
+from pbx.sip.outbound_leg import OutboundLeg
 
 logger = logging.getLogger(__name__)
 

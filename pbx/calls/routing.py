@@ -24,7 +24,7 @@ from pbx.config.model import Config, Destination, Trunk
 from pbx.errors import BadRequest, CallError
 from pbx.events import EventBus
 from pbx.security import security_event
-from pbx.sip.dialog import OutboundLeg
+from pbx.sip.outbound_leg import OutboundLeg
 
 
 class DialRefused(CallError):
@@ -124,7 +124,7 @@ def route_dialed(cfg: Config, number: str) -> Destination:
     if number in cfg.inbound:
         return cfg.inbound[number]
     features = cfg.features
-    if number in (features.voicemail_main, features.agent_login, features.agent_pause):
+    if number in (features.voicemail_main, features.agent_login, features.agent_pause) or features.sets_phone(number):
         return Destination("feature", number)
     return Destination("external", number)
 

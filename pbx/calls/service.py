@@ -28,12 +28,19 @@ from pbx.calls.answering import Answering
 from pbx.calls.bridge import Bridge
 from pbx.calls.cdr import row_of, unconnected_row
 from pbx.calls.dialer import Dialer
+from pbx.calls.callees import Callees
 from pbx.calls.forks import Forks
+from pbx.calls.forwarding import Forwarding
+from pbx.calls.groups import RingGroups
 from pbx.calls.journal import CallJournal
 from pbx.calls.midcall import MidCall
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
+from pbx.calls.moves import Moves
 from pbx.calls.recording import CallRecording
+from pbx.calls.replaces import Replacing
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
+from pbx.calls.settings import PhoneSettings
+from pbx.calls.transfer import Transfers
 from pbx.calls.watchdog import Watchdog
 from pbx.config.model import Config, Destination
 from pbx.errors import BadRequest
@@ -44,8 +51,10 @@ from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import PromptLibrary
 from pbx.media.srtp import SrtpSides
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.dialog import ALLOW, InboundLeg, Leg, LegState, OutboundLeg
+from pbx.sip.dialog import ALLOW, DIALOG_METHODS, InboundLeg, Leg, LegState
+from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.messages import uri_user
+from pbx.sip.methods import allow_header, refuse
 from pbx.sip.registrar import Registrar
 from pbx.sip.sdp import SdpCodec, parse_media
 from pbx.sip.stack import SipStack, transaction_branch
@@ -56,7 +65,8 @@ from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
-ALLOW_OUT_OF_DIALOG = f"{ALLOW}, REGISTER"
+# Outside dialogs the server also takes REGISTER and SUBSCRIBE (pbx.app routes them).
+ALLOW_OUT_OF_DIALOG = allow_header([*DIALOG_METHODS, "REGISTER", "SUBSCRIBE"])
 
 
 class CallService:
@@ -94,12 +104,19 @@ class CallService:
         self.calls: dict[str, Call] = {}
         self._legs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self.dialing = DialPolicy(config, events, self.calls_of)  # outbound rules, class of service, max_calls
+        self.forwarding = Forwarding(config, PhoneSettings(store), self.dialing, self.answering.available)
+        self.answering.settings = self.forwarding
         self.admission = Admission(config, authenticator, guard, registrar, events, self.dialing)
         self.dialer = Dialer(config, stack, registrar, self.dialing, ports=ports, clock=clock, events=events, media_ip=media_ip)
         self.watchdog = Watchdog(config, self.calls, self.hang_up)
-        self.midcall = MidCall(self._legs, self._leg_hung_up, self.watchdog.time_out)
+        self.midcall = MidCall(self._legs, self._leg_hung_up, self.watchdog.time_out, lambda *refer: self.transfers.refer(*refer))
         self.forks = Forks(config, self.dialer, self._legs, lambda: self.midcall.leg_events(self.forks), self._bridged, self._callee_failed)
+        groups = RingGroups(config, self.forwarding)
+        self.callees = Callees(self.forwarding, groups, forks=self.forks, go=self._go, fail=self._fail_caller, run=self._run)
         self._tasks = Background("call")
+        self.moves = Moves(config, self.calls, self._legs, self.journal, self.events, end=self._end, bridged=self._bridged)
+        self.transfers = Transfers(config, self.moves, self.dialing, self.answering.available, self._go, self._run, self._tasks.spawn, self.hang_up)
+        self.replacing = Replacing(config, self.admission, self.moves, stack, self.midcall.leg_events, self.hang_up)  # RFC 3891
         self._drain_until: float | None = None  # loop time: set once the server is stopping
 
     # --- entry points ---
@@ -125,12 +142,16 @@ class CallService:
             found = self._legs.get((request.call_id or "", to_tag))
             if found is not None:
                 found[1].in_dialog(request, txn)
-            elif method != "ACK":
+            elif method in Leg.HANDLERS:
                 txn.reply(481)
+            elif method != "ACK":
+                refuse(txn, ALLOW)  # a method no dialog handles: that is said first (RFC 3261 §8.2.1)
         elif method == "INVITE" and self._drain_until is not None:
             retry = max(1, math.ceil(self._drain_until - asyncio.get_running_loop().time()))
             call_event(request.call_id or "", "refused", status=503, reason="draining", retry_after=retry)
             txn.reply(503, headers={"Retry-After": str(retry)})
+        elif method == "INVITE" and request.headers.get_first("replaces"):
+            self.replacing.invite(request, flow, txn)  # RFC 3891
         elif method == "INVITE":
             self._new_call(request, flow, txn)
         elif method == "OPTIONS":
@@ -138,7 +159,7 @@ class CallService:
         elif method in ("BYE", "INFO", "UPDATE", "PRACK", "NOTIFY"):
             txn.reply(481)
         elif method != "ACK":
-            txn.reply(405, headers={"Allow": ALLOW_OUT_OF_DIALOG})
+            refuse(txn, ALLOW_OUT_OF_DIALOG)
 
     def handle_stray_response(self, response: SipResponse) -> None:
         """A 2xx retransmitted after its transaction ended: ACK it again."""
@@ -187,6 +208,7 @@ class CallService:
         )
         if direction != "inbound":
             call.extensions.add(caller)
+            self.dialer.states.track(a, caller, "initiator", called)
         self.calls[call.id] = call
         self._legs[call.a.key] = (call, call.a)
         self.events.emit("call_started", call_id=call.id, direction=direction)
@@ -214,6 +236,10 @@ class CallService:
     def calls_of(self, extension: str) -> int:
         """The calls ``extension`` is in now, being rung for one included (its ``max_calls`` counts them)."""
         return self.dialer.ringing[extension] + sum(1 for call in self.calls.values() if extension in call.extensions)
+
+    def extension_dnd(self, extension: str) -> bool:
+        """Whether ``extension`` is in do-not-disturb (queue agents are not offered calls then)."""
+        return self.forwarding.dnd(extension)
 
     def extension_busy(self, extension: str) -> bool:
         """Whether ``extension`` is on a call or being rung (queue agents are never rung then)."""
@@ -260,11 +286,10 @@ class CallService:
             return
         if destination.kind in ("ivr", "queue", "feature", "voicemail"):
             await self.answering.take(call, destination)
+        elif destination.kind in ("extension", "group"):
+            await self.callees.ring(call, destination)  # forwarding, do-not-disturb, a group's members
         else:
-            mailbox = destination.target if destination.kind == "extension" else None
-            if mailbox is not None and not self.answering.available(Destination("voicemail", mailbox)):
-                mailbox = None
-            await self.forks.ring(call, destination, party, mailbox)
+            await self.forks.ring(call, [destination], party)
 
     def offer_sdp(self, call: Call) -> str:
         """The SDP offer for ringing someone on behalf of ``call``."""
@@ -275,6 +300,7 @@ class CallService:
         codec, sdp = call.bridge.answer_here(call.a.flow.addr[0])
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(sdp)
+        if call.answered_at is None:
             call.answered_at = time.time()
             self.journal.answered(call)
         return codec
@@ -303,11 +329,11 @@ class CallService:
         self._bridged(call, leg, answer)
         return True
 
-    def _bridged(self, call: Call, leg: OutboundLeg, answer: str) -> None:
+    def _bridged(self, call: Call, leg: Leg, answer: str) -> None:
         """``call``'s caller now talks to ``leg``: answer the caller if it
         still rings (with ``answer``), start recording, log it."""
         call.b = leg
-        call.forks = [leg]
+        call.forks = [leg] if isinstance(leg, OutboundLeg) else []
         call.leave_queue(time.time())
         call.move(CallState.ANSWERED)
         call.bridged.set_result(None)
@@ -315,6 +341,7 @@ class CallService:
         call.bridge.relay.a.stop_playback()
         if isinstance(call.a, InboundLeg) and call.a.state is not LegState.ANSWERED:
             call.a.answer(answer)
+        if call.answered_at is None:  # a transfer's piece is answered when its target answers
             call.answered_at = time.time()
             self.journal.answered(call)
         self.recording.on_bridged(call)
@@ -387,18 +414,8 @@ class CallService:
     # --- what the legs tell us (mid-call requests: pbx.calls.midcall) ---
 
     def _callee_failed(self, call: Call, status: int, disposition: str) -> None:
-        """Nobody took the call: to the callee's voicemail when busy, not
-        answering or not registered and it has a mailbox, else end it."""
-        mailbox, call.mailbox = call.mailbox, None
-        if mailbox is None or disposition not in ("busy", "no-answer", "unavailable"):
-            self._fail_caller(call, status, disposition)
-            return
-        call_event(call.id, "forwarded", reason=disposition, destination=Destination("voicemail", mailbox))
-        if call.ring_timer is not None:
-            call.ring_timer.cancel()
-        call.extensions.discard(mailbox)
-        call.early_sdp = None
-        self._run(call, self._go(call, Destination("voicemail", mailbox)))
+        """Nobody took the call: pbx.calls.callees knows where it goes next, if anywhere."""
+        self.callees.failed(call, status, disposition)
 
     # --- the end of a call ---
 
@@ -463,7 +480,7 @@ class CallService:
         if call.task is not None and call.task is not asyncio.current_task():
             call.task.cancel()
         ended = time.time()
-        for leg in [call.a, *call.forks]:
+        for leg in [call.a, *call.forks, *([call.b] if call.b is not None else [])]:
             self._legs.pop(leg.key, None)
         self.calls.pop(call.id, None)
         if not call.done.done():

@@ -1,5 +1,5 @@
 """Destinations as files write them: ``ivr:FLOW``, ``queue:NAME``, ``extension:NUM``,
-``voicemail:MAILBOX``, ``external:NUMBER[@TRUNK]`` or ``hangup``.
+``group:NAME``, ``voicemail:MAILBOX``, ``external:NUMBER[@TRUNK]`` or ``hangup``.
 
 pbx.yaml and the IVR flows (`pbx.ivr.schema`) hold them alike, so both read
 them here: `read_destination` parses one and refers to what it names, the
@@ -17,19 +17,20 @@ from typing import Final
 from pbx.config.model import Config, Destination
 from pbx.yamlfile import ConfigIssue, Invalid, Reader, YamlNode
 
-DESTINATION_KINDS: Final = ("ivr", "queue", "extension", "voicemail", "external", "hangup")
+DESTINATION_KINDS: Final = ("ivr", "queue", "extension", "group", "voicemail", "external", "hangup")
 
 # How names (flows, queues, trunks) and extension numbers are written; the
 # section tables (`pbx.config.sections`) read their keys with the same patterns.
 NAME: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 DIGITS: Final = r"[0-9]+"
-_DIAL_NUMBER = r"\+?[0-9*#]+"
+DIAL_NUMBER: Final = r"\+?[0-9*#]+"
 _TARGET_RULES: Final = {
     "ivr": (NAME, "a flow name"),
     "queue": (NAME, "a queue name"),
     "extension": (DIGITS, "an extension number"),
+    "group": (NAME, "a ring group name"),
     "voicemail": (rf"{DIGITS}|main", "a mailbox number, or main (ask for the mailbox and PIN)"),
-    "external": (rf"{_DIAL_NUMBER}(@{NAME})?", "a number, optionally followed by @TRUNK"),
+    "external": (rf"{DIAL_NUMBER}(@{NAME})?", "a number, optionally followed by @TRUNK"),
 }
 
 # What `Reader.refer` may name: kind -> (key in `Reader.declared` holding the names, noun
@@ -38,6 +39,7 @@ REFERENCE_KINDS: Final = {
     "extension": ("extension", "extension"),
     "mailbox": ("mailbox", "mailbox"),  # extensions with a `voicemail` section
     "queue": ("queue", "queue"),
+    "group": ("group", "ring group"),
     "trunk": ("trunk", "trunk"),
     "ivr": ("ivr", "IVR flow"),
 }
@@ -76,20 +78,19 @@ class DestinationReader(Reader):
         reference_kinds: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(file, issues, base_dir=base_dir, reference_kinds=reference_kinds)
-        self.external: list[tuple[Destination, YamlNode]] = []
+        # Each ``external:`` destination, and the extension it is dialed for (None: the server).
+        self.external: list[tuple[Destination, YamlNode, str | None]] = []
 
     def check_dialable(self, config: Config) -> None:
         """Report every ``external:`` destination whose number no outbound rule
-        lets the server dial: the call would be refused when it got there."""
-        for destination, node in self.external:
+        lets its party dial (the server, or the extension that forwards there):
+        the call would be refused when it got there."""
+        for destination, node, party in self.external:
             if destination.trunk is not None and destination.trunk not in config.trunks:
                 continue  # reported as an unknown trunk
-            if config.route_outbound(destination.target) is None:
-                self.report(
-                    node.line,
-                    f"{node.path}: no outbound rule lets the server dial {destination.target!r} "
-                    "(rules with an `extensions` list serve only those extensions)",
-                )
+            if config.route_outbound(destination.target, party) is None:
+                who, why = (f"extension {party}", "") if party else ("the server", " (rules with an `extensions` list serve only those extensions)")
+                self.report(node.line, f"{node.path}: no outbound rule lets {who} dial {destination.target!r}{why}")
 
 
 def read_destination(r: Reader, node: YamlNode) -> Destination:
@@ -103,16 +104,41 @@ def read_destination(r: Reader, node: YamlNode) -> Destination:
         destination = parse_destination(node.value)
     except ValueError as exc:
         raise Invalid(f"{node.name}: {exc}") from None
+    _refer_to(r, destination, node, None)
+    return destination
+
+
+def read_forward(r: Reader, node: YamlNode) -> Destination:
+    """Converter for where an extension forwards (``extensions.N.forward.*``):
+    a destination, or a number as the extension would dial it (an extension,
+    else a number outside, which must pass the outbound rules of extension N)."""
+    written = node.written()
+    if written is None or not (re.fullmatch(DIAL_NUMBER, written) or ":" in written or written == "hangup"):
+        raise Invalid(f"{node.name} must be a number or a destination like voicemail:1001, not {node.value!r}")
+    if re.fullmatch(DIAL_NUMBER, written):
+        destination = Destination("extension" if written in r.declared.get("extension", set()) else "external", written)
+    else:
+        try:
+            destination = parse_destination(written)
+        except ValueError as exc:
+            raise Invalid(f"{node.name}: {exc}") from None
+    party = node.path.split(".")[1]  # extensions.N.forward.KEY: a forwarded call is dialed for N
+    _refer_to(r, destination, node, party)
+    return destination
+
+
+def _refer_to(r: Reader, destination: Destination, node: YamlNode, party: str | None) -> None:
+    """Check what ``destination`` names once everything is read; an outside
+    number, that some outbound rule lets ``party`` dial it."""
     match destination.kind:
-        case "ivr" | "queue" | "extension":
+        case "ivr" | "queue" | "extension" | "group":
             r.refer(destination.kind, destination.target, node)
         case "voicemail" if destination.target != "main":
             r.refer("mailbox", destination.target, node)
         case "external":
             r.refer("trunk", destination.trunk, node)
             if isinstance(r, DestinationReader):
-                r.external.append((destination, node))
-    return destination
+                r.external.append((destination, node, party))
 
 
 def mailbox_hint(kind: str, name: str, extensions: set[str]) -> str:

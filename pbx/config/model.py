@@ -21,6 +21,7 @@ type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CODECS: Final = ("PCMU", "PCMA", "G722")
 QUEUE_STRATEGIES: Final = ("ringall", "round-robin", "longest-idle", "fewest-calls", "random", "linear")
+GROUP_STRATEGIES: Final = ("ringall", "hunt")
 MIN_PASSWORD_LENGTH: Final = 8
 SRTP_MODES: Final = ("optional", "mandatory", "off")
 
@@ -139,6 +140,18 @@ class VoicemailBox:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """``extensions.N.forward``: where the extension's calls go instead of
+    ringing it (``always``), when it is busy or in do-not-disturb (``busy``),
+    and when it does not answer or is not registered (``no_answer``); None:
+    the default (the extension's mailbox for busy and no_answer, when it has one)."""
+
+    always: Destination | None = None
+    busy: Destination | None = None
+    no_answer: Destination | None = None
+
+
+@dataclass(frozen=True)
 class Extension:
     """A phone account; ``number`` is its key in ``extensions``."""
 
@@ -149,6 +162,9 @@ class Extension:
     record: bool  # record its answered calls, in and out
     max_contacts: int  # registered bindings at most; a REGISTER beyond it is refused
     max_calls: int  # calls it may be in at once; the next one it places is refused (toll fraud)
+    forward: Forward = Forward()  # what a phone sets with feature codes overrides `always` (pbx.calls.settings)
+    # Digest algorithms its REGISTERs and calls are challenged with, in order; None: sip.auth_algorithms.
+    auth_algorithms: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,8 @@ class Trunk:
     caller_id: str | None
     max_calls: int | None = None  # calls through it at once; None: no limit
     transport: str = "udp"  # "udp" | "tls" (host written with ;transport=tls)
+    # Digest algorithms the server may answer the provider's challenges with (Asterisk's supported_algorithms_uac).
+    auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
 
 
 @dataclass(frozen=True)
@@ -194,7 +212,7 @@ class OutboundRule:
 @dataclass(frozen=True)
 class Destination:
     """Where a call goes: ``ivr:FLOW``, ``queue:NAME``, ``extension:NUM``,
-    ``voicemail:MAILBOX``, ``external:NUMBER[@TRUNK]`` or ``hangup``."""
+    ``group:NAME``, ``voicemail:MAILBOX``, ``external:NUMBER[@TRUNK]`` or ``hangup``."""
 
     kind: str
     target: str  # "" for hangup
@@ -248,6 +266,17 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A ring group; ``name`` is its key in ``groups`` and ``group:NAME`` reaches it."""
+
+    name: str
+    members: tuple[str, ...]  # extensions
+    strategy: str  # GROUP_STRATEGIES: ringall (every member at once) | hunt (one after another)
+    ring_timeout: int  # seconds the group rings (ringall), or each member rings (hunt)
+    on_fail: Destination | None  # where the call goes when nobody answered; None: the caller gets the failure
+
+
+@dataclass(frozen=True)
 class RecordingConfig:
     """``recording``: file format and retention of call recordings."""
 
@@ -284,6 +313,14 @@ class FeaturesConfig:
     voicemail_main: str
     agent_login: str
     agent_pause: str
+    forward_on: str = "*72"  # followed by the number: forward every call there
+    forward_off: str = "*73"
+    dnd_on: str = "*78"
+    dnd_off: str = "*79"
+
+    def sets_phone(self, number: str) -> bool:
+        """Whether dialing ``number`` changes the caller's own do-not-disturb or forwarding."""
+        return number in (self.forward_off, self.dnd_on, self.dnd_off) or number.startswith(self.forward_on)
 
 
 @dataclass(frozen=True)
@@ -307,6 +344,7 @@ class Config:
     voicemail: VoicemailConfig
     smtp: SmtpConfig | None  # None: voicemail is not e-mailed
     features: FeaturesConfig
+    groups: dict[str, Group]
 
     def mailbox(self, number: str) -> VoicemailBox | None:
         """The mailbox of extension ``number``; None when it has no voicemail section or is no extension."""

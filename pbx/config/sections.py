@@ -10,13 +10,17 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from pbx.config.destinations import DIGITS, NAME, read_destination
+from pbx.config.destinations import DIGITS, NAME, read_destination, read_forward
 from pbx.config.model import (
     CODECS,
+    GROUP_STRATEGIES,
     MIN_PASSWORD_LENGTH,
     QUEUE_STRATEGIES,
+    Destination,
     Extension,
     FeaturesConfig,
+    Forward,
+    Group,
     HttpConfig,
     IvrConfig,
     OutboundRule,
@@ -116,6 +120,10 @@ def _build_extension(node: YamlNode, values: dict[str, Any]) -> Extension:
             f"password of extension {node.key} is shorter than {MIN_PASSWORD_LENGTH} characters",
             node.line_of("password"),
         )
+    forward: Forward = values["forward"]
+    for key in ("always", "busy", "no_answer"):
+        if getattr(forward, key) == Destination("extension", node.key):
+            raise Invalid(f"extension {node.key} forwards to itself", node.value["forward"].line_of(key))
     return Extension(node.key, **values)
 
 
@@ -123,7 +131,7 @@ def _build_trunk(node: YamlNode, values: dict[str, Any]) -> Trunk:
     host, port, transport = values["host"]
     return Trunk(
         node.key, host, port, values["inbound_from"], values["register"], values["caller_id"], max_calls=values["max_calls"],
-        transport=transport,
+        transport=transport, auth_algorithms=values["auth_algorithms"],
     )
 
 
@@ -150,6 +158,10 @@ def _extensions(r: Reader, node: YamlNode) -> dict[str, Extension]:
     return table("extension", _number, section(_EXTENSION_FIELDS, _build_extension))(r, node)
 
 
+def _build_group(node: YamlNode, values: dict[str, Any]) -> Group:
+    return Group(node.key, values["members"], values["strategy"], values["ring_timeout"], values["on_fail"])
+
+
 def _build_smtp(node: YamlNode, values: dict[str, Any]) -> SmtpConfig:
     host, port = values["host"]
     return SmtpConfig(host, port, values["username"], values["password"], values["from"], values["starttls"])
@@ -168,6 +180,7 @@ _number = matching(DIGITS, "an extension number (digits)")
 _name = matching(NAME, "a name of letters, digits, '_', '.' or '-'")
 _dtmf_digit = matching(r"[0-9*#]", "one DTMF key (0-9, * or #)")
 _feature_code = matching(r"[0-9*#]+", "a code of DTMF keys, like \"*97\"")
+_digest_algorithms = list_of(choice("SHA-256", "MD5"), non_empty=True, unique=True)
 
 _TLS_FIELDS = (
     Field("cert", existing_file),
@@ -181,7 +194,7 @@ _SIP_FIELDS = (
     Field("user_agent", text, "pbx"),
     Field("ring_timeout", integer(1, 600), 30),
     Field("drain_timeout", integer(0, 3600), 30),
-    Field("auth_algorithms", list_of(choice("SHA-256", "MD5"), non_empty=True, unique=True), ["SHA-256", "MD5"]),
+    Field("auth_algorithms", _digest_algorithms, ["SHA-256", "MD5"]),
     Field("tls", optional(section(_TLS_FIELDS, _build_tls)), None),
     Field("max_call_seconds", integer(1, 604800), 14400),
     Field("session_expires", integer(0, 86400), 1800),
@@ -209,6 +222,11 @@ _MAILBOX_FIELDS = (
     Field("pin", optional(matching(r"[0-9]{4,}", "a PIN of at least 4 digits, in quotes")), None),
     Field("email", optional(matching(r"[^@\s]+@[^@\s]+", "an email address")), None),
 )
+_FORWARD_FIELDS = (
+    Field("always", optional(read_forward), None),
+    Field("busy", optional(read_forward), None),
+    Field("no_answer", optional(read_forward), None),
+)
 _EXTENSION_FIELDS = (
     Field("name", text),
     Field("password", string),
@@ -216,6 +234,8 @@ _EXTENSION_FIELDS = (
     Field("record", boolean, False),
     Field("max_contacts", integer(1, 100), 10),
     Field("max_calls", integer(1, 1000), 4),
+    Field("forward", section(_FORWARD_FIELDS, fields_of(Forward)), {}),
+    Field("auth_algorithms", optional(_digest_algorithms), None),  # None: sip.auth_algorithms
 )
 _REGISTER_FIELDS = (
     Field("username", text),
@@ -228,6 +248,7 @@ _TRUNK_FIELDS = (
     Field("register", optional(section(_REGISTER_FIELDS, fields_of(TrunkRegister))), None),
     Field("caller_id", optional(matching(r"\+?[0-9]+", "a phone number like \"+15550100\"")), None),
     Field("max_calls", optional(integer(1, 100000)), None),
+    Field("auth_algorithms", _digest_algorithms, ["SHA-256", "MD5"]),
 )
 _OUTBOUND_FIELDS = (
     Field("match", regex),
@@ -261,6 +282,12 @@ _QUEUE_FIELDS = (
     Field("record", boolean, True),
     Field("callback", section(_CALLBACK_FIELDS, fields_of(QueueCallback)), {}),
 )
+_GROUP_FIELDS = (
+    Field("members", list_of(reference("extension", _number), non_empty=True, unique=True)),
+    Field("strategy", choice(*GROUP_STRATEGIES), "ringall"),
+    Field("ring_timeout", integer(1, 600), 20),
+    Field("on_fail", optional(read_destination), None),
+)
 _RECORDING_FIELDS = (
     Field("format", choice("wav"), "wav"),
     Field("stereo", boolean, True),
@@ -282,6 +309,10 @@ _FEATURES_FIELDS = (
     Field("voicemail_main", _feature_code, "*97"),
     Field("agent_login", _feature_code, "*45"),
     Field("agent_pause", _feature_code, "*46"),
+    Field("forward_on", _feature_code, "*72"),
+    Field("forward_off", _feature_code, "*73"),
+    Field("dnd_on", _feature_code, "*78"),
+    Field("dnd_off", _feature_code, "*79"),
 )
 CONFIG_FIELDS = (
     Field("sip", section(_SIP_FIELDS, _build_sip), {}),
@@ -300,4 +331,5 @@ CONFIG_FIELDS = (
     Field("voicemail", section(_VOICEMAIL_FIELDS, _build_voicemail), {}),
     Field("smtp", optional(section(_SMTP_FIELDS, _build_smtp)), None),
     Field("features", section(_FEATURES_FIELDS, _build_features), {}),
+    Field("groups", table("group", _name, section(_GROUP_FIELDS, _build_group)), {}),
 )

@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from pbx import __version__
-from pbx.calls import cdr_http
+from pbx.calls import cdr_http, extensions_http
 from pbx.calls import http as calls_http
-from pbx.http.openapi import Operation, Reply, document, ref
+from pbx.http.openapi import Operation, Reply, document
+from pbx.http.schemas import ref
 from pbx.http.services import SERVICES, AdminServices
 from pbx.ivr import http as ivr_http
 from pbx.queues import http as queues_http
@@ -54,6 +55,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *_OPERATIONS,
     *calls_http.OPERATIONS,
     *sip_http.OPERATIONS,
+    *extensions_http.OPERATIONS,
     *queues_http.OPERATIONS,
     *voicemail_http.OPERATIONS,
     *recordings_http.OPERATIONS,

@@ -22,9 +22,9 @@ from pbx.http.openapi import (
     PAGE_LIMIT_DEFAULT,
     PAGE_LIMIT_MAX,
     PAGE_OFFSET_MAX,
-    Schema,
     validate_body,
 )
+from pbx.http.schemas import Schema
 from pbx.http.server import JSON_TYPE, not_json
 
 

@@ -15,9 +15,11 @@ from typing import Protocol
 from aiohttp import web
 
 from pbx.calls.click_to_call import ClickToCalls
+from pbx.calls.forwarding import Forwarding
 from pbx.calls.journal import CallJournal
 from pbx.calls.model import Call
 from pbx.calls.recording import CallRecording
+from pbx.calls.transfer import Transfers
 from pbx.config.model import Config, Destination
 from pbx.ivr.nodes import Flow
 from pbx.media.prompts import PromptLibrary
@@ -48,6 +50,14 @@ class AdminCalls(Protocol):
     @property
     def journal(self) -> CallJournal:
         """The calls' rows: an answer that promises one awaits :meth:`CallJournal.stored` first."""
+
+    @property
+    def transfers(self) -> Transfers:
+        """Transfers a bridged call's party elsewhere."""
+
+    @property
+    def forwarding(self) -> Forwarding:
+        """Each extension's do-not-disturb and forwarding."""
 
     def hang_up(self, call: Call) -> None:
         """End ``call`` from the server's side."""

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from pbx.config.model import ConfigError
 from pbx.errors import PbxError
-from pbx.http.openapi import PAGINATION, Operation, Reply, page_reply, ref
+from pbx.http.openapi import PAGINATION, Operation, Reply, page_reply
 from pbx.http.requests import paged
+from pbx.http.schemas import ref
 from pbx.http.services import SERVICES
 from pbx.ivr.flows import flow_files, load_flows
 

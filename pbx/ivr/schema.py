@@ -85,6 +85,7 @@ class FlowReader(DestinationReader):
             extension=set(config.extensions),
             mailbox={number for number, ext in config.extensions.items() if ext.voicemail is not None},
             queue=set(config.queues),
+            group=set(config.groups),
             trunk=set(config.trunks),
             ivr=flow_names,
         )

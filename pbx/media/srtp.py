@@ -286,6 +286,17 @@ class SrtpSides:
             return True
         return session is not None and session.accept_answer(cryptos)
 
+    def turn(self) -> None:
+        """The relay's sides swapped names (a transfer): each keeps its keys."""
+        sessions = self._sessions
+        self._sessions = {name: sessions[other] for name, other in (("a", "b"), ("b", "a")) if other in sessions}
+
+    def forget(self, side: RelaySide) -> None:
+        """``side``'s peer left: the next peer gets new keys from :meth:`offer`."""
+        session = self._sessions.pop(side.name, None)
+        if session is not None and session.active:
+            session.stop()
+
     def _plain(self, side: RelaySide) -> None:
         session = self._sessions.get(side.name)
         if session is not None and session.active:

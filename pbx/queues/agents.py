@@ -1,10 +1,10 @@
 """Agents: who may be offered a queue call now, and what agents do about it.
 
-An agent is free when logged in, not paused, registered with a phone that
-answers (pbx.sip.qualify), out of wrap-up, and on no call at all (queue or
-direct). Agents log in and out and pause with feature codes or the API; two
-offers missed in a row pause them too. After a queue call the agent has the
-queue's wrap-up time before the next offer.
+An agent is free when logged in, not paused, not in do-not-disturb (``*78``),
+registered with a phone that answers (pbx.sip.qualify), out of wrap-up, and
+on no call at all (queue or direct). Agents log in and out and pause with
+feature codes or the API; two offers missed in a row pause them too. After
+a queue call the agent has the queue's wrap-up time before the next offer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pbx.tasks import Background
 
 logger = logging.getLogger(__name__)
 
-AGENT_STATES = ("logged_out", "available", "ringing", "busy", "wrapup", "paused")
+AGENT_STATES = ("logged_out", "available", "ringing", "busy", "wrapup", "paused", "dnd")
 MISSES_BEFORE_PAUSE = 2
 
 
@@ -71,6 +71,8 @@ class Agents:
             return "ringing"
         if self.calls.extension_busy(ext):
             return "busy"
+        if self.calls.extension_dnd(ext):
+            return "dnd"
         if member.paused:
             return "paused"
         if time.time() < self._wrapup_until.get(ext, 0.0):
@@ -91,8 +93,12 @@ class Agents:
         return any(m.logged_in and self.registered(m.extension) for m in line.members.values())
 
     def on_duty(self, line: Line) -> int:
-        """The agents of ``line`` taking its calls: logged in, not paused, registered."""
-        return sum(1 for m in line.members.values() if m.logged_in and not m.paused and self.registered(m.extension))
+        """The agents of ``line`` taking its calls: logged in, not paused, not in do-not-disturb, registered."""
+        return sum(
+            1
+            for m in line.members.values()
+            if m.logged_in and not m.paused and not self.calls.extension_dnd(m.extension) and self.registered(m.extension)
+        )
 
     def free(self, line: Line) -> list[str]:
         """The agents of ``line`` that may be offered a call now, in member order."""

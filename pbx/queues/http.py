@@ -11,16 +11,9 @@ from aiohttp import web
 
 from pbx.calls.routing import DialRefused
 from pbx.errors import NotFound, QueueError
-from pbx.http.openapi import (
-    NO_CONTENT,
-    PAGINATION,
-    Operation,
-    Reply,
-    page_reply,
-    query,
-    ref,
-)
+from pbx.http.openapi import NO_CONTENT, PAGINATION, Operation, Reply, page_reply, query
 from pbx.http.requests import Query, about_field, invalid_body, page, paged, read_body
+from pbx.http.schemas import ref
 from pbx.http.services import SERVICES, AdminServices
 from pbx.store.db import iso_time
 from pbx.store.queries import callback_page

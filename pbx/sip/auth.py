@@ -34,7 +34,7 @@ from aiosipua import AuthChallenge, SipRequest, parse_auth, stringify_auth
 
 from pbx.events import EventBus
 from pbx.security import address_key, security_event
-from pbx.sip.messages import make_response
+from pbx.sip.messages import address_user, make_response
 from pbx.sip.transactions import ServerTransaction
 
 logger = logging.getLogger(__name__)
@@ -103,17 +103,20 @@ class DigestAuthenticator:
         nonce_ttl: float = 300,
         clock: Callable[[], float] = time.time,
         algorithms: tuple[str, ...] = tuple(ALGORITHMS),
+        algorithms_of: Callable[[str], tuple[str, ...] | None] = lambda user: None,
         nonce_slots: int = NONCE_SLOTS,
     ) -> None:
         """``algorithms`` are the ones offered, in challenge order, and the
         only ones accepted (MD5 first helps clients that read only the first
-        challenge). ``nonce_slots`` is how many of the newest nonces keep
-        their nonce count."""
+        challenge), unless ``algorithms_of`` gives a user's own (an extension's
+        ``auth_algorithms``: old clients give up on two challenges). ``nonce_slots``
+        is how many of the newest nonces keep their nonce count."""
         unknown = set(algorithms) - set(ALGORITHMS)
         if unknown or not algorithms:
             raise ValueError(f"unsupported digest algorithms: {sorted(unknown) or 'none given'}")
         self.realm = realm
         self.algorithms = algorithms
+        self.algorithms_of = algorithms_of
         self.nonce_ttl = nonce_ttl
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
@@ -123,12 +126,17 @@ class DigestAuthenticator:
         self._counts = array.array("I", bytes(4 * nonce_slots))
         self._next_serial = 0
 
-    def challenge_headers(self, source_ip: str, *, stale: bool = False) -> list[str]:
-        """Values for WWW-Authenticate (or Proxy-Authenticate): one challenge
-        per supported algorithm, the preferred one first, all with one new nonce."""
+    def algorithms_for(self, user: str | None) -> tuple[str, ...]:
+        """The algorithms ``user`` is challenged with and may answer in."""
+        return (self.algorithms_of(user) if user else None) or self.algorithms
+
+    def challenge_headers(self, source_ip: str, *, stale: bool = False, user: str | None = None) -> list[str]:
+        """Values for WWW-Authenticate (or Proxy-Authenticate) to a request
+        for ``user``: one challenge per algorithm of theirs, the preferred one
+        first, all with one new nonce."""
         nonce = self._mint_nonce(source_ip)
         headers = []
-        for algorithm in self.algorithms:
+        for algorithm in self.algorithms_for(user):
             params = {
                 "realm": self.realm,
                 "nonce": nonce,
@@ -173,7 +181,7 @@ class DigestAuthenticator:
         if params["realm"] != self.realm:
             return failed(f"wrong realm {params['realm']!r}")
         algorithm = params.get("algorithm", "MD5").upper()
-        if algorithm not in self.algorithms:
+        if algorithm not in self.algorithms_for(username):
             return failed(f"algorithm {algorithm!r} is not offered")
         if "opaque" in params and params["opaque"] != self._opaque:
             return failed("wrong opaque")
@@ -423,7 +431,9 @@ def authenticate_request(
         return None
     response = make_response(request, 401, to_tag=txn.to_tag)
     stale = result.status in (AuthStatus.STALE, AuthStatus.REPLAY)
-    for challenge in authenticator.challenge_headers(ip, stale=stale):
+    # Before any credentials, From names the extension the request comes from.
+    user = result.username or address_user(request.headers.get_first("from"))
+    for challenge in authenticator.challenge_headers(ip, stale=stale, user=user):
         response.headers.append("WWW-Authenticate", challenge)
     txn.respond(response)
     return None

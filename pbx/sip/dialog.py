@@ -1,7 +1,7 @@
 """Call legs: one SIP dialog each, seen from the server (RFC 3261 §12-§15).
 
 An :class:`InboundLeg` is a dialog a peer opened with us (we are its UAS); an
-:class:`OutboundLeg` is one we opened (we are its UAC). Both are explicit state
+:class:`~pbx.sip.outbound_leg.OutboundLeg` is one we opened (we are its UAC). Both are explicit state
 machines: every change goes through :meth:`Leg._enter`, which refuses a
 transition that the table does not allow. Each runs its own session timer
 with its peer (:mod:`pbx.sip.session_timer`).
@@ -14,32 +14,25 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from aiosipua import (
     Dialog,
-    DialogState,
-    SipDigestAuth,
     SipMessage,
     SipRequest,
     SipResponse,
     create_dialog_from_request,
-    generate_call_id,
-    generate_tag,
-    parse_auth,
-    stringify_auth,
     stringify_uri,
 )
-from aiosipua.auth import build_credentials
 
 from pbx.sip.messages import make_response
+from pbx.sip.methods import allow_header, refuse
 from pbx.sip.session_timer import SessionTimer, listed
 from pbx.sip.stack import SipStack
-from pbx.sip.transactions import T1, T2, TIMER_B, ClientTransaction, ServerTransaction, invite_sibling
+from pbx.sip.transactions import T1, T2, TIMER_B, ClientTransaction, ServerTransaction
 from pbx.sip.transport import Flow
 
 logger = logging.getLogger(__name__)
-
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
 
 
 class LegState(enum.Enum):
@@ -75,6 +68,7 @@ class LegEvents:
     reinvite: Callable[[Leg, SipRequest, ServerTransaction], None] = lambda leg, req, txn: None
     info: Callable[[Leg, SipRequest], None] = lambda leg, req: None
     expired: Callable[[Leg], None] = lambda leg: None  # its session was not refreshed (RFC 4028)
+    refer: Callable[[Leg, SipRequest, ServerTransaction], None] = lambda leg, req, txn: txn.respond(make_response(req, 603))  # RFC 3515
 
 
 class Leg:
@@ -91,6 +85,8 @@ class Leg:
         self.timer = SessionTimer(session_expires, self._refresh_session, self._session_expired)
         self.sdp: str | None = None  # our SDP as last agreed: what a refreshing re-INVITE offers again
         self.peer_allows_update = False  # its Allow lists UPDATE: refreshes need no SDP
+        # Told of every state change after the first (busy lamps: pbx.calls.extension_states).
+        self.on_state: Callable[[Leg], None] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -104,6 +100,8 @@ class Leg:
         if new not in _ALLOWED[self.state]:
             raise InvalidTransition(self, new)
         self.state = new
+        if self.on_state is not None:
+            self.on_state(self)
 
     def _finish(self) -> None:
         if self.state is not LegState.ENDED:
@@ -181,10 +179,11 @@ class Leg:
         ``status`` (a caller's INVITE) or CANCEL (a leg we are ringing)."""
         if self.state is LegState.ANSWERED:
             self.bye()
-        elif isinstance(self, InboundLeg):
-            self.reject(status)
-        elif isinstance(self, OutboundLeg):
-            self.cancel()
+        else:
+            self._give_up(status)
+
+    def _give_up(self, status: int) -> None:
+        """End the leg before it was answered (each side knows how)."""
 
     def reinvite(self, body: str, on_answer: Callable[[SipResponse], None]) -> None:
         """Send a re-INVITE with a new offer; ``on_answer`` gets the final
@@ -231,40 +230,48 @@ class Leg:
         self.stack.send_request(ack, self.flow)
 
     def in_dialog(self, request: SipRequest, txn: ServerTransaction) -> None:
-        """A request inside this dialog: BYE, re-INVITE, ACK, INFO, UPDATE, OPTIONS."""
+        """A request inside this dialog: an ACK, or what :attr:`HANDLERS` has
+        for its method; any other method gets 405 or 501 and changes nothing."""
         method = request.method.upper()
         if method == "ACK":
             self._acked()
             return
+        handler = self.HANDLERS.get(method)
+        if handler is None:
+            refuse(txn, ALLOW)
+            return
         cseq = request.cseq
         if cseq is not None:
-            if self.dialog.remote_cseq and cseq.seq <= self.dialog.remote_cseq and method != "CANCEL":
+            if self.dialog.remote_cseq and cseq.seq <= self.dialog.remote_cseq:
                 txn.reply(500, "CSeq out of order")
                 return
             self.dialog.remote_cseq = cseq.seq
-        brief = self.timer.too_brief(request) if method in ("INVITE", "UPDATE") else None
-        if method == "BYE":
-            txn.reply(200)
-            was_active = not self.ended
-            self._finish()
-            if was_active:
-                self.events.hangup(self)
-        elif brief is not None:
-            txn.reply(422, headers={"Min-SE": str(brief)})
-        elif method == "INVITE":
-            if self.state is not LegState.ANSWERED:
-                txn.reply(491, "Request Pending")
-                return
-            self._retarget(request)
-            txn.to_tag = self.dialog.local_tag
-            self.events.reinvite(self, request, txn)
-        elif method == "INFO":
-            txn.reply(200)
-            self.events.info(self, request)
-        elif method == "UPDATE":
-            self._update(request, txn)
-        else:
-            txn.reply(200)
+        if method in ("INVITE", "UPDATE") and (brief := self.timer.too_brief(request)) is not None:
+            txn.reply(422, headers={"Min-SE": str(brief)})  # a session refresh below our Min-SE (RFC 4028)
+            return
+        handler(self, request, txn)
+
+    def _bye(self, request: SipRequest, txn: ServerTransaction) -> None:
+        txn.reply(200)
+        was_active = not self.ended
+        self._finish()
+        if was_active:
+            self.events.hangup(self)
+
+    def _reinvited(self, request: SipRequest, txn: ServerTransaction) -> None:
+        if self.state is not LegState.ANSWERED:
+            txn.reply(491, "Request Pending")
+            return
+        self._retarget(request)
+        txn.to_tag = self.dialog.local_tag
+        self.events.reinvite(self, request, txn)
+
+    def _info(self, request: SipRequest, txn: ServerTransaction) -> None:
+        txn.reply(200)
+        self.events.info(self, request)
+
+    def _options(self, request: SipRequest, txn: ServerTransaction) -> None:
+        txn.reply(200, headers={"Allow": ALLOW, "Accept": "application/sdp"})
 
     def _retarget(self, request: SipRequest) -> None:
         """A target refresh request's Contact is where the peer is from now on."""
@@ -290,6 +297,23 @@ class Leg:
         self._ok = None
         if self._ok_timer is not None:
             self._ok_timer.cancel()
+
+    # The requests a dialog handles, by method (ACK and CANCEL go with their
+    # INVITE): the one list that ALLOW, and with it every Allow header and the
+    # 405 to any other method, is made of. A method is handled by adding it here.
+    HANDLERS: ClassVar[dict[str, Callable[[Leg, SipRequest, ServerTransaction], None]]] = {
+        "INVITE": _reinvited,
+        "BYE": _bye,
+        "OPTIONS": _options,
+        "INFO": _info,
+        "UPDATE": _update,
+        "REFER": lambda leg, request, txn: leg.events.refer(leg, request, txn),
+    }
+
+
+# The methods a dialog allows, as every dialog-forming message and every refusal lists them.
+DIALOG_METHODS = ("INVITE", "ACK", "CANCEL", *Leg.HANDLERS)
+ALLOW = allow_header(DIALOG_METHODS)
 
 
 class InboundLeg(Leg):
@@ -334,6 +358,9 @@ class InboundLeg(Leg):
         self.txn.respond(self._response(status, reason, headers=headers))
         self._finish()
 
+    def _give_up(self, status: int) -> None:
+        self.reject(status)
+
     def cancelled(self) -> None:
         """The caller sent CANCEL before we answered: 487 to the INVITE."""
         self.reject(487)
@@ -341,145 +368,3 @@ class InboundLeg(Leg):
     def _finish(self) -> None:
         self._acked()
         super()._finish()
-
-
-class OutboundLeg(Leg):
-    """A dialog we open by sending an INVITE (to a phone or through a trunk)."""
-
-    def __init__(
-        self,
-        stack: SipStack,
-        flow: Flow,
-        *,
-        request_uri: str,
-        from_uri: str,
-        to_uri: str,
-        from_name: str | None,
-        body: str,
-        events: LegEvents,
-        auth: SipDigestAuth | None = None,
-        fallback_offer: str | None = None,
-        session_expires: int = 0,
-    ) -> None:
-        """``fallback_offer``: sent in a new INVITE once if ``body`` gets 488
-        (an SRTP offer to a phone that does no SRTP); ``session_expires``: the
-        session interval we offer (sip.session_expires; 0: no session timer)."""
-        dialog = Dialog(
-            call_id=generate_call_id(stack.advertised_host),
-            local_tag=generate_tag(),
-            local_uri=from_uri,
-            remote_uri=to_uri,
-            remote_target=request_uri,
-            state=DialogState.EARLY,
-        )
-        super().__init__(stack, flow, dialog, events, session_expires)
-        self.offer = body  # sent again when the INVITE is retried with credentials
-        self.fallback_offer = fallback_offer
-        self.from_name = from_name
-        self.auth = auth
-        self._auth_tries = 0
-        self._cancel_wanted = False
-        self._provisional_seen = False
-
-    def start(self) -> None:
-        self._send_invite(None)
-
-    def _send_invite(self, credentials: tuple[str, str] | None) -> None:
-        request = self.new_request("INVITE", self.offer)
-        if self.from_name:
-            request.headers.set_single("From", f'"{self.from_name}" <{self.dialog.local_uri}>;tag={self.dialog.local_tag}')
-        if credentials is not None:
-            request.headers.set_single(*credentials)
-        self._invite = request
-        self.stack.request(request, self.flow, self._on_response)
-
-    def cancel(self) -> None:
-        """Stop ringing: CANCEL once the far end has answered provisionally (RFC 3261 §9.1)."""
-        if self.state in (LegState.CALLING, LegState.EARLY):
-            if self._provisional_seen:
-                self._send_cancel()
-            else:
-                self._cancel_wanted = True
-        if self.state is not LegState.ANSWERED:
-            self._finish()
-
-    def _send_cancel(self) -> None:
-        self.stack.request(invite_sibling(self._invite, "CANCEL"), self.flow, lambda r: None)
-
-    def _on_response(self, resp: SipResponse) -> None:
-        status = resp.status_code
-        to = resp.to_addr
-        if to is not None and to.tag and not self.dialog.remote_tag and 100 < status < 300:
-            self.dialog.remote_tag = to.tag
-        if status < 200:
-            self._provisional_seen = True
-            if self._cancel_wanted:
-                self._cancel_wanted = False
-                self._send_cancel()
-                return
-            if status == 100:
-                return
-            if self.state in (LegState.CALLING, LegState.EARLY):
-                self._enter(LegState.EARLY)
-                self.events.progress(self, resp)
-            return
-        if status < 300:
-            self._on_2xx(resp)
-            return
-        if status in (401, 407) and self.auth is not None and self._auth_tries == 0 and not self.ended:
-            credentials = self._answer_challenge(resp, status)
-            if credentials is not None:
-                self._auth_tries += 1
-                self._send_invite(credentials)
-                return
-        if status == 488 and self.fallback_offer is not None and not self.ended:
-            # As FreeSWITCH does when optional SRTP is refused: offer again, plainly.
-            logger.info("%s refused our offer (488); offering it again without SRTP", self.dialog.remote_target)
-            self.offer, self.fallback_offer = self.fallback_offer, None
-            self._invite_again()
-            return
-        if status == 422 and not self.ended and self.timer.raise_to(resp):
-            logger.info("%s wants a longer session interval (422); asking for %d s", self.dialog.remote_target, self.timer.wanted)
-            self._invite_again()
-            return
-        if not self.ended:
-            self._finish()
-            self.events.failed(self, status, resp)
-
-    def _invite_again(self) -> None:
-        """A new INVITE after a final refusal, outside the early dialog it ended."""
-        self.dialog.remote_tag = ""
-        self._auth_tries = 0
-        self._provisional_seen = False
-        self._send_invite(None)
-
-    def _on_2xx(self, resp: SipResponse) -> None:
-        if self.state is LegState.ANSWERED:
-            self._ack(resp)  # retransmitted 2xx
-            return
-        contact = resp.contact
-        if contact:
-            self.dialog.remote_target = stringify_uri(contact[0].uri)
-        self.dialog.route_set = list(reversed(resp.headers.get("record-route")))
-        self.dialog.confirm()
-        self._ack(resp)
-        if self.ended:
-            # Answered after we gave up on it (CANCEL crossed the 200): hang up.
-            self.state = LegState.ANSWERED
-            self.bye()
-            return
-        self._enter(LegState.ANSWERED)
-        self.sdp = self.offer
-        self.peer_allows_update = "UPDATE" in listed(resp, "allow")
-        self.timer.follow(resp)
-        self.events.answered(self, resp)
-
-    def _answer_challenge(self, resp: SipResponse, status: int) -> tuple[str, str] | None:
-        assert self.auth is not None
-        header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
-        for raw in resp.headers.get(header):
-            credentials = build_credentials(self.auth, parse_auth(raw), "INVITE", self._invite.uri)
-            if credentials is not None:
-                name = "Authorization" if status == 401 else "Proxy-Authorization"
-                return name, stringify_auth(credentials)
-        return None

@@ -210,7 +210,7 @@ class Registrar:
             # gets a fresh challenge that only the password can answer.
             response = make_response(request, 401)
             stale = result.status is not AuthStatus.MISSING
-            for challenge in self._auth.challenge_headers(ip, stale=stale):
+            for challenge in self._auth.challenge_headers(ip, stale=stale, user=extension):
                 response.headers.append("WWW-Authenticate", challenge)
             return response
 

@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 
-from aiosipua import SipDigestAuth, SipRequest, SipResponse, generate_call_id, generate_tag, parse_auth, stringify_auth
-from aiosipua.auth import build_credentials
+from aiosipua import SipRequest, SipResponse, generate_call_id, generate_tag
 
 from pbx.config.model import Trunk
+from pbx.sip.credentials import Credentials
 from pbx.sip.stack import SipStack
 from pbx.sip.transport import Flow
 
@@ -31,7 +31,7 @@ class TrunkRegistration:
         assert trunk.register is not None
         self.stack = stack
         self.trunk = trunk
-        self.auth = SipDigestAuth(trunk.register.username, trunk.register.password)
+        self.auth = Credentials(trunk.register.username, trunk.register.password, trunk.auth_algorithms)
         self.aor = f"sip:{trunk.register.username}@{trunk.host}"
         self.call_id = generate_call_id(stack.advertised_host)
         self.tag = generate_tag()
@@ -84,14 +84,9 @@ class TrunkRegistration:
         flow = await self.stack.flow_to(self.trunk.host, self.trunk.port, self.trunk.transport)
         response = await self._send(flow, None)
         if response.status_code in (401, 407):
-            header = "WWW-Authenticate" if response.status_code == 401 else "Proxy-Authenticate"
-            uri = self.registrar_uri
-            for raw in response.headers.get(header):
-                creds = build_credentials(self.auth, parse_auth(raw), "REGISTER", uri)
-                if creds is not None:
-                    name = "Authorization" if response.status_code == 401 else "Proxy-Authorization"
-                    response = await self._send(flow, (name, stringify_auth(creds)))
-                    break
+            credentials = self.auth.answer(response, "REGISTER", self.registrar_uri)
+            if credentials is not None:
+                response = await self._send(flow, credentials)
         if not 200 <= response.status_code < 300:
             logger.warning("trunk %s: REGISTER answered %d %s", self.trunk.name, response.status_code, response.reason_phrase)
             return None

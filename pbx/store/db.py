@@ -54,7 +54,13 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "wait": float,  # seconds in the queue before an agent answered or the caller left
             "sip_call_id": str,  # the SIP Call-ID of the caller's INVITE; call_id is the server's own id
             "hangup": str,  # who hung up: caller | callee | pbx
-            "reason": str,  # why the server did: rtp-timeout (no media), max-call-seconds
+            "reason": str,  # why the server did: rtp-timeout (no media), max-call-seconds, transfer
+            # A transferred call is one row per piece (pbx.calls.moves): every piece has the
+            # first piece's call_id as linked_id; transferred_by is who sent this piece's
+            # caller here, transfer_to where the caller went when this piece ended.
+            "linked_id": str,
+            "transferred_by": str,
+            "transfer_to": str,
         },
         "call_id",
     ),
@@ -108,6 +114,15 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "queue_log": (
         {"id": int, "time": str, "queue": str, "call_id": str, "agent": str, "event": str, "data": str},
         "id",
+    ),
+    # What a phone set with feature codes (*72/*73, *78/*79), one row per extension that did.
+    "extension_settings": (
+        {
+            "extension": str,
+            "dnd": int,  # 1: do-not-disturb
+            "forward_always": str,  # NULL: as pbx.yaml says; "": off (*73); else the number (*72NUMBER)
+        },
+        "extension",
     ),
 }
 

@@ -16,9 +16,9 @@ from pbx.http.openapi import (
     Operation,
     Reply,
     page_reply,
-    ref,
 )
 from pbx.http.requests import Query, audio_file, page, read_body
+from pbx.http.schemas import ref
 from pbx.http.services import SERVICES
 from pbx.store.queries import message_page, message_row
 

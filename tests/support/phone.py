@@ -24,6 +24,9 @@ Event shapes (every event also has ``"event": <kind>``):
   negotiated encoding name (``"PCMU"``, ``"PCMA"``) or None; ``srtp`` is
   True when the stream is RTP/SAVP
 * ``dtmf {call, digit}``
+* ``xfer_status {call, code, reason, final}`` for each NOTIFY of a transfer
+  this phone asked for (:meth:`Phone.xfer`): the sipfrag's status code, and
+  whether it was the final one
 * ``request {call, method}`` for each request the far end sends in a call's
   dialog (re-INVITE, UPDATE, BYE, ...)
 * ``mwi {in_dialog, subscription_state, body, waiting, account, new, old}``
@@ -235,6 +238,14 @@ class Phone:
     async def stop_record(self, call: int) -> None:
         """Stop recording; on return the WAV file is complete and closed."""
         await self._request("stop_record", call=call)
+
+    async def xfer(self, call: int, uri: str) -> None:
+        """Blind-transfer the far end of ``call`` to ``uri`` (REFER)."""
+        await self._request("xfer", call=call, uri=uri)
+
+    async def xfer_replaces(self, call: int, other: int) -> None:
+        """Attended transfer: join the far end of ``call`` to that of ``other`` (REFER with Replaces)."""
+        await self._request("xfer_replaces", call=call, other=other)
 
     async def dtmf(self, call: int, digits: str) -> None:
         """Send ``digits`` as RFC 4733 telephone events."""

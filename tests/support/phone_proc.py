@@ -266,6 +266,10 @@ class PhoneCall(pj.Call):
         self.connect_media()
 
     @guarded
+    def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:  # noqa: N802 - pjsua2 API
+        self.phone.channel.emit("xfer_status", call=self.handle, code=prm.statusCode, reason=prm.reason, final=prm.finalNotify)
+
+    @guarded
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:  # noqa: N802 - pjsua2 API
         self.phone.channel.emit("dtmf", call=self.handle, digit=prm.digit)
 
@@ -589,6 +593,15 @@ class PhoneProcess:
 
     def cmd_unhold(self, args: dict[str, Any], reply: Reply) -> None:
         self._reinvite(self._call(args), pj.PJMEDIA_DIR_ENCODING_DECODING, pj.PJSUA_CALL_UNHOLD)
+        reply.ok()
+
+    def cmd_xfer(self, args: dict[str, Any], reply: Reply) -> None:
+        self._call(args).xfer(args["uri"], pj.CallOpParam(True))
+        reply.ok()
+
+    def cmd_xfer_replaces(self, args: dict[str, Any], reply: Reply) -> None:
+        other = self._call({"call": args["other"]})
+        self._call(args).xferReplaces(other, pj.CallOpParam(True))
         reply.ok()
 
     def cmd_play_tone(self, args: dict[str, Any], reply: Reply) -> None:

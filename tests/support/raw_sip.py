@@ -145,8 +145,8 @@ class RawCaller(_Endpoint):
         self.server = server
 
     def on_message(self, message: SipMessage, addr: tuple[str, int]) -> None:
-        if isinstance(message, SipRequest) and message.method.upper() in ("BYE", "OPTIONS"):
-            self.send(response_to(message, 200, "caller"), addr)  # the server hangs up: agree
+        if isinstance(message, SipRequest) and message.method.upper() in ("BYE", "OPTIONS", "NOTIFY"):
+            self.send(response_to(message, 200, "caller"), addr)  # the server hangs up (or tells of a transfer): agree
         super().on_message(message, addr)
 
     def _via(self) -> str:
@@ -160,15 +160,18 @@ class RawCaller(_Endpoint):
             f"m=audio {media_port} RTP/AVP 0 101\na=rtpmap:0 PCMU/8000\na=rtpmap:101 telephone-event/8000\na={direction}\n"
         )
 
-    def invite(self, number: str, *, call_id: str, caller: str, from_tag: str, cseq: int = 1, media_port: int = 40000) -> None:
-        """Send an INVITE for ``number`` from ``caller`` with the given Call-ID, From tag and CSeq."""
+    def invite(
+        self, number: str, *, call_id: str, caller: str, from_tag: str, cseq: int = 1, media_port: int = 40000, extra: str = ""
+    ) -> None:
+        """Send an INVITE for ``number`` from ``caller`` with the given Call-ID,
+        From tag and CSeq (and ``extra``, header lines ending in a newline)."""
         host, port = self.address
         sdp = self._sdp(media_port)
         # Sent with CRLF line ends (send): one more byte per line.
         self.send(
             f"INVITE sip:{number}@{self.server[0]}:{self.server[1]} SIP/2.0\n{self._via()}\n"
             f"From: <sip:{caller}@{host}>;tag={from_tag}\nTo: <sip:{number}@{self.server[0]}>\n"
-            f"Call-ID: {call_id}\nCSeq: {cseq} INVITE\nContact: <sip:{caller}@{host}:{port}>\nMax-Forwards: 70\n"
+            f"Call-ID: {call_id}\nCSeq: {cseq} INVITE\nContact: <sip:{caller}@{host}:{port}>\nMax-Forwards: 70\n{extra}"
             f"Content-Type: application/sdp\nContent-Length: {len(sdp) + sdp.count(NL)}\n\n{sdp}",
             self.server,
         )
