@@ -35,8 +35,10 @@ test-deps:
 	@command -v sipp >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sip-tester; }
 	@command -v svwar >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq sipvicious; }
 	@command -v openssl >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq openssl; }
-# baresip 1.0 is the old digest client of the per-extension auth_algorithms test (no GUI or video modules needed).
+# baresip 1.0 is the old digest client of the per-extension auth_algorithms test and an interop client (no GUI or video modules needed).
 	@command -v baresip >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends baresip; }
+# linphonec (liblinphone) is the third independent client of the interop tests, next to pjsua2 and baresip.
+	@command -v linphonec >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends linphone-cli; }
 # The RTCP tests decode what reaches the phones with tshark.
 	@command -v tshark >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
 # fail2ban-regex checks the shipped fail2ban filter; the service the package enables is not wanted here.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,10 @@ from aiosipua.auth import build_credentials
 from pbx.config.load import load_config
 from pbx.config.model import ConfigError
 from pbx.sip.auth import AuthResult, AuthStatus, DigestAuthenticator
+from tests.support.baresip import BARESIP, baresip_config, read_until
 from tests.support.raw_sip import response_to
-from tests.support.server import PASSWORDS, Server, free_port, start_server
+from tests.support.server import PASSWORDS, free_port, start_server
 
-BARESIP = shutil.which("baresip")
 # 1002 is the old phone; 1001 keeps the default.
 EXTENSIONS = {
     "1001": {"name": "Alice", "password": PASSWORDS["1001"]},
@@ -36,36 +35,12 @@ EXTENSIONS = {
 }
 
 
-def baresip_config(folder: Path, server: Server) -> Path:
-    """A baresip config folder: no audio device (a sine source, no player),
-    the old phone 1002 first (so /dial calls from it), then 1001."""
-    folder.mkdir()
-    (folder / "config").write_text(
-        "poll_method epoll\nsip_listen 127.0.0.1:0\nmodule_path /usr/lib/baresip/modules\n"
-        "module g711.so\nmodule ausine.so\nmodule_app account.so\nmodule_app menu.so\n"
-        "audio_player ausine,nil\naudio_source ausine,440\naudio_alert ausine,nil\n"
-    )
-    (folder / "accounts").write_text(
-        "".join(f"<sip:{ext}@{server.sip}>;auth_pass={PASSWORDS[ext]};regint=60\n" for ext in ("1002", "1001"))
-    )
-    return folder
-
-
-async def read_until(stream: asyncio.StreamReader, wanted: list[str], seen: list[str]) -> None:
-    """Read lines into ``seen`` until each of ``wanted`` was in one."""
-    while not all(any(text in line for line in seen) for text in wanted):
-        line = await stream.readline()
-        if not line:
-            raise AssertionError("baresip ended early:\n" + "".join(seen))
-        seen.append(line.decode(errors="replace"))
-
-
 @pytest.mark.skipif(BARESIP is None, reason="baresip is not installed (make test-deps)")
 async def test_baresip_registers_and_calls_as_an_md5_only_extension_and_fails_with_the_default(tmp_path: Path) -> None:
     server = await start_server(tmp_path / "pbx", extensions=EXTENSIONS)
     assert BARESIP is not None
     phone = await asyncio.create_subprocess_exec(
-        BARESIP, "-f", str(baresip_config(tmp_path / "baresip", server)), "-t", "10", "-e", "/dial 1003",
+        BARESIP, "-f", str(baresip_config(tmp_path / "baresip", server, ["1002", "1001"])), "-t", "10", "-e", "/dial 1003",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     seen: list[str] = []
