@@ -28,6 +28,7 @@ def reach(call: Call, state: CallState) -> None:
         CallState.IVR: [CallState.IVR],
         CallState.QUEUED: [CallState.QUEUED],
         CallState.ANSWERED: [CallState.ANSWERED],
+        CallState.PARKED: [CallState.PARKED],
         CallState.ENDED: [CallState.ENDED],
     }[state]
     for step in path:

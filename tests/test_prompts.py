@@ -48,7 +48,7 @@ SPEECH = [
     "digits/hundred", "queue-position", "queue-wait", "minute", "minutes", "less-than-a-minute",
     "callback-offer", "callback-confirm", "callback-enter-number", "callback-already", "callback-not-allowed",
     "agent-logged-in", "agent-logged-out", "agent-paused", "agent-unpaused",
-    "dnd-on", "dnd-off", "forward-on", "forward-off", "forward-refused",
+    "dnd-on", "dnd-off", "forward-on", "forward-off", "forward-refused", "parked",
     "vm-greeting", "vm-enter-pin", "vm-invalid-pin", "vm-you-have", "vm-new", "vm-old", "vm-messages",
     "vm-message", "vm-no-messages", "vm-options", "vm-deleted", "vm-saved", "vm-record-greeting",
     "vm-greeting-saved", "vm-enter-mailbox", "vm-locked",

@@ -45,6 +45,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     )  # fmt: skip
     yield srv
     assert await srv.stop() == 0
+    assert [line for line in srv.log if "kind=rtp_stranger" in line] == []  # a party moved in is no stranger: fail2ban reads these
 
 
 @asynccontextmanager

@@ -73,6 +73,7 @@ PROMPTS: list[tuple[str, str]] = [
     ("forward-on", "Your calls are now forwarded."),
     ("forward-off", "Call forwarding is off."),
     ("forward-refused", "Sorry, calls cannot be forwarded to that number."),
+    ("parked", "The call is parked at"),
     ("vm-greeting", "The person you are calling is not available. Please leave a message after the tone."),
     ("vm-enter-pin", "Please enter your PIN, followed by the pound key."),
     ("vm-invalid-pin", "That PIN is not correct."),

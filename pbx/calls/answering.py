@@ -13,6 +13,7 @@ import aiohttp
 from pbx.calls.control import Queues, Voicemail
 from pbx.calls.forwarding import Forwarding
 from pbx.calls.model import Call, CallState, call_event
+from pbx.calls.park import Parking
 from pbx.config.model import Config, Destination
 from pbx.events import EventBus
 from pbx.ivr.audio import CallAudio
@@ -53,6 +54,7 @@ class Answering:
         self.queues: Queues | None = None
         self.voicemail: Voicemail | None = None
         self.settings: Forwarding | None = None  # do-not-disturb and forwarding by feature codes
+        self.parking: Parking | None = None  # the park's slots, and pickup (*8, **NUM) that takes calls as a slot is taken
 
     def available(self, destination: Destination) -> bool:
         """Whether this server can take a call to ``destination`` now."""
@@ -68,19 +70,29 @@ class Answering:
                 return self.voicemail is not None
             if features.sets_phone(destination.target):
                 return self.settings is not None
+            if self.parking is not None and self.parking.pickup.handles(destination.target):
+                return True
+            if self.parking is not None and self.parking.handles(destination.target):
+                # A transfer to the park needs a free slot; a slot dialed empty gets 404 when it is taken.
+                return not self.parking.parks(destination) or self.parking.free_slot() is not None
             return self.queues is not None and destination.target in (features.agent_login, features.agent_pause)
         if destination.kind == "group":
             return destination.target in self.config().groups
         return destination.kind in ("extension", "external", "hangup")
 
     async def take(self, call: Call, destination: Destination) -> None:
-        """Answer ``call`` for ``destination`` (kind ivr, queue, feature or voicemail)."""
+        """Answer ``call`` for ``destination`` (kind ivr, queue, feature or
+        voicemail); pickup and the park's slots join the caller to another call instead."""
         if call.bridge.relay is not None:
             call.bridge.relay.a.stop_playback()  # a transfer's ringback: the server talks now
         if destination.kind == "ivr":
             await self._ivr(call, destination.target)
         elif destination.kind == "queue":
             await self._queue(call, destination.target)
+        elif destination.kind == "feature" and self.parking is not None and self.parking.pickup.handles(destination.target):
+            await self.parking.pickup.pick(call, destination.target)
+        elif destination.kind == "feature" and self.parking is not None and self.parking.handles(destination.target):
+            await self.parking.dialed(call, destination.target)
         elif destination.kind == "feature":
             await self._feature(call, destination.target)
         else:

@@ -143,8 +143,7 @@ class Bridge:
         self.hold.end()
         self.hold = Hold()
         relay.a.start_filling()
-        if relay.b.codec is not None:
-            relay.b.set_remote(("0.0.0.0", 0), relay.b.codec, relay.b.dtmf_pt)
+        relay.b.forget_peer()
         self.srtp.forget(relay.b)
         self.b_codec = self.b_dtmf_pt = None
         self.origins["b"] = SdpOrigin()

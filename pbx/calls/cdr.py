@@ -33,6 +33,7 @@ def cdr_row(
     linked_id: str | None = None,
     transferred_by: str | None = None,
     transfer_to: str | None = None,
+    picked_up_by: str | None = None,
 ) -> dict[str, Any]:
     return {
         "call_id": call_id,
@@ -54,6 +55,7 @@ def cdr_row(
         "linked_id": linked_id or call_id,
         "transferred_by": transferred_by,
         "transfer_to": transfer_to,
+        "picked_up_by": picked_up_by,
     }
 
 
@@ -63,7 +65,7 @@ def row_of(call: Call, disposition: str, ended: float) -> dict[str, Any]:
         call.id, call.direction, call.caller, call.callee, disposition,
         started=call.started, answered=call.answered_at, ended=ended, queue=call.queue, agent=call.agent, wait=call.wait,
         sip_call_id=call.sip_call_id, hangup=call.hangup_by, reason=call.end_reason, linked_id=call.linked_id,
-        transferred_by=call.transferred_by, transfer_to=call.transfer_to,
+        transferred_by=call.transferred_by, transfer_to=call.transfer_to, picked_up_by=call.picked_up_by,
     )  # fmt: skip
 
 
@@ -111,5 +113,5 @@ def log_ended(row: dict[str, Any]) -> None:
         **{"from": row["from_number"], "to": row["to_number"]}, duration=row["duration"], billsec=row["billsec"],
         queue=row["queue"], agent=row["agent"], wait=row["wait"], hangup=row["hangup"], reason=row["reason"],
         linked_id=row.get("linked_id") if row.get("linked_id") != row["call_id"] else None, transferred_by=row.get("transferred_by"),
-        transfer_to=row.get("transfer_to"),
+        transfer_to=row.get("transfer_to"), picked_up_by=row.get("picked_up_by"),
     )  # fmt: skip

@@ -10,7 +10,7 @@ DISPOSITIONS.
 Each step of a call is logged as one INFO line of ``key=value`` pairs that
 starts with ``call=ID event=NAME`` (see :func:`call_event`), so one grep for
 the call id tells its story: started, ivr, queued, routed, forwarded,
-answered, ended (with the CDR's fields), or refused for an INVITE turned
+picked_up, answered, parked, ended (with the CDR's fields), or refused for an INVITE turned
 away before it became a call.
 """
 
@@ -93,6 +93,7 @@ class CallState(enum.Enum):
     IVR = "ivr"  # the server answered and talks to the caller (flow, feature code, voicemail)
     QUEUED = "queued"
     ANSWERED = "answered"  # the caller talks to a person through the bridge
+    PARKED = "parked"  # the caller waits in a park slot, with music, for someone to dial the slot
     ENDED = "ended"
 
 
@@ -100,10 +101,12 @@ class CallState(enum.Enum):
 # it ring again; a person who answered is the end of the road: a transfer goes
 # on in a new call, a piece of the same conversation (pbx.calls.moves).
 TRANSITIONS: dict[CallState, frozenset[CallState]] = {
-    CallState.RINGING: frozenset({CallState.IVR, CallState.QUEUED, CallState.ANSWERED, CallState.ENDED}),
+    CallState.RINGING: frozenset({CallState.IVR, CallState.QUEUED, CallState.ANSWERED, CallState.PARKED, CallState.ENDED}),
     CallState.IVR: frozenset({CallState.RINGING, CallState.ENDED}),
     CallState.QUEUED: frozenset({CallState.RINGING, CallState.ANSWERED, CallState.ENDED}),
     CallState.ANSWERED: frozenset({CallState.ENDED}),
+    # Retrieved from its slot, or ringing its parker again (pbx.calls.park).
+    CallState.PARKED: frozenset({CallState.ANSWERED, CallState.RINGING, CallState.ENDED}),
     CallState.ENDED: frozenset(),
 }
 
@@ -177,6 +180,7 @@ class Call:
     linked_id: str = ""
     transferred_by: str | None = None  # who sent the caller here: the transferring extension or number
     transfer_to: str | None = None  # where this piece's caller was transferred to when it ended so
+    picked_up_by: str | None = None  # the extension that answered it by pickup, or took it from its park slot
     # Resolves with the CDR disposition when the call ends.
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # Resolves when the caller is bridged to someone.
@@ -196,7 +200,7 @@ class Call:
         if state not in TRANSITIONS[self._state]:
             raise IllegalTransition(f"call {self.id} cannot go from {self._state.value} to {state.value}")
         self._state = state
-        if state in (CallState.IVR, CallState.QUEUED, CallState.ANSWERED) and not self.taken.done():
+        if state in (CallState.IVR, CallState.QUEUED, CallState.ANSWERED, CallState.PARKED) and not self.taken.done():
             self.taken.set_result(None)
 
     @property

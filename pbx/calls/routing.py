@@ -117,14 +117,16 @@ class DialPolicy:
 
 def route_dialed(cfg: Config, number: str) -> Destination:
     """Where a number an extension dials leads: an extension, an inbound
-    number, a feature code, else outside (whether it may go there is
-    the dial policy's to say)."""
+    number, a feature code (pickup, the park and its slots included), else
+    outside (whether it may go there is the dial policy's to say)."""
     if number in cfg.extensions:
         return Destination("extension", number)
     if number in cfg.inbound:
         return cfg.inbound[number]
     features = cfg.features
     if number in (features.voicemail_main, features.agent_login, features.agent_pause) or features.sets_phone(number):
+        return Destination("feature", number)
+    if features.picks_up(number) or number == features.park or cfg.park.holds(number):
         return Destination("feature", number)
     return Destination("external", number)
 

@@ -28,6 +28,7 @@ from pbx.calls.answering import Answering
 from pbx.calls.bridge import Bridge
 from pbx.calls.cdr import row_of, unconnected_row
 from pbx.calls.dialer import Dialer
+from pbx.calls.feature_keys import FeatureKeys
 from pbx.calls.callees import Callees
 from pbx.calls.forks import Forks
 from pbx.calls.forwarding import Forwarding
@@ -36,6 +37,7 @@ from pbx.calls.journal import CallJournal
 from pbx.calls.midcall import MidCall
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
 from pbx.calls.moves import Moves
+from pbx.calls.park import Parking
 from pbx.calls.recording import CallRecording
 from pbx.calls.replaces import Replacing
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
@@ -116,7 +118,9 @@ class CallService:
         self._tasks = Background("call")
         self.moves = Moves(config, self.calls, self._legs, self.journal, self.events, end=self._end, bridged=self._bridged)
         self.transfers = Transfers(config, self.moves, self.dialing, self.answering.available, self._go, self._run, self._tasks.spawn, self.hang_up)
+        self.feature_keys = FeatureKeys(self.transfers, prompts, self)  # ## and *2 in a bridged call
         self.replacing = Replacing(config, self.admission, self.moves, stack, self.midcall.leg_events, self.hang_up)  # RFC 3891
+        self.answering.parking = self.transfers.parking = Parking(self.moves, self.dialer.states, prompts, self.answer, self._go, self._run)
         self._drain_until: float | None = None  # loop time: set once the server is stopping
 
     # --- entry points ---
@@ -345,6 +349,7 @@ class CallService:
             call.answered_at = time.time()
             self.journal.answered(call)
         self.recording.on_bridged(call)
+        self.feature_keys.arm(call)
         by = uri_user(leg.dialog.remote_uri)
         call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
 

@@ -7,7 +7,9 @@
   the target's own busy and no-answer routing. The REFER is answered 202
   and its NOTIFYs say ``100 Trying``, then ``200 OK`` once someone (a
   person, or the server for a flow, queue or mailbox) takes the call, or
-  why nobody did; then the transferor is released (BYE).
+  why nobody did; then the transferor is released (BYE). A transfer to
+  ``features.park`` parks the other party (pbx.calls.park), its slot
+  said to the transferor before that ``200 OK``.
 - Attended (REFER with Replaces, RFC 3891): the transferor talks to the
   target in a second call, its first party on hold. The REFER in the first
   call names the second call's dialog; the server takes the transferor out
@@ -25,6 +27,7 @@ from aiosipua import SipRequest
 
 from pbx.calls.model import Call, CallState, call_event
 from pbx.calls.moves import Moves
+from pbx.calls.park import Parking
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
 from pbx.config.model import Config, Destination
 from pbx.errors import BadRequest, CallError
@@ -82,6 +85,7 @@ class Transfers:
         self.run = run
         self.spawn = spawn
         self.hang_up = hang_up
+        self.parking: Parking | None = None  # a transfer to features.park parks the call there
 
     def destination(self, text: str, party: str | None, *, src: str = "-") -> Destination:
         """Where a transfer to ``text`` leads when ``party`` (an extension,
@@ -103,6 +107,8 @@ class Transfers:
         the new piece it goes on in. ``leaving`` is the caller's to end."""
         if call.state is not CallState.ANSWERED or call.b is None or call.bridge.relay is None:
             raise NotTransferable(f"call {call.id} is not bridged")
+        if self.parking is not None and self.parking.parks(destination):
+            return self.parking.park(call, leaving)  # tells ``leaving`` the slot before the piece counts as taken
         piece = self.moves.take_out(call, leaving, to=destination.target, outside=destination.kind == "external")
         relay = piece.bridge.relay
         assert relay is not None

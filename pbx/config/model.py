@@ -165,6 +165,7 @@ class Extension:
     forward: Forward = Forward()  # what a phone sets with feature codes overrides `always` (pbx.calls.settings)
     # Digest algorithms its REGISTERs and calls are challenged with, in order; None: sip.auth_algorithms.
     auth_algorithms: tuple[str, ...] | None = None
+    pickup_group: str | None = None  # features.pickup answers calls ringing the extensions of this group
 
 
 @dataclass(frozen=True)
@@ -317,10 +318,39 @@ class FeaturesConfig:
     forward_off: str = "*73"
     dnd_on: str = "*78"
     dnd_off: str = "*79"
+    pickup: str = "*8"  # answer the oldest call ringing an extension of the caller's pickup_group
+    directed_pickup: str = "**"  # followed by an extension: answer the call ringing it
+    park: str = "70"  # a transfer here parks the caller in the lowest free park slot
+    # Keys an extension presses in a bridged call, then a number (pbx.calls.feature_keys).
+    blind_transfer: str = "##"
+    attended_transfer: str = "*2"
+
+    def picks_up(self, number: str) -> bool:
+        """Whether dialing ``number`` picks up a call ringing someone else."""
+        return number == self.pickup or (number.startswith(self.directed_pickup) and number[len(self.directed_pickup) :].isdigit())
 
     def sets_phone(self, number: str) -> bool:
         """Whether dialing ``number`` changes the caller's own do-not-disturb or forwarding."""
         return number in (self.forward_off, self.dnd_on, self.dnd_off) or number.startswith(self.forward_on)
+
+
+@dataclass(frozen=True)
+class ParkConfig:
+    """``park``: the slots parked calls wait in (``slots: [first, last]``;
+    dialing one retrieves its call), and the seconds a parked call waits
+    before it rings whoever parked it again."""
+
+    first: int = 71
+    last: int = 79
+    timeout: int = 120
+
+    @property
+    def slots(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def holds(self, number: str) -> bool:
+        """Whether ``number`` is a park slot's."""
+        return number.isdigit() and not number.startswith("0") and int(number) in self.slots
 
 
 @dataclass(frozen=True)
@@ -345,6 +375,7 @@ class Config:
     smtp: SmtpConfig | None  # None: voicemail is not e-mailed
     features: FeaturesConfig
     groups: dict[str, Group]
+    park: ParkConfig = ParkConfig()
 
     def mailbox(self, number: str) -> VoicemailBox | None:
         """The mailbox of extension ``number``; None when it has no voicemail section or is no extension."""

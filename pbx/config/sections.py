@@ -24,6 +24,7 @@ from pbx.config.model import (
     HttpConfig,
     IvrConfig,
     OutboundRule,
+    ParkConfig,
     Queue,
     QueueAnnounce,
     QueueCallback,
@@ -162,6 +163,22 @@ def _build_group(node: YamlNode, values: dict[str, Any]) -> Group:
     return Group(node.key, values["members"], values["strategy"], values["ring_timeout"], values["on_fail"])
 
 
+def _build_park(node: YamlNode, values: dict[str, Any]) -> ParkConfig:
+    slots = values["slots"]
+    if len(slots) != 2 or slots[0] > slots[1]:
+        raise Invalid(f"park.slots must be the first and last slot number, like [71, 79], not {list(slots)}", node.line_of("slots"))
+    return ParkConfig(slots[0], slots[1], values["timeout"])
+
+
+def _park(r: Reader, node: YamlNode) -> ParkConfig:
+    """The park section; a slot must not be an extension's number (dialing it retrieves the parked call)."""
+    park = section(_PARK_FIELDS, _build_park)(r, node)
+    clashes = sorted(r.declared.get("extension", set()) & {str(slot) for slot in park.slots})
+    if clashes:
+        raise Invalid(f"park.slots {park.first}-{park.last} hold extension {clashes[0]}'s number", node.line_of("slots"))
+    return park
+
+
 def _build_smtp(node: YamlNode, values: dict[str, Any]) -> SmtpConfig:
     host, port = values["host"]
     return SmtpConfig(host, port, values["username"], values["password"], values["from"], values["starttls"])
@@ -173,6 +190,9 @@ def _build_features(node: YamlNode, values: dict[str, Any]) -> FeaturesConfig:
         if code in seen:
             raise Invalid(f"features.{name} uses {code!r}, like features.{seen[code]}", node.line_of(name))
         seen[code] = name
+    blind, attended = values["blind_transfer"], values["attended_transfer"]
+    if blind.startswith(attended) or attended.startswith(blind):  # keys in a call: which one is pressed must be clear
+        raise Invalid(f"features.blind_transfer {blind!r} and attended_transfer {attended!r} start alike", node.line_of("attended_transfer"))
     return FeaturesConfig(**values)
 
 
@@ -236,6 +256,7 @@ _EXTENSION_FIELDS = (
     Field("max_calls", integer(1, 1000), 4),
     Field("forward", section(_FORWARD_FIELDS, fields_of(Forward)), {}),
     Field("auth_algorithms", optional(_digest_algorithms), None),  # None: sip.auth_algorithms
+    Field("pickup_group", optional(_name), None),
 )
 _REGISTER_FIELDS = (
     Field("username", text),
@@ -313,6 +334,15 @@ _FEATURES_FIELDS = (
     Field("forward_off", _feature_code, "*73"),
     Field("dnd_on", _feature_code, "*78"),
     Field("dnd_off", _feature_code, "*79"),
+    Field("pickup", _feature_code, "*8"),
+    Field("directed_pickup", _feature_code, "**"),
+    Field("park", _feature_code, "70"),
+    Field("blind_transfer", _feature_code, "##"),
+    Field("attended_transfer", _feature_code, "*2"),
+)
+_PARK_FIELDS = (
+    Field("slots", list_of(integer(1, 999999)), [71, 79]),
+    Field("timeout", integer(1, 86400), 120),
 )
 CONFIG_FIELDS = (
     Field("sip", section(_SIP_FIELDS, _build_sip), {}),
@@ -332,4 +362,5 @@ CONFIG_FIELDS = (
     Field("smtp", optional(section(_SMTP_FIELDS, _build_smtp)), None),
     Field("features", section(_FEATURES_FIELDS, _build_features), {}),
     Field("groups", table("group", _name, section(_GROUP_FIELDS, _build_group)), {}),
+    Field("park", _park, {}),
 )

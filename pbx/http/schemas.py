@@ -52,8 +52,8 @@ SCHEMAS: dict[str, Schema] = {
             "direction": {"type": "string", "description": "internal, inbound, outbound, callback or click-to-call"},
             "state": {
                 "type": "string",
-                "enum": ["originating", "ringing", "ivr", "queued", "answered", "ended"],
-                "description": "originating: a click-to-call still ringing its `from` extension",
+                "enum": ["originating", "ringing", "ivr", "queued", "answered", "parked", "ended"],
+                "description": "originating: a click-to-call still ringing its `from` extension; parked: waiting in a park slot",
             },
             "started": _TIME,
             "answered": nullable(_TIME),
@@ -271,11 +271,12 @@ SCHEMAS: dict[str, Schema] = {
             "reason": {
                 **nullable(_TEXT),
                 "description": "why the server hung up: rtp-timeout (no media for rtp.timeout seconds), max-call-seconds, "
-                "transfer (its caller went on in another piece)",
+                "transfer (its caller went on in another piece), pickup (its caller picked up a call ringing elsewhere or parked)",
             },
             "linked_id": {**nullable(_TEXT), "description": "the call_id of the first piece of a transferred call, shared by every piece"},
             "transferred_by": {**nullable(_TEXT), "description": "the extension (or number) that transferred this piece's caller here"},
             "transfer_to": {**nullable(_TEXT), "description": "where this piece's caller was transferred when the piece ended"},
+            "picked_up_by": {**nullable(_TEXT), "description": "the extension that answered the call by pickup, or took it from its park slot"},
         },
         "additionalProperties": True,
     },

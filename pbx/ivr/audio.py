@@ -84,4 +84,5 @@ class CallAudio:
     def stop(self) -> None:
         """The call leaves the IVR: silence our stream and stop listening for keys."""
         self.side.stop_playback()
-        self.side.on_dtmf = None
+        if self.side.on_dtmf == self.press:  # not the keys of a bridged call (pbx.calls.feature_keys)
+            self.side.on_dtmf = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import struct
 from collections.abc import Callable, Sequence
 
 from pbx.media.clock import ClockSubscription, MediaClock
@@ -39,6 +40,9 @@ from pbx.media.prompts import SILENCE
 from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRule, pack_seq_ts_ssrc, packet_struct, rewrite, unpack_seq_ts_ssrc
 
 logger = logging.getLogger(__name__)
+
+# An RFC 4733 telephone-event packet: RTP header, then event, E bit and volume, duration.
+_KEY_PACKET = struct.Struct("!BBHIIBBH")
 
 
 class NoMediaClock(RuntimeError):
@@ -276,6 +280,30 @@ class PeerStream:
         on_played = self.on_played
         if on_played is not None:
             on_played(payload)
+
+    def send_key(self, event: int, payload_type: int) -> None:
+        """Send the peer one key press of our own, RFC 4733 ``event`` under
+        ``payload_type``: a press the other side's peer made that was kept
+        back while it could have been a feature code, given back late. The
+        packets (a start, then the end three times, 100 ms long) go out at
+        once in our stream, which relayed packets continue from then on.
+        Without a destination (no address yet, on hold) nothing is sent."""
+        dest = self.dest
+        if dest is None or self.closed:
+            return
+        clock = self._clock()
+        self._rewriting = True
+        self._in_ssrc = None  # the next relayed packet fixes new offsets, after these numbers
+        timestamp = self._next_timestamp(clock.tick)
+        length = 5 * self._samples
+        for marker, end, duration in ((0x80, 0, self._samples), (0, 0x80, length), (0, 0x80, length), (0, 0x80, length)):
+            self._seq = (self._seq + 1) & 0xFFFF
+            header = _KEY_PACKET.pack(0x80, payload_type | marker, self._seq, timestamp, self._ssrc, event, end | 10, duration)
+            self.transport.sendto(header, dest)
+            self.stream_packets += 1
+            self.stream_octets += 4
+        self._timestamp = timestamp
+        self._position = clock.tick
 
     def _tick(self, tick: int) -> None:
         """Send this tick's one frame: the prompt's, else the loop's, else

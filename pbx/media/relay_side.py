@@ -32,7 +32,8 @@ A packet taken from the peer leaves through the other side's socket towards
 the other side's peer: as the very ``bytes`` object received when its payload
 type needs no change, else copied once and patched in place (a different
 telephone-event number, PCMU <-> PCMA). Received RFC 4733 events are reported
-through ``side.on_dtmf`` and received audio through ``side.on_audio``; the
+through ``side.on_dtmf``, which may keep a press from the other side (a
+feature code), and received audio through ``side.on_audio``; the
 statistics of what the peer sends are in ``side.stats``
 (:mod:`pbx.media.relay_stats`). What a side sends its peer of its own is in
 :mod:`pbx.media.playback`, its base class. RTCP from the peer takes the same
@@ -93,14 +94,17 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.strangers = 0  # packets (RTP and RTCP) dropped because a stranger sent them
         self._remote_ip: str | None = None  # of ``remote``, written as the kernel reports sources
         self._reported: set[str] = set()  # stranger IPs already reported
+        self._departed: set[Address] = set()  # where peers that left the side (a transfer) sent from
         self._report_after = 0.0  # no stranger report before this time
         self.dest = None
         self.rules: PayloadRules = {}  # for packets received here
         self.counters = RelayCounters()
         self.stats = ReceiveStats(self.counters)  # of the RTP the peer sends us
         self.stats.on_two_senders = self._report_two_senders
-        # Each RFC 4733 key press once, as "0"-"9", "*", "#", "A"-"D".
-        self.on_dtmf: Callable[[str], None] | None = None
+        # Each RFC 4733 key press once, as "0"-"9", "*", "#", "A"-"D"; True
+        # keeps that press from the other side (a feature code, pbx.calls.feature_keys).
+        self.on_dtmf: Callable[[str], bool | None] | None = None
+        self._keeping = False  # the press being received is kept from the other side
         # (payload, payload type) of every other RTP packet the peer sends us.
         self.on_audio: Callable[[bytes, int], None] | None = None
         # SRTP (pbx.media.srtp): decrypts a packet from the peer, None when it
@@ -137,6 +141,19 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._update_dest()
         self.rules = _payload_rules(self, self.other)
         self.other.rules = _payload_rules(self.other, self)
+
+    def forget_peer(self) -> None:
+        """The peer left the call (a transfer, a park): send it nothing, and
+        take what reaches the side as nobody's (dropped, not reported as a
+        stranger's) until the next peer's SDP, as before a call's first answer.
+        What the party that left goes on sending until its BYE is dropped
+        unreported too: it is a known party, not a stranger."""
+        remote = self.remote
+        rtcp_remote = (remote[0], remote[1] + 1) if remote is not None else None
+        self._departed.update(a for a in (remote, rtcp_remote, self.source, self.rtcp.source) if a is not None)
+        self.remote = self.source = self.rtcp.source = None
+        self._remote_ip = None
+        self._update_dest()
 
     def _update_dest(self) -> None:
         if self.held:
@@ -188,7 +205,9 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
             stats.sample(data, _now())
         if self.on_dtmf is not None or self.on_audio is not None:
             try:
-                self._hear(data)
+                if self._hear(data):
+                    counters.dropped += 1
+                    return
             except Exception:
                 # A listener's bug must not cost the call its audio.
                 logger.exception("relay side %s: DTMF/audio listener failed", self.name)
@@ -251,6 +270,8 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
     def report_stranger(self, addr: Address, stream: str) -> None:
         """Count a packet a stranger sent to this side's ``stream`` ("rtp", "rtcp")
         and report it as a security event, unless reported lately (module docstring)."""
+        if addr in self._departed:
+            return
         self.strangers += 1
         events = self.events
         if events is None:
@@ -273,25 +294,28 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         # datagram is part of RTP, so only note it.
         logger.debug("relay side %s port %d: %s", self.name, self.port, exc)
 
-    def _hear(self, data: bytes) -> None:
-        """Hand a received packet (at least an RTP header long) to ``on_dtmf`` or ``on_audio``."""
+    def _hear(self, data: bytes) -> bool:
+        """Hand a received packet (at least an RTP header long) to ``on_dtmf``
+        or ``on_audio``; True when it is of a press kept from the other side."""
         payload_type = data[1] & 0x7F
         if payload_type == self.dtmf_pt:
             on_dtmf = self.on_dtmf
             bounds = payload_bounds(data)
             if on_dtmf is None or bounds is None or bounds[1] - bounds[0] < 4:
-                return
+                return False
             # RFC 4733: every packet of one event (updates, repeated ends) has
             # the event's start as timestamp; a new press gets a new one.
             (timestamp,) = unpack_timestamp(data, 4)
             event = data[bounds[0]]
             if timestamp != self._dtmf_timestamp and event < len(_DTMF_KEYS):
                 self._dtmf_timestamp = timestamp
-                on_dtmf(_DTMF_KEYS[event])
-        elif self.on_audio is not None:
+                self._keeping = bool(on_dtmf(_DTMF_KEYS[event]))
+            return self._keeping and timestamp == self._dtmf_timestamp
+        if self.on_audio is not None:
             bounds = payload_bounds(data)
             if bounds is not None:
                 self.on_audio(data[bounds[0] : bounds[1]], payload_type)
+        return False
 
 
 class RtcpForwarder(asyncio.DatagramProtocol):

@@ -95,6 +95,11 @@ class Registrar:
         # the last refresh, so the newest binding is the last one.
         self._bindings: dict[str, dict[str, Binding]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Bindings changed but not yet written (_persist), the future of the
+        # batch that will write them, and the task writing batches.
+        self._dirty: dict[tuple[str, str], None] = {}
+        self._batch: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self.on_bound: Callable[[Binding], None] = lambda binding: None
 
     async def load(self) -> None:
@@ -115,12 +120,17 @@ class Registrar:
             self._sweeper = asyncio.create_task(self._sweep(), name="registrar-sweep")
 
     async def stop(self) -> None:
-        """Stop the sweep started by :meth:`start`."""
+        """Stop the sweep started by :meth:`start`; let the store write
+        the batch of bindings in hand, before the store closes."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # its REGISTERs were answered 500
+                await self._writer
+            self._writer = None
 
     async def _sweep(self) -> None:
         while True:
@@ -231,6 +241,7 @@ class Registrar:
         now = self._clock()
         touched = []
         bound = []
+        changed = False  # in the set of bindings, or in whether one is reachable
         for contact, expires in changes:
             if contact == "*":
                 contacts = list(self._bindings.get(extension, {}))
@@ -252,11 +263,13 @@ class Registrar:
                     user_agent=request.headers.get_first("User-Agent") or "",
                     call_id=request.call_id or "",
                 )
-                self._add(binding)
+                changed = self._add(binding) or changed
                 bound.append(binding)
                 touched.append((extension, contact))
-        if touched:
+        changed = changed or len(touched) > len(bound)  # some removed
+        if changed:
             self._changed()
+        if touched:
             await self._persist(touched)
         for binding in bound:
             self.on_bound(binding)
@@ -302,12 +315,17 @@ class Registrar:
             raise _BadRequest("Contact * needs Expires: 0 and no other Contact")
         return changes
 
-    def _add(self, binding: Binding) -> None:
+    def _add(self, binding: Binding) -> bool:
+        """Add or refresh ``binding``; whether that changed the set of
+        bindings or made a contact reachable again (a plain refresh, the
+        bulk of all REGISTERs, does neither)."""
         bindings = self._bindings.setdefault(binding.extension, {})
         old = bindings.pop(binding.contact, None)
         if old is not None and (old.source, old.transport) == (binding.source, binding.transport):
             binding.rtt_ms = old.rtt_ms  # the same path: its last round trip still tells
         bindings[binding.contact] = binding
+        if old is not None and old.reachable and old.expires_at > self._clock():
+            return False
         if old is None:
             logger.info(
                 "%s registered %s from %s:%d/%s",
@@ -317,6 +335,7 @@ class Registrar:
                 binding.source[1],
                 binding.transport,
             )
+        return True
 
     def _remove(self, extension: str, contact: str) -> Binding | None:
         bindings = self._bindings.get(extension, {})
@@ -329,18 +348,54 @@ class Registrar:
         self._events.emit("registrations_changed", count=sum(map(len, self._bindings.values())))
 
     async def _persist(self, keys: list[tuple[str, str]]) -> None:
-        """Write the current state of the bindings under ``keys`` to the store.
+        """Write the current state of the bindings under ``keys`` to the
+        store; return once it is committed.
 
-        Writing what memory holds when the write is queued (rather than what
-        this request changed) keeps the store right when REGISTERs for the
-        same contact interleave: the store runs writes in the order queued.
+        Writes are grouped: REGISTERs that arrive while a batch is being
+        written wait for the next batch, which writes all of them in one
+        transaction, so a burst of registrations costs one commit (and one
+        trip to the store's thread) per batch rather than one per REGISTER.
+        What is written is what memory holds when the batch is taken, which
+        keeps the store right when REGISTERs for the same contact interleave.
         """
-        for extension, contact in keys:
-            binding = self._bindings.get(extension, {}).get(contact)
-            if binding is None:
-                await self._store.delete_where(TABLE, "extension = ? and contact = ?", [extension, contact])
+        for key in keys:
+            self._dirty[key] = None
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+        batch = self._batch
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches(), name="registrar-store")
+        await asyncio.shield(batch)
+
+    async def _write_batches(self) -> None:
+        while self._dirty and self._batch is not None:
+            keys, batch = list(self._dirty), self._batch
+            self._dirty.clear()
+            self._batch = None
+            rows, gone = [], []
+            for extension, contact in keys:
+                binding = self._bindings.get(extension, {}).get(contact)
+                if binding is None:
+                    gone.append((extension, contact))
+                else:
+                    rows.append(_to_row(binding))
+            try:
+                await self._store.run(self._write, rows, gone)
+            except Exception as exc:
+                batch.set_exception(exc)
+                batch.exception()  # retrieved: a batch nobody awaits any more is no "never retrieved" warning
             else:
-                await self._store.upsert(TABLE, _to_row(binding))
+                batch.set_result(None)
+
+    def _write(self, rows: list[dict[str, Any]], gone: list[tuple[str, str]]) -> None:
+        """One batch, in one transaction (on the store's thread)."""
+        conn = self._store.db.conn
+        with conn:
+            conn.executemany(f"delete from {TABLE} where extension = ? and contact = ?", gone)
+            if rows:
+                columns = ", ".join(rows[0])
+                marks = ", ".join("?" * len(rows[0]))
+                conn.executemany(f"insert or replace into {TABLE} ({columns}) values ({marks})", [tuple(r.values()) for r in rows])
 
 
 def _split_contact(value: str) -> tuple[str, dict[str, str | None]]:

@@ -61,6 +61,7 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "linked_id": str,
             "transferred_by": str,
             "transfer_to": str,
+            "picked_up_by": str,  # the extension that answered it by pickup (*8, **NUM) or from its park slot
         },
         "call_id",
     ),

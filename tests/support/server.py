@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from typing import Any
 import yaml
 
 PASSWORDS = {"1001": "secret-1001", "1002": "secret-1002", "1003": "secret-1003"}
-_next_rtp_base = iter(range(21000, 60000, 200))
+# Each server its own 100 pairs; after 195 servers the first range is free again.
+_next_rtp_base = itertools.cycle(range(21000, 60000, 200))
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
