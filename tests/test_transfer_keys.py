@@ -128,6 +128,9 @@ async def test_a_busy_target_of_an_attended_transfer_by_keys_brings_the_transfer
     await server.wait_log(r"event=answered by=1002", start=since)  # back with the caller
     heard_by_caller, heard_by_callee = await exchange_tones(tmp_path, p["1001"], a, p["1002"], b)
     assert (heard_by_caller, heard_by_callee) == (pytest.approx(1000, abs=15), pytest.approx(440, abs=15))
+    rows = await rows_when_ended(server, 2)  # the first piece, and the consult that found 1003 busy
+    consult = next(row for row in rows if (row["from_number"], row["to_number"]) == ("1002", "1003"))
+    assert consult["disposition"] == "busy"
 
 
 async def test_hanging_up_while_the_target_of_an_attended_transfer_by_keys_rings_makes_it_blind(

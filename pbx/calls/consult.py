@@ -143,7 +143,7 @@ class Consults:
             result = await self.placing.dial([destination], caller=party, offer=bridge.offer(), timeout=timeout)
             if isinstance(result, Unreachable):
                 call_event(q.id, "consult-failed", status=result.status, disposition=result.disposition)
-                self._back(waiting, q, hung_up)
+                self._back(waiting, q, hung_up, result.disposition)
                 return
             leg, resp = result
             if self.placing.connect(q, leg, resp):
@@ -165,8 +165,9 @@ class Consults:
             target.events = dataclasses.replace(target.events, hangup=hung_up)
             self.moves.put_in(waiting, target, q, lambda: self.placing.hang_up(waiting, "failed"))
 
-    def _back(self, waiting: Call, q: Call, hung_up: Callable[[Leg], None]) -> None:
-        """The target was not reached or left: the transferor talks to its party again."""
+    def _back(self, waiting: Call, q: Call, hung_up: Callable[[Leg], None], disposition: str = "answered") -> None:
+        """The target was not reached (the consult ends with ``disposition``)
+        or left: the transferor talks to its party again."""
         transferor = q.a
         if q.b is not None and q.b.state is LegState.ANSWERED:
             q.b.bye()
@@ -177,7 +178,7 @@ class Consults:
             return
         self._unhold(waiting)
         transferor.events = dataclasses.replace(transferor.events, hangup=hung_up)
-        self.moves.put_in(waiting, transferor, q, lambda: self.placing.hang_up(waiting, "failed"))
+        self.moves.put_in(waiting, transferor, q, lambda: self.placing.hang_up(waiting, "failed"), disposition)
 
     def _blind(self, waiting: Call, destination: Destination, party: str) -> None:
         """The party on hold goes to the target itself, hearing ringback, as in a blind transfer."""

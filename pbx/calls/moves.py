@@ -115,10 +115,10 @@ class Moves:
         self.journal.open(piece)
         return piece
 
-    def put_in(self, piece: Call, leg: Leg, call: Call, on_failure: Callable[[], None]) -> None:
+    def put_in(self, piece: Call, leg: Leg, call: Call, on_failure: Callable[[], None], disposition: str = "answered") -> None:
         """Move ``leg``, an answered party of ``call``, onto side b of
-        ``piece`` (ringing, its caller's media settled): ``call`` ends (its
-        other leg is the caller's to end) and ``leg`` is re-INVITEd to the
+        ``piece`` (ringing, its caller's media settled): ``call`` ends with
+        ``disposition`` (its other leg is the caller's to end) and ``leg`` is re-INVITEd to the
         piece's relay side, continuing our SDP towards it. ``on_failure``
         when the party cannot be moved (the re-INVITE refused): the piece
         is then the caller's to end."""
@@ -135,7 +135,7 @@ class Moves:
             call.forks.remove(leg)
         if call.b is leg:
             call.b = None
-        self.end(call, "answered")
+        self.end(call, disposition)
         self.legs[leg.key] = (piece, leg)
         call_event(piece.id, "moving", leg=leg.dialog.call_id, from_call=call.id)
 
