@@ -122,12 +122,18 @@ async def hang_up_call(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def recording_action(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+def _call_in(request: web.Request) -> Call:
+    """The call in progress the path names; 404 ``no-such-call`` when there is none."""
     call_id = request.match_info["id"]
-    call = services.calls.calls.get(call_id)
+    call = request.app[SERVICES].calls.calls.get(call_id)
     if call is None:
         raise _no_call(call_id)
+    return call
+
+
+async def recording_action(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    call = _call_in(request)
     body = await read_body(request, ref("RecordingAction"))
     recording = await services.calls.recording.action(call, body["action"])
     return web.json_response({"call": call.id, "recording": _recording_json(recording, stopped=body["action"] == "stop")})
@@ -136,10 +142,7 @@ async def recording_action(request: web.Request) -> web.Response:
 async def transfer_call(request: web.Request) -> web.Response:
     """A blind transfer: the leaving party is released, the other goes on in a new piece of the call (its id in the answer)."""
     services = request.app[SERVICES]
-    call_id = request.match_info["id"]
-    call = services.calls.calls.get(call_id)
-    if call is None:
-        raise _no_call(call_id)
+    call = _call_in(request)
     body = await read_body(request, ref("CallTransfer"))
     try:
         piece = services.calls.transfers.transfer(call, body["to"], leaving=body.get("leaving", "callee"), src=request.remote or "-")
@@ -147,7 +150,7 @@ async def transfer_call(request: web.Request) -> web.Response:
         raise invalid_body({"to": exc.message}) from exc
     except DialRefused as exc:
         raise about_field(exc, "to") from exc
-    logger.info("call %s: transferred through the API to %s: now call %s", call_id, body["to"], piece.id)
+    logger.info("call %s: transferred through the API to %s: now call %s", call.id, body["to"], piece.id)
     return web.json_response(_call_json(piece))
 
 
