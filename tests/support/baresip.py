@@ -18,15 +18,14 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from tests.support.audio import write_tone
-from tests.support.server import PASSWORDS, Server, free_port, stop_process
+from tests.support.console import ConsoleProcess
+from tests.support.server import PASSWORDS, Server, free_port
 
 BARESIP = shutil.which("baresip")
 MODULES = "/usr/lib/baresip/modules"
@@ -72,17 +71,18 @@ async def read_until(stream: asyncio.StreamReader, wanted: list[str], seen: list
         seen.append(line.decode(errors="replace"))
 
 
-class Baresip:
+class Baresip(ConsoleProcess):
     """A running baresip for one extension, driven through ``ctrl_tcp``;
-    create it with :meth:`start`, which waits until it takes commands."""
+    create it with :meth:`start`, which waits until it takes commands.
+    Its console in :attr:`output` is there to explain a failure."""
+
+    name = "baresip"
 
     def __init__(self, proc: asyncio.subprocess.Process, folder: Path) -> None:
-        self.proc, self.folder = proc, folder
-        self.output: list[str] = []  # its console, to explain a failure
+        super().__init__(proc)
+        self.folder = folder
         self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Condition()
         self._writer: asyncio.StreamWriter | None = None
-        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def start(cls, folder: Path, server: Server, extension: str, *, tone_hz: int) -> Baresip:
@@ -99,10 +99,9 @@ class Baresip:
         )  # fmt: skip
         phone = cls(proc, folder)
         try:
-            phone._tasks.append(asyncio.create_task(phone._read_output()))
-            await phone.wait_output("baresip is ready.")
+            await phone.wait_output(r"baresip is ready\.")
             reader, phone._writer = await asyncio.open_connection("127.0.0.1", port)
-            phone._tasks.append(asyncio.create_task(phone._read_events(reader)))
+            phone._read(phone._read_events(reader))
         except BaseException:
             await phone.close()
             raise
@@ -129,33 +128,18 @@ class Baresip:
     async def wait_event(self, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         """The first event (or command response) with the fields of ``match``
         that arrived and was not taken yet; it is taken."""
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while True:
-                    for index, event in enumerate(self.events):
-                        if all(event.get(key) == value for key, value in match.items()):
-                            return self.events.pop(index)
-                    if self.proc.returncode is not None:
-                        raise AssertionError(f"baresip exited while waiting for {match}:\n" + "".join(self.output[-30:]))
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"baresip: no event {match} in {timeout}s; got {self.events}\n" + "".join(self.output[-30:])) from None
+
+        def take() -> dict[str, Any] | None:
+            for index, event in enumerate(self.events):
+                if all(event.get(key) == value for key, value in match.items()):
+                    return self.events.pop(index)
+            return None
+
+        return await self._wait_for(take, f"event {match}", timeout)
 
     def discard(self) -> None:
         """Forget the events so far: the next waits see only newer ones."""
         self.events.clear()
-
-    async def wait_output(self, text: str, timeout: float = 10.0) -> str:
-        """The first console line holding ``text``."""
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while (line := next((line for line in self.output if text in line), None)) is None:
-                    if self.proc.returncode is not None:
-                        raise AssertionError(f"baresip exited before {text!r}:\n" + "".join(self.output[-30:]))
-                    await self._changed.wait()
-                return line
-        except TimeoutError:
-            raise AssertionError(f"baresip: no {text!r} in {timeout}s:\n" + "".join(self.output[-30:])) from None
 
     def heard(self) -> Path:
         """The WAV file of what the last call decoded (the ``sndfile`` dump)."""
@@ -166,26 +150,10 @@ class Baresip:
         """Stop baresip (it unregisters), killing it when it does not go."""
         if self._writer is not None:
             self._writer.close()
-        await stop_process(self.proc, (signal.SIGTERM, 3))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def _read_output(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            async with self._changed:
-                self.output.append(line.decode(errors="replace"))
-                self._changed.notify_all()
-        await self.proc.wait()
-        async with self._changed:
-            self._changed.notify_all()
+    def _explain(self) -> str:
+        return f"events not taken: {self.events}\n" + super()._explain()
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ValueError):

@@ -17,15 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
-import signal
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tests.support.audio import write_tone
-from tests.support.server import PASSWORDS, Server, free_port, stop_process
+from tests.support.console import ConsoleProcess
+from tests.support.server import PASSWORDS, Server, free_port
 
 LINPHONEC = shutil.which("linphonec")
 
@@ -63,15 +60,15 @@ enabled=1
 """
 
 
-class Linphonec:
+class Linphonec(ConsoleProcess):
     """A running linphonec for one extension; create it with :meth:`start`."""
 
+    name = "linphonec"
+
     def __init__(self, proc: asyncio.subprocess.Process, folder: Path) -> None:
-        self.proc, self.folder = proc, folder
-        self.output: list[str] = []
+        super().__init__(proc)
+        self.folder = folder
         self.recording = folder / "heard.wav"
-        self._changed = asyncio.Condition()
-        self._reader: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, folder: Path, server: Server, extension: str, *, tone_hz: int) -> Linphonec:
@@ -89,7 +86,6 @@ class Linphonec:
             env={**os.environ, "HOME": str(folder)}, cwd=folder,
         )  # fmt: skip
         phone = cls(proc, folder)
-        phone._reader = asyncio.create_task(phone._read_output())
         try:
             await phone.send("soundcard use files")
             await phone.wait_output(r"Using wav files instead of soundcard")
@@ -106,19 +102,6 @@ class Linphonec:
         self.proc.stdin.write(line.encode() + b"\n")
         await self.proc.stdin.drain()
 
-    async def wait_output(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
-        """The first console line from index ``start`` on matching ``pattern``."""
-        regex = re.compile(pattern)
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while (line := next((line for line in self.output[start:] if regex.search(line)), None)) is None:
-                    if self.proc.returncode is not None:
-                        raise AssertionError(f"linphonec exited before {pattern!r}:\n" + "\n".join(self.output[-30:]))
-                    await self._changed.wait()
-                return line
-        except TimeoutError:
-            raise AssertionError(f"linphonec: no {pattern!r} in {timeout}s:\n" + "\n".join(self.output[-30:])) from None
-
     async def close(self) -> None:
         """Quit linphonec (it unregisters), killing it when it does not go."""
         if self.proc.returncode is None and self.proc.stdin is not None:
@@ -128,22 +111,4 @@ class Linphonec:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(3):
                     await self.proc.wait()
-        await stop_process(self.proc, (signal.SIGTERM, 2))
-        if self._reader is not None:
-            await self._reader
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def _read_output(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            async with self._changed:
-                self.output.append(line.decode(errors="replace").rstrip())
-                self._changed.notify_all()
-        await self.proc.wait()
-        async with self._changed:
-            self._changed.notify_all()
+        await super().close()
