@@ -64,6 +64,7 @@ bench: $(VENV)/.installed test-deps bench-deps
 	$(PY) bench/queue.py
 	$(PY) bench/recording.py
 	$(PY) bench/startup.py
+	$(PY) bench/setup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
