@@ -15,7 +15,7 @@ from pbx.calls.routing import DialPolicy, DialRefused, route_dialed
 from pbx.config.model import Config, Destination, Trunk
 from pbx.events import EventBus
 from pbx.sip.auth import AddressGuard, DigestAuthenticator, authenticate_request
-from pbx.sip.dialog import InboundLeg
+from pbx.sip.dialog import InboundLeg, invite_key
 from pbx.sip.messages import address_user, uri_user
 from pbx.sip.registrar import Registrar
 from pbx.sip.transactions import ServerTransaction
@@ -95,12 +95,5 @@ def merged_with(request: SipRequest, calls: Iterable[Call]) -> Call | None:
     tag and CSeq: the same request again on another path (a loop or a
     forking proxy), not a new call. A reused Call-ID alone (another From tag,
     another CSeq) is a new call with an id of its own."""
-    from_addr, cseq = request.from_addr, request.cseq
-    key = (request.call_id, from_addr.tag if from_addr else None, cseq.seq if cseq else None)
-    for call in calls:
-        if isinstance(call.a, InboundLeg):
-            invite = call.a.invite
-            theirs = (invite.call_id, invite.from_addr.tag if invite.from_addr else None, invite.cseq.seq if invite.cseq else None)
-            if theirs == key:
-                return call
-    return None
+    key = invite_key(request)
+    return next((call for call in calls if isinstance(call.a, InboundLeg) and call.a.invite_key == key), None)

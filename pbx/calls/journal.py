@@ -100,12 +100,17 @@ class CallJournal:
     def _write(self, how: str, row: dict[str, Any]) -> None:
         """On the store's thread: ``row`` written ``how``, with the heartbeat, in one transaction."""
         db = self.store.db
-        with db.conn:  # sqlite-utils commits its write inside: the heartbeat goes with it
+        # Plain SQL: sqlite-utils' upsert reads the table's schema on every call, 2 ms of CPU a call at 100 calls/s.
+        columns = [column for column in row if column != "call_id"]
+        with db.conn:
             db.execute("insert or replace into heartbeat (id, time) values (1, ?)", [iso_time(time.time())])
             if how == "update":
-                db.table("cdr").update(row["call_id"], row)
+                assignments = ", ".join(f"[{column}] = ?" for column in columns)
+                db.execute(f"update cdr set {assignments} where call_id = ?", [*(row[c] for c in columns), row["call_id"]])
             elif how == "upsert":
-                db.table("cdr").upsert(row, pk="call_id")
+                names, marks = ", ".join(f"[{column}]" for column in row), ", ".join("?" * len(row))
+                updates = ", ".join(f"[{column}] = excluded.[{column}]" for column in columns)
+                db.execute(f"insert into cdr ({names}) values ({marks}) on conflict(call_id) do update set {updates}", list(row.values()))
 
     def _close_open(self) -> list[dict[str, Any]]:
         """On the store's thread: every row without an end, closed as ``interrupted``."""

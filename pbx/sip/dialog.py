@@ -316,6 +316,12 @@ DIALOG_METHODS = ("INVITE", "ACK", "CANCEL", *Leg.HANDLERS)
 ALLOW = allow_header(DIALOG_METHODS)
 
 
+def invite_key(request: SipRequest) -> tuple[str | None, str | None, int | None]:
+    """What makes two INVITEs the same request (RFC 3261 §8.2.2.2): Call-ID, From tag and CSeq."""
+    from_addr, cseq = request.from_addr, request.cseq
+    return request.call_id, from_addr.tag if from_addr else None, cseq.seq if cseq else None
+
+
 class InboundLeg(Leg):
     """A dialog a peer opened by sending us an INVITE."""
 
@@ -326,6 +332,7 @@ class InboundLeg(Leg):
         super().__init__(stack, flow, create_dialog_from_request(invite), events, session_expires)
         self.state = LegState.INCOMING
         self.invite = invite
+        self.invite_key = invite_key(invite)  # parsed once: every new INVITE is compared with it
         self.txn = txn
         self.peer_allows_update = "UPDATE" in listed(invite, "allow")
         txn.to_tag = self.dialog.local_tag
