@@ -140,7 +140,7 @@ class Pbx:
         self.metrics.watch_voicemail(lambda: self.voicemail.counts)
         self.metrics.watch_queues(self.queues.snapshot)
         self.stack.on_request = self._on_request
-        self.stack.on_stray_response = self.calls.handle_stray_response
+        self.stack.on_stray_response = self.calls.midcall.stray_response
         self.trunks: list[TrunkRegistration] = []
 
     def admin(self) -> AdminServices:

@@ -19,6 +19,7 @@ from aiosipua import SdpNegotiationError, SipResponse
 
 from pbx.calls.bridge import Bridge, codec_of
 from pbx.calls.extension_states import ExtensionStates
+from pbx.calls.unclaimed import UnclaimedLegs
 from pbx.calls.model import Answered, Unreachable, outcome
 from pbx.calls.routing import DialPolicy, DialRefused
 from pbx.config.model import Config, Destination, Trunk
@@ -65,6 +66,7 @@ class Dialer:
         # bridge (set by app.py); None: silence.
         self.music: MusicOnHold | None = None
         self.states = ExtensionStates(events)  # what each extension's phones do, for busy lamps
+        self.unclaimed = UnclaimedLegs()  # legs :meth:`dial` got answered that no call has taken yet
 
     async def make_legs(
         self, caller: str, destination: Destination, offer: str, events: LegEvents, party: str | None = None
@@ -121,6 +123,7 @@ class Dialer:
                 return Unreachable(*outcome(codes))
             pending.update(legs)
             for leg in legs:
+                self.unclaimed.add(leg)
                 leg.start()
             return await asyncio.wait_for(won, timeout)
         except TimeoutError:

@@ -1,4 +1,5 @@
-"""What the legs of a call bring up once it is under way: re-INVITEs (hold,
+"""What the legs of a call bring up once it is under way: the requests
+inside their dialogs (:meth:`MidCall.in_dialog`), re-INVITEs (hold,
 unhold, a new address), keys sent by SIP INFO, sessions that expired, and
 the events every leg tells its call (:meth:`MidCall.leg_events`), a REFER
 among them (pbx.calls.transfer's).
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from aiosipua import SipRequest
+from aiosipua import SipRequest, SipResponse
 
 from pbx.calls.forks import Forks
 from pbx.calls.model import Call
-from pbx.sip.dialog import Leg, LegEvents
+from pbx.calls.unclaimed import UnclaimedLegs
+from pbx.sip.dialog import ALLOW, Leg, LegEvents
 from pbx.sip.messages import info_key
+from pbx.sip.methods import refuse
+from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.transactions import ServerTransaction
 
 
@@ -29,15 +33,17 @@ class MidCall:
     def __init__(
         self,
         legs: Mapping[tuple[str, str], tuple[Call, Leg]],
+        unclaimed: UnclaimedLegs,
         hangup: Callable[[Leg], None],
         time_out: Callable[[Call, str], None],
         refer: Callable[[Leg, SipRequest, ServerTransaction], None],
     ) -> None:
         """``legs``: the call service's map of every leg (by dialog key) to
-        its call; ``hangup``: what to do when a leg hangs up; ``time_out``:
+        its call; ``unclaimed``: the dialer's answered legs no call has yet; ``hangup``: what to do when a leg hangs up; ``time_out``:
         how the server ends a call for a reason (the watchdog's); ``refer``:
         a transfer a party asks for (pbx.calls.transfer)."""
         self.legs = legs
+        self.unclaimed = unclaimed
         self.hangup = hangup
         self.time_out = time_out
         self.refer = refer
@@ -51,6 +57,28 @@ class MidCall:
             progress=ringing.progress, answered=ringing.answered, failed=ringing.failed, hangup=self.hangup, reinvite=self.reinvite,
             expired=self.expired, refer=self.refer,
         )  # fmt: skip
+
+    def in_dialog(self, request: SipRequest, txn: ServerTransaction, to_tag: str) -> None:
+        """A request inside a dialog (its To has a tag): its leg's to handle,
+        kept for a leg answered for no call yet, else 481 or a refusal."""
+        key = (request.call_id or "", to_tag)
+        found = self.legs.get(key)
+        method = request.method.upper()
+        if found is not None:
+            found[1].in_dialog(request, txn)
+        elif self.unclaimed.hold(key, request, txn):
+            return
+        elif method in Leg.HANDLERS:
+            txn.reply(481)
+        elif method != "ACK":
+            refuse(txn, ALLOW)  # a method no dialog handles: that is said first (RFC 3261 §8.2.1)
+
+    def stray_response(self, response: SipResponse) -> None:
+        """A 2xx retransmitted after its transaction ended: ACK it again."""
+        from_addr = response.from_addr
+        found = self.legs.get((response.call_id or "", from_addr.tag if from_addr and from_addr.tag else ""))
+        if found is not None and isinstance(found[1], OutboundLeg) and 200 <= response.status_code < 300:
+            found[1]._on_2xx(response)
 
     def call_of(self, leg: Leg) -> Call | None:
         found = self.legs.get(leg.key)

@@ -53,7 +53,7 @@ from pbx.media.ports import RtpPortPool
 from pbx.media.prompts import PromptLibrary
 from pbx.media.srtp import SrtpSides
 from pbx.sip.auth import AddressGuard, DigestAuthenticator
-from pbx.sip.dialog import ALLOW, DIALOG_METHODS, InboundLeg, Leg, LegState
+from pbx.sip.dialog import DIALOG_METHODS, InboundLeg, Leg, LegState
 from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.messages import uri_user
 from pbx.sip.methods import allow_header, refuse
@@ -111,7 +111,7 @@ class CallService:
         self.admission = Admission(config, authenticator, guard, registrar, events, self.dialing)
         self.dialer = Dialer(config, stack, registrar, self.dialing, ports=ports, clock=clock, events=events, media_ip=media_ip)
         self.watchdog = Watchdog(config, self.calls, self.hang_up)
-        self.midcall = MidCall(self._legs, self._leg_hung_up, self.watchdog.time_out, lambda *refer: self.transfers.refer(*refer))
+        self.midcall = MidCall(self._legs, self.dialer.unclaimed, self._leg_hung_up, self.watchdog.time_out, lambda *refer: self.transfers.refer(*refer))
         self.forks = Forks(config, self.dialer, self._legs, lambda: self.midcall.leg_events(self.forks), self._bridged, self._callee_failed)
         groups = RingGroups(config, self.forwarding)
         self.callees = Callees(self.forwarding, groups, forks=self.forks, go=self._go, fail=self._fail_caller, run=self._run)
@@ -143,13 +143,7 @@ class CallService:
         if method == "CANCEL":
             self._cancel(request, txn)
         elif to_tag:
-            found = self._legs.get((request.call_id or "", to_tag))
-            if found is not None:
-                found[1].in_dialog(request, txn)
-            elif method in Leg.HANDLERS:
-                txn.reply(481)
-            elif method != "ACK":
-                refuse(txn, ALLOW)  # a method no dialog handles: that is said first (RFC 3261 §8.2.1)
+            self.midcall.in_dialog(request, txn, to_tag)
         elif method == "INVITE" and self._drain_until is not None:
             retry = max(1, math.ceil(self._drain_until - asyncio.get_running_loop().time()))
             call_event(request.call_id or "", "refused", status=503, reason="draining", retry_after=retry)
@@ -164,13 +158,6 @@ class CallService:
             txn.reply(481)
         elif method != "ACK":
             refuse(txn, ALLOW_OUT_OF_DIALOG)
-
-    def handle_stray_response(self, response: SipResponse) -> None:
-        """A 2xx retransmitted after its transaction ended: ACK it again."""
-        from_addr = response.from_addr
-        found = self._legs.get((response.call_id or "", from_addr.tag if from_addr and from_addr.tag else ""))
-        if found is not None and isinstance(found[1], OutboundLeg) and 200 <= response.status_code < 300:
-            found[1]._on_2xx(response)
 
     async def stop(self) -> None:
         """Hang up every call in progress (BYE, CANCEL, 503 to a caller still
@@ -331,6 +318,7 @@ class CallService:
         leg.events = self.midcall.leg_events(self.forks)
         self._legs[leg.key] = (call, leg)
         self._bridged(call, leg, answer)
+        self.dialer.unclaimed.claim(leg)  # a BYE that came before this is handled now
         return True
 
     def _bridged(self, call: Call, leg: Leg, answer: str) -> None:
@@ -413,6 +401,7 @@ class CallService:
             sip_call_id=call.sip_call_id,
         )  # fmt: skip
         call_event(call.id, "answered", by=extension, contact=leg.dialog.remote_target)
+        self.dialer.unclaimed.claim(leg)
         self._run(call, self._go(call, destination, party))
         return call
 

@@ -1,6 +1,7 @@
 """A SIP user agent on a bare UDP socket for subscriptions (RFC 6665):
 hand-built, digest-authenticated SUBSCRIBEs and REGISTERs, and a chosen
-answer to every NOTIFY it receives, which it keeps for the test to read."""
+answer to every NOTIFY it receives, which it keeps for the test to read;
+INVITEs it receives are kept unanswered, for the test to answer by hand."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class RawPhone(asyncio.DatagramProtocol):
         self.port = 0
         self.notify_status = 200
         self.notifies: asyncio.Queue[SipRequest] = asyncio.Queue()
+        self.invites: asyncio.Queue[SipRequest] = asyncio.Queue()
         self.cseq = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._answers: dict[str, asyncio.Future[SipResponse]] = {}
@@ -80,10 +82,21 @@ class RawPhone(asyncio.DatagramProtocol):
             if message.status_code >= 200 and answer is not None and not answer.done():
                 answer.set_result(message)
             return
+        if message.method == "INVITE":
+            self.invites.put_nowait(message)
+            return
+        if message.method == "ACK":
+            return
         status = self.notify_status if message.method == "NOTIFY" else 501
         self._transport.sendto(bytes(make_response(message, status)), addr)
         if message.method == "NOTIFY":
             self.notifies.put_nowait(message)
+
+    def send_now(self, *messages: SipRequest | SipResponse) -> None:
+        """Send ``messages`` to the server back to back, waiting for nothing."""
+        assert self._transport is not None
+        for message in messages:
+            self._transport.sendto(bytes(message), self.server)
 
     async def next_notify(self, timeout: float = 10.0) -> SipRequest:
         async with asyncio.timeout(timeout):
@@ -107,12 +120,17 @@ class RawPhone(asyncio.DatagramProtocol):
         assert isinstance(request, SipRequest)
         return request
 
+    def answer_to(self, request: SipRequest) -> asyncio.Future[SipResponse]:
+        """The final answer the server will give ``request``, sent some other way (:meth:`send_now`)."""
+        answer: asyncio.Future[SipResponse] = asyncio.get_running_loop().create_future()
+        self._answers[parse_via(request.headers.get("via")[0]).branch or ""] = answer
+        return answer
+
     async def send(self, request: SipRequest, timeout: float = 5.0) -> SipResponse:
         """Send ``request`` to the server; its final answer."""
         assert self._transport is not None
         branch = parse_via(request.headers.get("via")[0]).branch or ""
-        answer: asyncio.Future[SipResponse] = asyncio.get_running_loop().create_future()
-        self._answers[branch] = answer
+        answer = self.answer_to(request)
         self._transport.sendto(bytes(request), self.server)
         try:
             async with asyncio.timeout(timeout):
