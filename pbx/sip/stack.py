@@ -33,13 +33,14 @@ from aiosipua import (
     stringify_via,
 )
 from aiosipua.message import missing_required_headers
+from aiosipua.transport import _response_destination
 
 from pbx.events import EventBus
 from pbx.sip.messages import make_response
 from pbx.sip.syntax import request_problem
 from pbx.sip.tcp import BoundedTcp
 from pbx.sip.tls import TlsSipTransport, client_context
-from pbx.sip.transactions import TIMER_B, ClientTransaction, NoTransaction, ResponseHandler, ServerTransaction
+from pbx.sip.transactions import TIMER_B, AnsweredRequests, ClientTransaction, NoTransaction, ResponseHandler, ServerTransaction
 from pbx.sip.transport import Flow, TcpTransport, UdpTransport, transport_kind
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class SipStack:
     is_blocked: Callable[[str], bool] = lambda ip: False
     transports: list[SipTransport] = field(default_factory=list)
     _server: dict[tuple[str, str], ServerTransaction] = field(default_factory=dict)
+    _answered: AnsweredRequests = field(default_factory=AnsweredRequests)
     _client: dict[tuple[str, str], ClientTransaction] = field(default_factory=dict)
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -109,6 +111,7 @@ class SipStack:
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
+        self._answered.clear()
         for transport in self.transports:
             await transport.stop()
         self.transports.clear()
@@ -266,6 +269,8 @@ class SipStack:
             if existing is not None:
                 existing.retransmission()
                 return
+            if self._answered.resend(key):
+                return
             txn = ServerTransaction(self, request, flow, key)
             self._server[key] = txn
             txn.start()
@@ -285,6 +290,11 @@ class SipStack:
 
     def server_ended(self, key: tuple[str, str]) -> None:
         self._server.pop(key, None)
+
+    def answered(self, key: tuple[str, str], response: SipResponse, flow: Flow) -> None:
+        dest = _response_destination(response)
+        if isinstance(flow.transport, UdpTransport) and dest is not None:
+            self._answered.keep(key, response, flow.transport, dest)
 
     def server_transaction(self, branch: str, method: str) -> ServerTransaction | None:
         """The transaction of ``method`` whose request had ``branch`` (a

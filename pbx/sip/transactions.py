@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from aiosipua import SipRequest, SipResponse
 
 from pbx.sip.messages import make_response
-from pbx.sip.transport import Flow
+from pbx.sip.transport import Flow, UdpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,54 @@ class TransactionOwner(Protocol):
 
     def server_ended(self, key: tuple[str, str]) -> None:
         """Stop routing requests to the server transaction of ``key``."""
+
+    def answered(self, key: tuple[str, str], response: SipResponse, flow: Flow) -> None:
+        """Answer retransmissions of the ended non-INVITE transaction ``key`` with ``response`` for 64*T1."""
+
+
+class AnsweredRequests:
+    """Non-INVITE requests answered over UDP whose retransmissions still get
+    the answer again (Timer J, 64*T1), kept as the answer's bytes alone.
+
+    At 500 registrations a second that is 32,000 answers at any moment. Kept
+    as transactions, with both parsed messages and a timer each, they made
+    every full garbage collection walk close to a million objects and stall
+    the event loop; as bytes they are a few objects each, swept by one timer."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, str], tuple[bytes, UdpTransport, tuple[str, int]]] = {}
+        self._expiry: deque[tuple[float, tuple[str, str]]] = deque()  # in the order kept: the same linger for all
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def keep(self, key: tuple[str, str], response: SipResponse, transport: UdpTransport, dest: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        self._answers[key] = (bytes(response), transport, dest)
+        self._expiry.append((loop.time() + TIMER_B, key))
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(TIMER_B, self._sweep)
+
+    def resend(self, key: tuple[str, str]) -> bool:
+        """Send the answer kept for ``key`` again; False when there is none."""
+        answer = self._answers.get(key)
+        if answer is None:
+            return False
+        raw, transport, dest = answer
+        transport.send_bytes(raw, dest)
+        return True
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._expiry and self._expiry[0][0] <= now:
+            self._answers.pop(self._expiry.popleft()[1], None)
+        self._sweeper = loop.call_later(max(self._expiry[0][0] - now, 1.0), self._sweep) if self._expiry else None
+
+    def clear(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._answers.clear()
+        self._expiry.clear()
 
 
 class ServerTransaction:
@@ -110,8 +159,12 @@ class ServerTransaction:
             self._pending.cancel()
         if self._timer_g(response.status_code):
             self._retransmit(T1, 0.0)
+        elif self.request.method.upper() != "INVITE" and not self.flow.transport.reliable:
+            # Timer J: retransmissions of the request get the answer again from its bytes alone.
+            self.terminate()
+            self.stack.answered(self.key, response, self.flow)
         else:
-            # Linger to absorb retransmissions of the request (Timer J / H).
+            # Linger to absorb retransmissions of the INVITE (Timer H) or of a request over a reliable flow.
             self._schedule_end(TIMER_B if not self.flow.transport.reliable else 1.0)
 
     def _timer_g(self, status: int) -> bool:

@@ -62,6 +62,11 @@ class _QuietDispatch(SipTransport):
 class UdpTransport(_QuietDispatch, UdpSipTransport):
     """SIP over UDP."""
 
+    def send_bytes(self, raw: bytes, addr: tuple[str, int]) -> None:
+        """Send a message serialised before (a kept answer)."""
+        if self._udp_transport is not None:
+            self._udp_transport.sendto(raw, addr)
+
 
 class TcpTransport(_QuietDispatch, BoundedTcp):
     """SIP over TCP within the limits of :mod:`pbx.sip.tcp`; TLS subclasses it."""
