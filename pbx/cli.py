@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+import uvloop
+
 from pbx import __version__
 from pbx.app import load_setup, serve
 from pbx.config.model import ConfigError
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     # systemd's watchdog ends a stuck server with SIGABRT (pbx.systemd): the
     # traceback of every thread then shows in the journal where the loop hung.
     faulthandler.enable()
-    return asyncio.run(serve(config, prompts, flows))
+    # uvloop runs the same asyncio code with its socket and timer work in C (ENGINE.md, issue 16).
+    return asyncio.run(serve(config, prompts, flows), loop_factory=uvloop.new_event_loop)
 
 
 if __name__ == "__main__":
