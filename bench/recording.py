@@ -164,8 +164,8 @@ def read_log(run: Run, server: Server) -> None:
 
 async def pbx_run(run: Run, work: Path, log_level: str) -> None:
     """The calls through `pbx serve`, recorded or not; fill in ``run``."""
-    # 1001 places every call of the run at once: lift its max_calls (default 4).
-    extensions = {"1001": {"name": "User 1001", "password": PASSWORDS["1001"], "record": run.recorded, "max_calls": 1000}}
+    # 1001 places every call of the run at once and 1002 takes them all: lift their max_calls (default 4).
+    extensions = {ext: {"name": f"User {ext}", "password": PASSWORDS[ext], "record": run.recorded, "max_calls": 1000} for ext in ("1001", "1002")}
     server = await start_server(
         work / "pbx",
         log_level=log_level,
