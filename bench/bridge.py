@@ -16,26 +16,44 @@ the port the UAS then listens on); start that UAS (uas_echo.xml) with
 1002, at --rate calls per second with up to N at once, each --duration seconds
 long, sending G.711 A-law from /usr/share/sip-tester/g711a.pcap, which the UAS
 echoes back. So every packet crosses the relay twice: caller -> callee and back.
+The caller offers PCMA only and the callee answers with the first codec
+offered to it, so the same codec is on both sides of the relay.
 
-Measured, over the call phase only (UAC start to UAC exit): CPU seconds
-(utime + stime from /proc/PID/stat) of the server process, or of every
-Kamailio process (its main process and the children it forks) plus
-rtpengine's; failed calls (SIPp's exit code and the "FailedCall" counter of
-its -trace_stat file); and RTP packets relayed (the PBX's
-pbx_rtp_packets_relayed_total, rtpengine's "Total relayed packets"; "n/a" when
-absent). The table at the end sets them side by side per N, with the ratio
-pbx / baseline of CPU per call (the target is at most 1.0).
+Measured, over the call phase only (UAC start to UAC exit):
+- CPU seconds (utime + stime from /proc/PID/stat) of the server process, or
+  of every Kamailio process (its main process and the children it forks)
+  plus rtpengine's;
+- failed calls (SIPp's exit code and the "FailedCall" counter of its
+  -trace_stat file);
+- RTP packets on the wire, so that a relay that drops packets cannot look
+  cheap: dumpcap captures on `lo` (headers only, to the run's temporary
+  folder) the UDP between the relay's RTP ports and the media ports (-mp) of
+  the two SIPps, both ways. "delivered" counts the RTP packets (not RTCP) the
+  relay sent to SIPp's UAS and UAC, "sent" those the SIPps sent to the relay;
+  "deliv %" is delivered / sent, and a run under MIN_DELIVERED (99%) is
+  flagged as failed, as is one whose capture lost packets. g711a.pcap holds
+  236 packets of 30 ms over 7.05 s, played from the answer and again every
+  7.08 s while more than that is left, cut short by the hang-up: a 16 s call
+  carries about 534 packets each way, so about 1068 delivered per call (the
+  summary line states the figure for --duration);
+- for reference in the summary line, the relays' own counts (the PBX's
+  pbx_rtp_packets_relayed_total, rtpengine's "Total relayed packets"; "n/a"
+  when absent).
+
+The table at the end sets them side by side per N, with the ratio pbx /
+baseline of CPU per call (the target is at most 1.0). dumpcap runs during the
+call phase of both systems alike; its own CPU is not counted in either.
 
     .venv/bin/python bench/bridge.py --calls 200
     .venv/bin/python bench/bridge.py --calls 50 100 200 --duration 16 --rate 10
 
 Everything runs on 127.0.0.1, every subprocess has a time limit and is ended
 at the end of its run, and the script ends by itself. play_pcap_audio uses a
-raw socket: run as root (or give sipp CAP_NET_RAW). The server runs at
---log-level INFO by default, unlike the test helper's DEBUG, so that logging
+raw socket and dumpcap a packet socket: run as root (or give both
+CAP_NET_RAW). The server runs at --log-level INFO by default, unlike the test helper's DEBUG, so that logging
 does not weigh on the CPU figure; Kamailio logs notices and up, rtpengine
-warnings and up. Needs `kamailio` and `rtpengine-daemon` (Debian), which
-`make bench` installs.
+warnings and up. Needs `kamailio`, `rtpengine-daemon` and dumpcap (Debian
+tshark), which `make bench` installs.
 """
 
 from __future__ import annotations
@@ -61,8 +79,9 @@ from pathlib import Path
 ROOT = script_path.ROOT
 
 from tests.support.server import PASSWORDS, Server, free_port, start_server  # noqa: E402
-from tests.support.sipp import run_sipp, start_sipp  # noqa: E402
+from tests.support.sipp import free_media_port, run_sipp, start_sipp  # noqa: E402
 
+from bench.capture import Capture, Delivery, pcap_packets, relay_filter  # noqa: E402
 from bench.measure import aligned, cpu_seconds, num, proc_stat, run_bounded, show_failure, sipp_ready  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
@@ -73,8 +92,26 @@ RELAYED_METRIC = "pbx_rtp_packets_relayed_total"
 # ephemeral range (32768-60999), where the SIPp sockets get theirs; 4 per
 # call (two legs, RTP and RTCP) and to spare.
 RTP_PORTS = [20000, 31998]
+PCAP_REPLAY = 7.080  # seconds between the starts of g711a.pcap in uac_pcap.xml
+MIN_DELIVERED = 0.99  # of the RTP packets SIPp sent to the relay, the share it must deliver
 KAMAILIO_WORKERS = 2  # UDP receiver processes (-n): a small number, for 2 cores
 DAEMON_START_LIMIT = 10.0  # seconds for Kamailio or rtpengine to answer a probe
+
+
+@functools.cache
+def packets_per_call(duration: float) -> int:
+    """RTP packets uac_pcap.xml sends in a call of ``duration`` seconds:
+    g711a.pcap from the answer, again every PCAP_REPLAY seconds while more
+    than that is left, each play cut short by the hang-up. The UAS echoes
+    them, so a relay delivers twice as many per call."""
+    stamps = [stamp for stamp, _ in pcap_packets(PCAP)]
+    offsets = [stamp - stamps[0] for stamp in stamps]
+    total, start = 0, 0.0
+    while True:
+        total += sum(1 for offset in offsets if start + offset < duration)
+        if duration - start <= PCAP_REPLAY:
+            return total
+        start += PCAP_REPLAY
 
 
 @dataclass
@@ -87,7 +124,8 @@ class Run:
     failed: int = 0
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
-    relayed: float | None = None
+    relayed: float | None = None  # as the relay counts them
+    wire: Delivery | None = None  # as captured between the relay and the two SIPps (None: no capture)
     detail: str = ""  # what was measured, when it is more than one process
     error: str = ""
 
@@ -100,12 +138,36 @@ class Run:
         minutes = self.successful * self.duration / 60
         return self.cpu_seconds / minutes if minutes else None
 
+    @property
+    def delivered(self) -> int | None:
+        return self.wire.delivered if self.wire else None
+
+    @property
+    def delivered_per_call(self) -> float | None:
+        return self.wire.delivered / self.successful if self.wire and self.successful else None
+
+    @property
+    def delivered_ratio(self) -> float | None:
+        return self.wire.ratio if self.wire else None
+
+    def wire_summary(self) -> str:
+        if self.wire is None:
+            return "RTP on the wire n/a"
+        w = self.wire
+        return (
+            f"RTP on the wire: SIPp sent {w.sent} (caller {w.from_caller}, callee {w.from_callee}), relay delivered "
+            f"{w.delivered} (to callee {w.to_callee}, to caller {w.to_caller}) = {percent(w.ratio)}%, "
+            f"{num(self.delivered_per_call, '.1f')}/call (expected {2 * packets_per_call(self.duration)}), "
+            f"capture lost {num(w.lost, 'd')}"
+        )
+
     def summary(self, index: int) -> str:
         text = (
             f"run {index} {self.system}: {self.calls} calls x {self.duration:g} s at {self.rate:g}/s: "
             f"{self.failed} failed, CPU {self.cpu_seconds:.2f} s "
             f"({num(self.cpu_per_call)} s/call, {num(self.cpu_per_call_minute)} s per call-minute), "
-            f"RTP relayed {num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s"
+            f"RTP relayed by its count {num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s; "
+            + self.wire_summary()
         )
         text += f" ({self.detail})" if self.detail else ""
         return text + (f" [{self.error}]" if self.error else "")
@@ -266,7 +328,7 @@ async def metric_sample(server: Server, name: str) -> float | None:
 
 async def place_calls(system: System, run: Run, work: Path) -> None:
     """Register the echoing UAS as 1002 with ``system``, place the run's
-    calls from 1001 through it, and fill in ``run``."""
+    calls from 1001 through it while capturing their RTP, and fill in ``run``."""
     # 1002 is a SIPp UAS: register it from the port it will answer on.
     uas_port = free_port()
     reg = await run_sipp(
@@ -289,15 +351,24 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
         trace_messages=False,
         log_dir=work / "uas",
     )
+    caller_media = free_media_port()
+    capture: Capture | None = None
     try:
         relayed_before = await system.relayed()
         phase_limit = run.calls / run.rate + run.duration + 60
+        capture = await Capture.start(
+            work / "rtp.pcap",
+            relay_filter(RTP_PORTS, [caller_media, echo.media_port]),
+            seconds=phase_limit + 10,
+            max_packets=int(run.calls * 4 * packets_per_call(run.duration) * 1.5) + 1000,  # 2 directions x 2 ends
+        )
         cpu_before, t0 = system.cpu_seconds(), time.monotonic()
         uac = await run_sipp(
             SCENARIOS / "uac_pcap.xml",
             system.sip,
             service="1002",
             calls=run.calls,
+            media_port=caller_media,
             extra=[
                 "-au", "1001", "-ap", PASSWORDS["1001"], "-auth_uri", f"1002@{system.sip}",  # digest uri = Request-URI
                 "-set", "duration", str(int(run.duration * 1000)),
@@ -311,6 +382,8 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
         relayed_after = await system.relayed()
     finally:
         uas = await echo.stop(grace=3)
+        if capture is not None:
+            run.wire = await capture.delivery(caller_media, echo.media_port)
 
     run.cpu_seconds, run.wall_seconds = cpu_after - cpu_before, t1 - t0
     if relayed_before is not None and relayed_after is not None:
@@ -325,6 +398,12 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
     if uas.failed_calls:
         run.error = (run.error + "; " if run.error else "") + f"UAS saw {uas.failed_calls} failed calls"
         show_failure(f"{run.system}: UAS (uas_echo.xml)", uas)
+    problem = run.wire.problem(MIN_DELIVERED) if run.wire else "RTP capture unreadable"
+    if problem:
+        run.error = (run.error + "; " if run.error else "") + problem
+    else:
+        with contextlib.suppress(OSError):
+            (work / "rtp.pcap").unlink()  # it can be large; kept only to look into a shortfall
 
 
 async def pbx_run(run: Run, work: Path, log_level: str) -> None:
@@ -334,8 +413,8 @@ async def pbx_run(run: Run, work: Path, log_level: str) -> None:
         log_level=log_level,
         rtp={"ip": "127.0.0.1", "ports": RTP_PORTS},
         sip={"auth_algorithms": ["MD5", "SHA-256"]},  # SIPp 3.6 answers only the first challenge, and only MD5
-        # 1001 places every call of the run at once: lift its max_calls (default 4).
-        extensions={"1001": {"name": "User 1001", "password": PASSWORDS["1001"], "max_calls": 1000}},
+        # 1001 places every call of the run at once and 1002 takes them all: lift their max_calls (default 4).
+        extensions={ext: {"name": f"User {ext}", "password": PASSWORDS[ext], "max_calls": 1000} for ext in ("1001", "1002")},
     )
     try:
         system = System(
@@ -424,10 +503,11 @@ def find_programs() -> dict[str, str] | None:
 
 
 def table(pairs: list[tuple[Run, Run]]) -> str:
-    """One row per N: the PBX's figures, the baseline's, and pbx / baseline."""
+    """One row per N: the PBX's figures, the baseline's, and pbx / baseline of CPU per call."""
     head = [
         "calls", "failed pbx", "failed base", "CPU s/call pbx", "CPU s/call base", "pbx/base",
-        "CPU s/call-min pbx", "CPU s/call-min base", "RTP relayed pbx", "RTP relayed base",
+        "CPU s/call-min pbx", "CPU s/call-min base", "delivered pbx", "delivered base",
+        "deliv/call pbx", "deliv/call base", "deliv % pbx", "deliv % base",
     ]  # fmt: skip
     rows = [head]
     for pbx, base in pairs:
@@ -444,15 +524,26 @@ def table(pairs: list[tuple[Run, Run]]) -> str:
                 num(ratio, ".2f"),
                 num(pbx.cpu_per_call_minute),
                 num(base.cpu_per_call_minute),
-                num(pbx.relayed, ".0f"),
-                num(base.relayed, ".0f"),
+                num(pbx.delivered, "d"),
+                num(base.delivered, "d"),
+                num(pbx.delivered_per_call, ".1f"),
+                num(base.delivered_per_call, ".1f"),
+                percent(pbx.delivered_ratio),
+                percent(base.delivered_ratio),
             ]
         )
     return aligned(rows)
 
 
+def percent(ratio: float | None) -> str:
+    return num(ratio * 100 if ratio is not None else None, ".2f")
+
+
 async def main(args: argparse.Namespace) -> int:
     if not sipp_ready(PCAP):
+        return 2
+    if shutil.which("dumpcap") is None:
+        print("dumpcap is not installed (Debian: apt-get install tshark; make bench does)", file=sys.stderr)
         return 2
     programs = find_programs()
     if programs is None:
@@ -478,6 +569,10 @@ async def main(args: argparse.Namespace) -> int:
         f"\nbaseline: Kamailio {kamailio} ({KAMAILIO_WORKERS} UDP workers; registrar and record-routing proxy, "
         f"MD5 digest auth on REGISTER and INVITE) + rtpengine {rtpengine} (userspace: --table=-1, "
         "--num-threads=1); its CPU is that of all their processes together. pbx/base: CPU per call, target <= 1.0."
+        f"\ndelivered: RTP packets captured on lo from the relay to the two SIPps' media ports; per call "
+        f"{2 * packets_per_call(args.duration)} expected for {args.duration:g} s calls (g711a.pcap, 30 ms packets, "
+        f"caller -> callee and the echo back). deliv %: delivered / RTP the SIPps sent to the relay, "
+        f"flagged under {MIN_DELIVERED:.0%}."
     )
     return 0 if all(r.failed == 0 and not r.error for pair in pairs for r in pair) else 1
 

@@ -29,9 +29,10 @@ Measured, over the call phase (SIPp start to SIPp exit):
 - keys: pressed by SIPp (per call: ceil(duration / interval) - 1), and heard:
   for the PBX the menu's visits (pbx_ivr_node_visits_total) beyond one per
   call, for pjsua2 its onDtmfDigit count.
-- RTP send intervals: dumpcap captures, on `lo`, the UDP packets the system
-  under test sends from its RTP ports to SIPp (headers only, to a file in the
-  run's temporary folder, bounded in time, packets and size); per stream
+- RTP send intervals: dumpcap captures (bench/capture.py), on `lo`, the UDP
+  packets the system under test sends from its RTP ports to SIPp (headers
+  only, to a file in the run's temporary folder, bounded in time, packets and
+  size); per stream
   (source port and SSRC) the time between consecutive RTP packets, and the
   p50/p99/max over all streams' intervals. Intervals longer than 1 s are
   pauses in which nothing plays (a prompt over and no key yet), counted apart;
@@ -61,22 +62,16 @@ import csv
 import json
 import math
 import os
-import re
 import shutil
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import wave
 import warnings
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: audioop leaves the stdlib in 3.13
@@ -84,9 +79,10 @@ with warnings.catch_warnings():
 
 ROOT = script_path.ROOT
 
-from tests.support.server import Server, free_port, start_server, stop_process  # noqa: E402
+from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SIPP, run_sipp  # noqa: E402
 
+from bench.capture import START_LIMIT, Capture, Intervals  # noqa: E402
 from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, stop_server  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
@@ -115,169 +111,9 @@ nodes:
 RTP_PORTS = (20000, 31998)
 BASELINE_RTP = (40000, 40040)
 BASELINE_CALLS = 4  # pjsua2's PJSUA_MAX_CALLS in the only builds there are
-PAUSE_SECONDS = 1.0  # a longer gap between two packets of a stream is a pause, not a late packet
-CAPTURE_SNAPLEN = 96  # Ethernet + IPv4 + UDP + RTP headers, with room for IP options and CSRCs
-CAPTURE_MAX_KB = 400_000
-START_LIMIT = 15.0  # seconds for dumpcap or pjsua2 to come up
 
 
 # --- measurements -------------------------------------------------------------
-
-
-@dataclass
-class Intervals:
-    """Times between consecutive RTP packets of each stream a capture holds."""
-
-    packets: int = 0
-    streams: int = 0
-    counts: np.ndarray = field(default_factory=lambda: np.empty(0))  # packets of each stream
-    deltas_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
-    pauses: int = 0  # gaps above PAUSE_SECONDS, left out of deltas_ms
-    dropped: int | None = None  # packets the capture lost, as dumpcap reports it
-    error: str = ""
-
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.deltas_ms, q)) if self.deltas_ms.size else None
-
-    @property
-    def max(self) -> float | None:
-        return float(self.deltas_ms.max()) if self.deltas_ms.size else None
-
-    def within(self, low: float, high: float) -> float | None:
-        """Share of the intervals in [low, high] ms."""
-        if not self.deltas_ms.size:
-            return None
-        return float(np.count_nonzero((self.deltas_ms >= low) & (self.deltas_ms <= high)) / self.deltas_ms.size)
-
-    def per_second(self, seconds: float) -> tuple[float, float] | None:
-        """Packets per second of the median stream and of the one with the
-        fewest, over a call of ``seconds``."""
-        if not self.counts.size:
-            return None
-        return float(np.median(self.counts)) / seconds, float(self.counts.min()) / seconds
-
-    def summary(self, seconds: float) -> str:
-        if self.error:
-            return f"RTP intervals n/a ({self.error})"
-        share = self.within(15, 25)
-        rates = self.per_second(seconds)
-        text = (
-            f"RTP sent {self.packets} packets in {self.streams} streams, "
-            f"per call {num(rates[0] if rates else None, '.1f')}/s (fewest {num(rates[1] if rates else None, '.1f')}/s), "
-            f"interval p50 {num(self.percentile(50), '.2f')} "
-            f"p99 {num(self.percentile(99), '.2f')} max {num(self.max, '.1f')} ms, "
-            f"{num(share * 100 if share is not None else None, '.2f')}% within 20 +- 5 ms"
-        )
-        if self.pauses:
-            text += f", {self.pauses} pauses > {PAUSE_SECONDS:g} s left out"
-        if self.dropped is not None:
-            text += f", capture lost {self.dropped}"
-        return text
-
-
-def pcap_packets(path: Path) -> Iterator[tuple[float, bytes]]:
-    """(time, bytes from the link header on) of each packet of a libpcap file."""
-    data = path.read_bytes()
-    if len(data) < 24:
-        return
-    magic = data[:4]
-    formats = {
-        b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
-        b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),
-    }  # fmt: skip
-    if magic not in formats:
-        raise ValueError(f"{path} is not a libpcap file (magic {magic.hex()})")
-    endian, unit = formats[magic]
-    record = struct.Struct(endian + "IIII")
-    offset = 24
-    while offset + 16 <= len(data):
-        sec, frac, captured, _ = record.unpack_from(data, offset)
-        offset += 16
-        yield sec + frac * unit, data[offset : offset + captured]
-        offset += captured
-
-
-def pcap_linktype(path: Path) -> int:
-    with open(path, "rb") as f:
-        head = f.read(24)
-    endian = "<" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    return int(struct.unpack_from(endian + "I", head, 20)[0])
-
-
-# Where the IPv4 header starts, by link type: Ethernet (lo), Linux cooked v1 and v2, BSD loopback.
-IP_OFFSET = {1: 14, 113: 16, 276: 20, 0: 4}
-
-
-def rtp_intervals(path: Path) -> Intervals:
-    """Per stream (source port, SSRC) the intervals between RTP packets (not RTCP)."""
-    linktype = pcap_linktype(path)
-    if linktype not in IP_OFFSET:
-        return Intervals(error=f"link type {linktype} not understood")
-    ip_at = IP_OFFSET[linktype]
-    times: dict[tuple[int, int], list[float]] = defaultdict(list)
-    packets = 0
-    for stamp, frame in pcap_packets(path):
-        ip = frame[ip_at:]
-        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 17:
-            continue
-        udp = ip[(ip[0] & 0x0F) * 4 :]
-        rtp = udp[8:]
-        if len(rtp) < 12 or rtp[0] >> 6 != 2 or 72 <= (rtp[1] & 0x7F) <= 76:  # not RTP v2, or RTCP
-            continue
-        src_port = (udp[0] << 8) | udp[1]
-        ssrc = int.from_bytes(rtp[8:12], "big")
-        times[(src_port, ssrc)].append(stamp)
-        packets += 1
-    chunks = [np.diff(np.asarray(stamps)) * 1000 for stamps in times.values() if len(stamps) > 1]
-    deltas = np.concatenate(chunks) if chunks else np.empty(0)
-    pauses = int(np.count_nonzero(deltas > PAUSE_SECONDS * 1000))
-    counts = np.asarray([len(stamps) for stamps in times.values()])
-    return Intervals(packets, len(times), counts, deltas[deltas <= PAUSE_SECONDS * 1000], pauses)
-
-
-class Capture:
-    """dumpcap on `lo`, writing the UDP packets a filter picks to a libpcap file."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, path: Path, log: Path) -> None:
-        self.proc = proc
-        self.path = path
-        self.log = log
-
-    @classmethod
-    async def start(cls, path: Path, bpf: str, seconds: float, max_packets: int) -> Capture:
-        log = path.with_suffix(".log")
-        with open(log, "wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                shutil.which("dumpcap") or "dumpcap",
-                "-i", "lo", "-f", bpf, "-s", str(CAPTURE_SNAPLEN), "-P", "-B", "64",
-                "-a", f"duration:{math.ceil(seconds)}", "-a", f"filesize:{CAPTURE_MAX_KB}", "-c", str(max_packets),
-                "-w", str(path),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        capture = cls(proc, path, log)
-        deadline = time.monotonic() + START_LIMIT
-        while time.monotonic() < deadline and proc.returncode is None:
-            if "Capturing on" in log.read_text(errors="replace"):
-                return capture
-            await asyncio.sleep(0.05)
-        await capture.stop()
-        raise RuntimeError(f"dumpcap did not start capturing: {log.read_text(errors='replace').strip()[-500:]}")
-
-    async def stop(self) -> None:
-        """SIGINT (it writes its statistics and ends), then SIGKILL after 10 s."""
-        await stop_process(self.proc, (signal.SIGINT, 10))
-
-    def dropped(self) -> int | None:
-        found = re.findall(r"Packets received/dropped on interface '[^']*': (\d+)/(\d+)", self.log.read_text(errors="replace"))
-        return sum(int(d) for _, d in found) if found else None
-
-    async def intervals(self) -> Intervals:
-        await self.stop()
-        if not self.path.exists():
-            return Intervals(error="no capture file")
-        result = await asyncio.to_thread(rtp_intervals, self.path)
-        result.dropped = self.dropped()
-        return result
 
 
 def capture_filter(ports: tuple[int, int]) -> str:
