@@ -238,7 +238,7 @@ class CallService:
 
     # --- where a call goes ---
 
-    async def _connect(self, call: Call, opened: asyncio.Task[None], destination: Destination, party: str | None = None) -> None:
+    async def _connect(self, call: Call, opened: asyncio.Future[None], destination: Destination, party: str | None = None) -> None:
         await asyncio.shield(opened)  # the call's row is stored before its caller hears 180 or 200
         try:
             relay = await call.bridge.open(self.ports, self.clock, self.events)
