@@ -66,7 +66,7 @@ ROOT = script_path.ROOT
 from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import run_sipp  # noqa: E402
 
-from bench.bridge import Daemon, find_programs, program_version, sip_answers  # noqa: E402
+from bench.kamailio_baseline import KAMAILIO_WORKERS, Daemon, find_programs, kamailio_command, program_version, sip_answers  # noqa: E402
 from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, sipp_ready, stop_server  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
@@ -92,7 +92,6 @@ nodes:
 FIRST_USER = 2000
 REALM = "pbx.local"
 RTP_PORTS = [20000, 31998]  # below Linux's ephemeral range, where SIPp's ports are
-KAMAILIO_WORKERS = 2  # UDP receiver processes (-n), as in bench/bridge.py
 CALL_P99_MS = 200.0
 REGISTER_P99_MS = 100.0
 
@@ -270,15 +269,7 @@ async def kamailio_registrations(run: Run, work: Path, kamailio_path: str, users
     port = free_port()
     kamailio = await Daemon.start(
         "kamailio",
-        [
-            kamailio_path,
-            "-f", str(REGISTRAR_CFG),
-            "-DD", "-E", "-T", "-S",
-            "-n", str(KAMAILIO_WORKERS),
-            "-l", f"udp:127.0.0.1:{port}",
-            "-Y", str(rundir), "-w", str(rundir), "-P", str(rundir / "kamailio.pid"),
-            "-A", f'DB_URL="text://{db}"',
-        ],  # fmt: skip
+        kamailio_command(kamailio_path, REGISTRAR_CFG, port, rundir, [f'DB_URL="text://{db}"']),
         work / "kamailio.log",
     )
     try:
