@@ -101,14 +101,22 @@ async def pbx(tmp_path: Path, certificate: Certificate) -> AsyncIterator[TlsServ
 
 
 async def tls_phone(pbx: TlsServer, ext: str, srtp: str = "mandatory") -> Phone:
-    phone = await Phone.start(transport="tls", srtp=srtp, name=f"p{ext}")
-    await phone.register(pbx.tls, ext, PASSWORDS[ext])
-    return phone
+    return await registered(await Phone.start(transport="tls", srtp=srtp, name=f"p{ext}"), pbx.tls, ext)
 
 
 async def udp_phone(pbx: TlsServer, ext: str) -> Phone:
-    phone = await Phone.start(name=f"p{ext}")
-    await phone.register(pbx.server.sip, ext, PASSWORDS[ext])
+    return await registered(await Phone.start(name=f"p{ext}"), pbx.server.sip, ext)
+
+
+async def registered(phone: Phone, registrar: str, ext: str) -> Phone:
+    """``phone`` registered as ``ext``; stopped if it cannot register, so
+    that no phone process outlives its test (the event loop's teardown
+    would wait for it forever)."""
+    try:
+        await phone.register(registrar, ext, PASSWORDS[ext])
+    except BaseException:
+        await phone.close()
+        raise
     return phone
 
 
