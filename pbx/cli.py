@@ -9,8 +9,6 @@ import logging
 import sys
 from pathlib import Path
 
-import uvloop
-
 from pbx import __version__
 from pbx.app import load_setup, serve
 from pbx.config.model import ConfigError
@@ -47,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # systemd's watchdog ends a stuck server with SIGABRT (pbx.systemd): the
     # traceback of every thread then shows in the journal where the loop hung.
     faulthandler.enable()
-    # uvloop runs the same asyncio code with its socket and timer work in C (ENGINE.md, issue 16).
-    return asyncio.run(serve(config, prompts, flows), loop_factory=uvloop.new_event_loop)
+    return asyncio.run(serve(config, prompts, flows))
 
 
 if __name__ == "__main__":
