@@ -48,7 +48,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
 
 from pbx.events import EventBus
 from pbx.media import rtcp
@@ -179,7 +178,8 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         return (self.dest[0], self.dest[1] + 1)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is none by class
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if self.unprotect is not None:
@@ -333,7 +333,8 @@ class RtcpForwarder(asyncio.DatagramProtocol):
         self._reported_packets = 0  # side.stream_packets at our last report
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is none by class
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
         clock = self.side._media_clock
         if clock is not None:
             rtcp.report_timer(clock).add(self)

@@ -44,7 +44,7 @@ class TransactionOwner(Protocol):
         """Stop routing requests to the server transaction of ``key``."""
 
     def answered(self, key: tuple[str, str], response: SipResponse, flow: Flow) -> None:
-        """Answer retransmissions of the ended non-INVITE transaction ``key`` with ``response`` for 64*T1."""
+        """Answer retransmissions of the request of the ended transaction ``key`` with ``response`` for 64*T1."""
 
 
 class AnsweredRequests:

@@ -8,7 +8,6 @@ Its transports are used with a quieter dispatch, and TCP within the limits of
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -61,28 +60,12 @@ class _QuietDispatch(SipTransport):
 
 
 class UdpTransport(_QuietDispatch, UdpSipTransport):
-    """SIP over UDP, on any event loop: aiosipua's own protocol asserts the
-    standard library's DatagramTransport, which uvloop's transport is not."""
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._udp_transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=self.local_addr)
+    """SIP over UDP."""
 
     def send_bytes(self, raw: bytes, addr: tuple[str, int]) -> None:
         """Send a message serialised before (a kept answer)."""
         if self._udp_transport is not None:
             self._udp_transport.sendto(raw, addr)
-
-
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: UdpTransport) -> None:
-        self.owner = owner
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.owner._dispatch(data, (str(addr[0]), int(addr[1])))
-
-    def error_received(self, exc: Exception) -> None:
-        logger.warning("SIP over UDP: %s", exc)
 
 
 class TcpTransport(_QuietDispatch, BoundedTcp):
