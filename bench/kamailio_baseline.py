@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.measure import cpu_seconds, proc_stat
+from bench.measure import proc_stat, process_cpu_seconds
 
 KAMAILIO_WORKERS = 2  # UDP receiver processes (-n): a small number, for 2 cores
 DAEMON_START_LIMIT = 10.0  # seconds for Kamailio or rtpengine to answer a probe
@@ -105,7 +105,7 @@ class Daemon:
         total = 0.0
         for pid in self.pids():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                total += cpu_seconds(pid)
+                total += process_cpu_seconds(pid)
         return total
 
     async def wait_ready(self, probe: Callable[[], Awaitable[bool]]) -> None:

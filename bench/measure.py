@@ -66,6 +66,21 @@ def proc_stat(pid: int) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` and of the processes it started (the
+    server's media relay process) so far: all their threads, also ended ones."""
+    return process_cpu_seconds(pid) + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.extend(int(child) for child in f.read().split())
+    return children
+
+
+def process_cpu_seconds(pid: int) -> float:
     """CPU time of process ``pid`` so far: all its threads, also ended ones.
 
     Read from the process's CPU-time clock (clock_getcpuclockid(3): what

@@ -33,6 +33,7 @@ from pbx.media.prompts import PromptLibrary
 from pbx.media.clock import MediaClock
 from pbx.media.moh import MusicOnHold
 from pbx.media.ports import RtpPortPool
+from pbx.media.relay_worker import RelayWorker
 from pbx.metrics import Metrics
 from pbx.queues.service import QueueService
 from pbx.recordings.recorder import Recorder
@@ -197,6 +198,8 @@ class Pbx:
         await self.registrar.load()
         # Before SIP listens: no call may take a port that still hears a call of a process before this one.
         await self.ports.sweep()
+        self.ports.relay_worker = RelayWorker()
+        self.ports.relay_worker.start()
         tls = self.config.sip.tls
         # Checked by load_config; the contexts serve every tls: listener.
         server_ssl = server_context(tls.cert, tls.key) if tls is not None else None
@@ -266,6 +269,8 @@ class Pbx:
         for trunk in self.trunks:
             await trunk.stop()
         await self.clock.stop()
+        if self.ports.relay_worker is not None:
+            await self.ports.relay_worker.stop()
         self.ports.close()
         if self._http is not None:
             await self._http.close()

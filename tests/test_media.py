@@ -21,6 +21,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import ALAW_TO_ULAW, G722, PCMA, PCMU, ULAW_TO_ALAW, UnsupportedCodec, decode_to_pcm16
 from pbx.media.ports import RtpPortPool, RtpPortsExhausted
 from pbx.media.relay import RtpRelay
+from pbx.media.relay_worker import RelayWorker
 from tests.support.server import free_udp_block
 
 HOST = "127.0.0.1"
@@ -87,11 +88,18 @@ async def pool() -> RtpPortPool:
     return RtpPortPool(HOST, low, high)
 
 
-@pytest.fixture
-async def relay(pool: RtpPortPool) -> AsyncIterator[RtpRelay]:
+@pytest.fixture(params=["in the server", "in the relay process"])
+async def relay(pool: RtpPortPool, request: pytest.FixtureRequest) -> AsyncIterator[RtpRelay]:
+    """A relay whose sockets the server reads, or the second process (as in `pbx serve`)."""
+    worker = None
+    if request.param == "in the relay process":
+        worker = pool.relay_worker = RelayWorker()
+        worker.start()
     relay = await RtpRelay.create(pool)
     yield relay
     relay.close()
+    if worker is not None:
+        await worker.stop()
 
 
 @pytest.fixture

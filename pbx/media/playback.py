@@ -236,11 +236,15 @@ class PeerStream:
             return
         self._in_ssrc = None  # the next relayed packet fixes new offsets
         if subscription is None:
-            self._rewriting = True
+            self._own_stream()
             self._subscription = self._clock().subscribe(self._tick)
         else:
             self._clock().unsubscribe(subscription)
             self._subscription = None
+
+    def _own_stream(self) -> None:
+        """Relayed packets go out in our stream from now on (for good: the peer has seen it)."""
+        self._rewriting = True
 
     def send_frame(self, payload: bytes, tick: int) -> None:
         """Send one pre-encoded 20 ms frame of our own stream, stamped for clock tick ``tick``.
@@ -292,7 +296,7 @@ class PeerStream:
         if dest is None or self.closed:
             return
         clock = self._clock()
-        self._rewriting = True
+        self._own_stream()
         self._in_ssrc = None  # the next relayed packet fixes new offsets, after these numbers
         timestamp = self._next_timestamp(clock.tick)
         length = 5 * self._samples

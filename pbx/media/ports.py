@@ -32,6 +32,10 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pbx.media.relay_worker import RelayWorker
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ class RtpPortPool:
 
     def __init__(self, ip: str, port_min: int, port_max: int) -> None:
         self.ip = ip
+        # The second process that reads the RTP sockets of the relays bound
+        # here (pbx.media.relay_worker), once the server started it.
+        self.relay_worker: RelayWorker | None = None
         first = port_min + (port_min & 1)
         # RTCP takes port + 1, which must stay inside the range too.
         self._ports = range(first, port_max, 2)

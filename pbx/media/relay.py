@@ -20,7 +20,8 @@ from dataclasses import asdict
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.media.ports import RtpPortPool, RtpSocketPair
-from pbx.media.relay_side import RelaySide, RtcpForwarder
+from pbx.media.relay_rtcp import RtcpForwarder
+from pbx.media.relay_side import RelaySide
 from pbx.media.relay_stats import RelayCounters
 
 
@@ -44,7 +45,8 @@ class RtpRelay:
         a relay without one only relays. Packets from strangers are reported
         on ``events`` as ``rtp_stranger`` security events, when given.
         Raises what the pool raises (RtpPortsExhausted, an OSError) and then
-        holds no port.
+        holds no port. The pool's ``relay_worker``, when it has one, reads
+        the RTP sockets from then on (:mod:`pbx.media.relay_worker`).
         """
         relay = cls(clock, events)
         try:
@@ -53,6 +55,9 @@ class RtpRelay:
         except BaseException:
             relay.close()
             raise
+        if pool.relay_worker is not None:
+            pool.relay_worker.attach(relay.a)
+            pool.relay_worker.attach(relay.b)
         return relay
 
     async def _bind(self, side: RelaySide, pool: RtpPortPool) -> None:
@@ -62,6 +67,9 @@ class RtpRelay:
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters per direction: ``{"a_to_b": {...}, "b_to_a": {...}}``."""
+        worker = self.a.worker or self.b.worker
+        if worker is not None:
+            worker.sync([self.a, self.b])
         return {"a_to_b": asdict(self.a.counters), "b_to_a": asdict(self.b.counters)}
 
     def total(self) -> RelayCounters:
@@ -72,8 +80,12 @@ class RtpRelay:
         """Close all four sockets and give the ports back; safe to call twice.
 
         Stops what the sides send of their own first (a playback's ``done``
-        becomes False).
+        becomes False), after the worker reading the sockets, if any, let go
+        of them and everything it had of them was counted.
         """
+        worker = self.a.worker or self.b.worker
+        if worker is not None:
+            worker.detach([self.a, self.b])
         for side in (self.a, self.b):
             side.close()
         for pair in self._pairs:

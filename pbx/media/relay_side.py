@@ -38,7 +38,16 @@ statistics of what the peer sends are in ``side.stats``
 (:mod:`pbx.media.relay_stats`). What a side sends its peer of its own is in
 :mod:`pbx.media.playback`, its base class. RTCP from the peer takes the same
 way through the side's :class:`RtcpForwarder`, which also reads it and sends
-reports of our own where there is nothing to relay (:mod:`pbx.media.rtcp`).
+reports of our own where there is nothing to relay (:mod:`pbx.media.relay_rtcp`).
+
+In the server, the second process (:mod:`pbx.media.relay_worker`) reads
+the RTP socket: it forwards what fits the side's ``route()`` (its latched
+peer's packets of the one payload type that needs nothing but forwarding,
+to the other side's peer) and hands everything else to
+``datagram_received``, the counts of what it forwarded to ``counted`` and
+what the side measures of it to ``measured``. Every change that could
+change the route (a new SDP, a latched source, a listener, SRTP, the other
+side's own stream) sends the new one.
 """
 
 from __future__ import annotations
@@ -49,14 +58,20 @@ import logging
 import time
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING, Any
+
 from pbx.events import EventBus
-from pbx.media import rtcp
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec, transcoding_table
 from pbx.media.playback import PeerStream
+from pbx.media.relay_rtcp import RtcpForwarder, source_ip
+from pbx.media.relay_process import RELAYED, SAMPLED, TAPPED
 from pbx.media.relay_stats import ReceiveStats, RelayCounters
-from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRules, payload_bounds, rewrite, unpack_seq_ts_ssrc, unpack_timestamp
+from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRules, payload_bounds, rewrite, unpack_timestamp
 from pbx.security import security_event
+
+if TYPE_CHECKING:
+    from pbx.media.relay_worker import RelayWorker
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +95,11 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
     """
 
     def __init__(self, name: str, media_clock: MediaClock | None = None) -> None:
+        self.worker: RelayWorker | None = None  # the process reading our RTP socket, when one does
+        self.sid = 0  # our number there
+        self._route: tuple[Any, ...] | None = None  # the last one it was given
+        self._on_audio: Callable[[bytes, int], None] | None = None
+        self._unprotect: Callable[[bytes], bytes | None] | None = None
         self.name = name
         self.port = 0
         self.other: RelaySide  # set by RtpRelay once both sides exist
@@ -105,13 +125,66 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         # keeps that press from the other side (a feature code, pbx.calls.feature_keys).
         self.on_dtmf: Callable[[str], bool | None] | None = None
         self._keeping = False  # the press being received is kept from the other side
-        # (payload, payload type) of every other RTP packet the peer sends us.
-        self.on_audio: Callable[[bytes, int], None] | None = None
-        # SRTP (pbx.media.srtp): decrypts a packet from the peer, None when it
-        # is not authentic; that side's transports also encrypt on send.
-        self.unprotect: Callable[[bytes], bytes | None] | None = None
         super().__init__(media_clock)
         self._dtmf_timestamp: int | None = None  # of the last event reported
+
+    @property
+    def on_audio(self) -> Callable[[bytes, int], None] | None:
+        """Told (payload, payload type) of every other RTP packet the peer sends us."""
+        return self._on_audio
+
+    @on_audio.setter
+    def on_audio(self, listener: Callable[[bytes, int], None] | None) -> None:
+        self._on_audio = listener
+        self.route()
+
+    @property
+    def unprotect(self) -> Callable[[bytes], bytes | None] | None:
+        """SRTP (:mod:`pbx.media.srtp`): decrypts a packet from the peer, None
+        when it is not authentic; that side's transports also encrypt on send."""
+        return self._unprotect
+
+    @unprotect.setter
+    def unprotect(self, unprotect: Callable[[bytes], bytes | None] | None) -> None:
+        self._unprotect = unprotect
+        self._changed()
+
+    def route(self) -> None:
+        """Tell the worker, when one reads our socket, which packets it may
+        forward itself: the latched source's, of the peer's codec when no rule
+        changes it, while neither side uses SRTP and the other side sends no
+        stream of its own, to the other side's peer; and whether it must
+        show us their audio."""
+        worker = self.worker
+        if worker is None:
+            return
+        other = self.other
+        codec = self.codec
+        fast_pt = -1
+        if (
+            self.source is not None
+            and codec is not None
+            and codec.payload_type not in self.rules
+            and self._unprotect is None
+            and other._unprotect is None
+            and not other._rewriting
+            and other.worker is worker
+        ):
+            fast_pt = codec.payload_type
+        route = (self.source if fast_pt >= 0 else None, fast_pt, other.sid, other.dest, self._on_audio is not None)
+        if route != self._route:
+            self._route = route
+            worker.route(self, route)
+
+    def _changed(self) -> None:
+        """Both routes may have changed: ours, and the other side's, which ends at our peer."""
+        self.route()
+        self.other.route()
+
+    def _own_stream(self) -> None:
+        if not self._rewriting:
+            super()._own_stream()
+            self.other.route()
 
     def set_remote(self, addr: Address, codec: Codec, dtmf_pt: int | None, signalling_ip: str | None = None) -> None:
         """Record the peer's SDP: its RTP address, chosen codec and DTMF payload type.
@@ -141,6 +214,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._update_dest()
         self.rules = _payload_rules(self, self.other)
         self.other.rules = _payload_rules(self.other, self)
+        self._changed()
 
     def forget_peer(self) -> None:
         """The peer left the call (a transfer, a park): send it nothing, and
@@ -154,6 +228,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.remote = self.source = self.rtcp.source = None
         self._remote_ip = None
         self._update_dest()
+        self._changed()
 
     def _update_dest(self) -> None:
         if self.held:
@@ -182,9 +257,9 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if self.unprotect is not None:
+        if self._unprotect is not None:
             # Before anything else: a packet that fails SRTP authentication latches nothing.
-            plain = self.unprotect(data)
+            plain = self._unprotect(data)
             if plain is None:
                 self.counters.dropped += 1
                 self.stats.stray += 1
@@ -203,7 +278,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         stats.last = data
         if not (data[3] + 1) & 14:  # sequence number 16n - 1 or 16n; the counters below count them all
             stats.sample(data, _now())
-        if self.on_dtmf is not None or self.on_audio is not None:
+        if self.on_dtmf is not None or self._on_audio is not None:
             try:
                 if self._hear(data):
                     counters.dropped += 1
@@ -245,7 +320,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         remote = self.remote
         if remote is None:
             return False  # no peer yet, so no stranger either: the peer's answer may be on its way
-        host = _source_ip(addr)
+        host = source_ip(addr)
         if not (host == self._remote_ip and addr[1] == remote[1]):
             if (
                 self.source is not None
@@ -261,7 +336,38 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._update_dest()
         if self.stats.first_seq < 0 and len(data) >= RTP_HEADER:
             self.stats.first_seq = data[2] << 8 | data[3]
+        self._changed()
         return True
+
+    def measured(self, data: bytes, arrival: float, flags: int) -> None:
+        """A packet the worker took on our route (and forwarded, when
+        ``RELAYED``): sampled into the statistics and shown to ``on_audio`` as
+        ``datagram_received`` would have, then counted."""
+        stats = self.stats
+        stats.last = data
+        if flags & SAMPLED:
+            stats.sample(data, arrival)
+        if flags & TAPPED and self._on_audio is not None:
+            try:
+                self._hear(data)
+            except Exception:
+                logger.exception("relay side %s: audio listener failed", self.name)
+        counters = self.counters
+        if flags & RELAYED:
+            counters.relayed += 1
+            counters.bytes += len(data)
+        else:
+            counters.dropped += 1
+
+    def counted(self, relayed: int, size: int, dropped: int, last: bytes | None) -> None:
+        """Packets the worker forwarded (or dropped, having nowhere to send
+        them) on our route since it last said; ``last`` is the newest one's header."""
+        counters = self.counters
+        counters.relayed += relayed
+        counters.bytes += size
+        counters.dropped += dropped
+        if last is not None:
+            self.stats.last = last
 
     def _negotiated(self, payload_type: int) -> bool:
         codec = self.codec
@@ -276,7 +382,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         events = self.events
         if events is None:
             return
-        host = _source_ip(addr)
+        host = source_ip(addr)
         now = _now()
         if now < self._report_after or host in self._reported:
             return
@@ -287,7 +393,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
     def _report_two_senders(self) -> None:
         source = self.source  # where both streams come from: statistics count only admitted packets
         if self.events is not None and source is not None:
-            security_event(self.events, "rtp_stranger", _source_ip(source), port=source[1], side=self.name, local_port=self.port, stream="rtp", senders=2)
+            security_event(self.events, "rtp_stranger", source_ip(source), port=source[1], side=self.name, local_port=self.port, stream="rtp", senders=2)
 
     def error_received(self, exc: Exception) -> None:
         # sendto() failures (unreachable peer, ICMP errors) land here; a lost
@@ -311,148 +417,11 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
                 self._dtmf_timestamp = timestamp
                 self._keeping = bool(on_dtmf(_DTMF_KEYS[event]))
             return self._keeping and timestamp == self._dtmf_timestamp
-        if self.on_audio is not None:
+        if self._on_audio is not None:
             bounds = payload_bounds(data)
             if bounds is not None:
-                self.on_audio(data[bounds[0] : bounds[1]], payload_type)
+                self._on_audio(data[bounds[0] : bounds[1]], payload_type)
         return False
-
-
-class RtcpForwarder(asyncio.DatagramProtocol):
-    """The RTCP socket of a side (:mod:`pbx.media.rtcp`): reads the peer's
-    reports into ``peer``, passes them on to the other side's peer (renumbered
-    where either side sends a stream of its own), and while the other side
-    has no peer, sends reports of our own."""
-
-    def __init__(self, side: RelaySide) -> None:
-        self.side = side
-        self.source: Address | None = None
-        self.unprotect: Callable[[bytes], bytes | None] | None = None  # SRTCP, as RelaySide.unprotect
-        self.peer = rtcp.PeerView()  # what the peer's reports say of the stream we send it
-        self._peer_sr: tuple[int, float] | None = None  # LSR value of the peer's last SR, and when it came
-        self._reported_packets = 0  # side.stream_packets at our last report
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
-        clock = self.side._media_clock
-        if clock is not None:
-            rtcp.report_timer(clock).add(self)
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        if self.unprotect is not None:
-            plain = self.unprotect(data)
-            if plain is None:
-                return
-            data = plain
-        if addr != self.source and not self._admit(data, addr):
-            return
-        side = self.side
-        other = side.other
-        now = _now()
-        reports = rtcp.parse_reports(data)
-        theirs = None if side._rewriting else self._their_ssrc()
-        ours = side._ssrc if theirs is None else theirs  # the stream the peer gets from us, or our reports name
-        for report in reports:
-            if report.sender is not None:
-                self._peer_sr = (rtcp.ntp_middle(report.sender.ntp), now)
-            for block in report.blocks:
-                if block.ssrc == ours:
-                    self.peer.take(block, other.counters.relayed + side.played, now)
-        dest = other.rtcp_dest()
-        if dest is None:
-            return
-        if side._rewriting or other._rewriting:
-            packet = rtcp.renumber(data, self._source_swap(), self._reported_swap())
-            if packet is None:
-                return
-            other.rtcp.transport.sendto(packet, dest)
-        else:
-            other.rtcp.transport.sendto(data, dest)
-        for report in reports:
-            if report.sender is not None:
-                other.rtcp.peer.sent_sr(report.sender.ntp, now)
-
-    def _admit(self, data: bytes, addr: Address) -> bool:
-        """Whether RTCP from ``addr``, which is not the latched source, is the
-        peer's: from the SDP's RTP port + 1 always, else once from the IP the
-        peer's RTP comes from, its SDP's or its signalling IP; then it is the source."""
-        side = self.side
-        remote = side.remote
-        if remote is None:
-            return False  # no peer yet (see RelaySide._admit)
-        host = _source_ip(addr)
-        if not (host == side._remote_ip and addr[1] == remote[1] + 1):
-            rtp_source = side.source
-            if (
-                self.source is not None
-                or (host != side._remote_ip and host != side.signalling_ip and (rtp_source is None or host != _source_ip(rtp_source)))
-                or len(data) < 8
-                or data[0] & 0xC0 != 0x80
-                or not 200 <= data[1] <= 207  # SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR
-            ):
-                side.report_stranger(addr, "rtcp")
-                return False
-        self.source = addr
-        return True
-
-    def _source_swap(self) -> rtcp.SourceSwap | None:
-        """How the other side's peer gets our peer's stream, when not as sent."""
-        other = self.side.other
-        if not other._rewriting:
-            return None
-        return rtcp.SourceSwap(other._ssrc, other._timestamp_offset, other.stream_packets, other.stream_octets)
-
-    def _reported_swap(self) -> rtcp.ReportedSwap | None:
-        """Which stream our peer's report blocks on our own are about: the one
-        the other side's peer sends (unknown until it has sent RTP)."""
-        side = self.side
-        theirs = self._their_ssrc()
-        if not side._rewriting or theirs is None:
-            return None
-        return rtcp.ReportedSwap(side._ssrc, theirs, side._seq_offset if side._in_ssrc == theirs else 0)
-
-    def _their_ssrc(self) -> int | None:
-        """The SSRC of the other side's peer's RTP, once it has sent some."""
-        last = self.side.other.stats.last
-        return unpack_seq_ts_ssrc(last, 2)[2] if len(last) >= RTP_HEADER else None
-
-    def send_report(self) -> bool:
-        """Send the peer our SR or RR, with an SDES CNAME, while the other side
-        has no peer to relay reports from (the report timer calls this)."""
-        side = self.side
-        if side.closed:
-            return False
-        dest = side.rtcp_dest()
-        if dest is None or side.other.remote is not None:
-            return True
-        now = _now()
-        sender = None
-        if side.stream_packets != self._reported_packets:
-            self._reported_packets = side.stream_packets
-            sender = rtcp.SenderInfo(rtcp.ntp_timestamp(time.time()), self._timestamp_now(), side.stream_packets, side.stream_octets)
-            self.peer.sent_sr(sender.ntp, now)
-        self.transport.sendto(rtcp.build_report(side._ssrc, sender, self._block(now)) + rtcp.build_sdes(side._ssrc), dest)
-        return True
-
-    def _timestamp_now(self) -> int:
-        """Our stream's RTP timestamp for the current clock tick."""
-        side = self.side
-        clock, position = side._media_clock, side._position
-        ticks = clock.tick - position if clock is not None and position is not None else 0
-        return (side._timestamp + ticks * side._samples) & 0xFFFFFFFF
-
-    def _block(self, now: float) -> tuple[rtcp.ReportBlock, ...]:
-        """Our report block on the peer's stream, none before it sent RTP."""
-        lsr, dlsr = 0, 0
-        if self._peer_sr is not None:
-            lsr, at = self._peer_sr
-            dlsr = int((now - at) * 65536)
-        block = self.side.stats.report_block(lsr, dlsr)
-        return () if block is None else (block,)
-
-    def error_received(self, exc: Exception) -> None:
-        logger.debug("relay side %s RTCP: %s", self.side.name, exc)
 
 
 def _payload_rules(source: RelaySide, target: RelaySide) -> PayloadRules:
@@ -484,12 +453,6 @@ def _ip_text(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
-
-
-def _source_ip(addr: Address) -> str:
-    """The IP of a datagram's source; an IPv4 peer of a dual-stack socket without its ``::ffff:``."""
-    host = addr[0]
-    return host[7:] if host.startswith("::ffff:") else host
 
 
 def _is_ip(host: str) -> bool:

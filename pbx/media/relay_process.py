@@ -1,0 +1,253 @@
+"""The media relay's second process: the hot path of every relay side, on
+the other core (``python -m pbx.media.relay_process FD``).
+
+The server (:mod:`pbx.media.relay_worker`) hands this process a duplicate of
+each relay side's RTP socket and tells it, per socket, a *route*: the one
+source address the side has latched, the one payload type it may pass on as
+it is, and where such packets go (the other side's socket and peer). A
+packet that fits the route is sent on here, as the very bytes received, and
+counted; everything else (a stranger, a packet before the source is known,
+an RFC 4733 event, a payload type that needs rewriting, a side whose peer
+uses SRTP) goes back to the server as it came, to be handled there by
+:meth:`RelaySide.datagram_received` as if read from the socket itself. So
+the rules of what a side takes from whom live in one place, and this process
+only ever does what the server would have done the same way.
+
+The server still sees what it measures: the two packets in sixteen that
+:class:`~pbx.media.relay_stats.ReceiveStats` samples, and every packet of a
+side that is being recorded (its ``on_audio`` listener), each with the time
+it arrived and the counts before it; the counts of the rest come as deltas
+at least twice a second, and all of a side's when the server settles it
+(``settle``: to read a call's counts, or to detach its sides at its end).
+
+Nothing here parses more than two header bytes, allocates more than the
+received ``bytes``, or waits on anything but one ``epoll``; one read per
+readable socket per round, and a rest of ``COALESCE`` after each round, so
+that under load each wake-up serves many packets (the wake-ups, not the
+packets, were most of the cost). Packets the server must handle go to it at
+once; measurements wait up to ``REPORT_INTERVAL`` to go together. Messages both ways are pickled lists over a ``SOCK_SEQPACKET``
+Unix socket pair; sockets come with their message as ``SCM_RIGHTS``. The
+process ends when the server's end of the pair closes (the server stopped
+or died).
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Worker -> server records, each a tuple starting with its kind.
+PACKET = 0  # (PACKET, sid, data, addr): not on the route; the server handles it
+MEASURED = 1  # (MEASURED, sid, data, arrival, flags, relayed, bytes, dropped): on the route, the server measures it; counts before it
+COUNTS = 2  # (COUNTS, sid, relayed, bytes, dropped, last): deltas since the last COUNTS, last packet seen
+SETTLED = 3  # (SETTLED, token): every record of the sides of that settle was sent before
+# MEASURED flags
+SAMPLED = 1  # a statistics sample: sequence number 16n - 1 or 16n
+TAPPED = 2  # the side's audio is listened to (a recording, a voicemail)
+RELAYED = 4  # sent on here; else dropped (no destination)
+
+RTP_HEADER = 12
+FLUSH_INTERVAL = 0.5  # seconds between count deltas at most
+BATCH = 256  # records per message at most
+# Seconds the process rests after a round of packets, so that the next
+# round finds several: one wake-up per packet costs more than the packet.
+# A packet waits that long at most, against the 20 ms between two of a stream.
+COALESCE = 0.002
+# Seconds measurements and counts may wait to go to the server together;
+# packets it must handle itself, and answers, go at once.
+REPORT_INTERVAL = 0.02
+BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
+_FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
+
+
+class _Port:
+    """One relay side's RTP socket here, and its route."""
+
+    __slots__ = ("sid", "sock", "source", "fast_pt", "out", "dest", "tap", "relayed", "bytes", "dropped", "last")
+
+    def __init__(self, sid: int, sock: socket.socket) -> None:
+        self.sid = sid
+        self.sock = sock
+        self.source: Any = None  # the peer's latched address; None: nothing is on the route
+        self.fast_pt = -1  # the payload type on the route
+        self.out: socket.socket | None = None  # the other side's socket
+        self.dest: Any = None  # the other side's peer; None: packets on the route are dropped
+        self.tap = False
+        self.relayed = self.bytes = self.dropped = 0  # not yet reported
+        self.last = b""
+
+
+class RelayProcess:
+    """The loop of the second process; ``run()`` returns when the server's end closes."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.poller = select.epoll()
+        self.ports: dict[int, _Port] = {}  # by file descriptor here
+        self.by_sid: dict[int, _Port] = {}
+        self.batch: list[tuple[Any, ...]] = []
+        self._handlers: dict[str, Callable[..., None]] = {"attach": self._attach, "route": self._route, "settle": self._settle}
+        self._pending_fds: list[int] = []
+        self.urgent = False  # the batch holds a packet or an answer the server waits for: send it now
+        self.sent = 0.0  # when the last batch went
+
+    def run(self) -> None:
+        control_fd = self.control.fileno()
+        self.poller.register(control_fd, select.EPOLLIN)
+        next_flush = time.monotonic() + FLUSH_INTERVAL
+        while True:
+            events = self.poller.poll(REPORT_INTERVAL if self.batch else FLUSH_INTERVAL)
+            for fd, _ in events:
+                if fd == control_fd:
+                    if not self._read_control():
+                        return
+                else:
+                    port = self.ports.get(fd)
+                    if port is not None:
+                        self._take(port)
+            now = time.monotonic()
+            if now >= next_flush:
+                next_flush = now + FLUSH_INTERVAL
+                for port in self.by_sid.values():
+                    self._flush_counts(port)
+            if self.urgent or (self.batch and now >= self.sent + REPORT_INTERVAL):
+                self._send()
+            if events:
+                time.sleep(COALESCE)
+
+    def _take(self, port: _Port) -> None:
+        """Read one datagram (epoll reports the socket again while it has more)
+        and send it on when it fits the route, else pass it to the server."""
+        try:
+            data, addr = port.sock.recvfrom(2048)
+        except OSError:
+            return  # nothing after all, or an ICMP error queued on the socket: the next read gets the datagrams
+        batch = self.batch
+        if addr != port.source or len(data) < RTP_HEADER or data[1] & 0x7F != port.fast_pt:
+            batch.append((PACKET, port.sid, data, addr))
+            self.urgent = True
+        else:
+            dest = port.dest
+            flags = TAPPED if port.tap else 0
+            if not (data[3] + 1) & 14:  # 16n - 1 or 16n, as RelaySide.datagram_received samples
+                flags |= SAMPLED
+            if flags:
+                if dest is not None and _send(port.out, data, dest):
+                    flags |= RELAYED
+                # With the counts before it: the server's are right when it measures.
+                batch.append((MEASURED, port.sid, data, time.monotonic(), flags, port.relayed, port.bytes, port.dropped))
+                port.relayed = port.bytes = port.dropped = 0
+            elif dest is not None and _send(port.out, data, dest):
+                port.relayed += 1
+                port.bytes += len(data)
+            else:
+                port.dropped += 1
+            port.last = data
+        if len(batch) >= BATCH:
+            self._send()
+
+    def _drain(self, port: _Port) -> None:
+        """Take every datagram the socket holds now."""
+        while _readable(port.sock):
+            self._take(port)
+
+    def _flush_counts(self, port: _Port) -> None:
+        if port.relayed or port.dropped:
+            self.batch.append((COUNTS, port.sid, port.relayed, port.bytes, port.dropped, port.last[:RTP_HEADER]))
+            port.relayed = port.bytes = port.dropped = 0
+
+    def _send(self) -> None:
+        self.control.send(pickle.dumps(self.batch, pickle.HIGHEST_PROTOCOL))
+        self.batch.clear()
+        self.urgent = False
+        self.sent = time.monotonic()
+
+    def _read_control(self) -> bool:
+        """Apply the server's messages; False once it is gone."""
+        while True:
+            try:  # not socket.recv_fds(), which drops its flags (Python 3.12)
+                data, ancillary, _, _ = self.control.recvmsg(1 << 20, socket.CMSG_SPACE(16 * _FD.itemsize), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            for level, kind, fds in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self._pending_fds.extend(array.array("i", fds[: len(fds) - len(fds) % _FD.itemsize]))
+            for name, *args in pickle.loads(data):
+                self._handlers[name](*args)
+
+    def _attach(self, sid: int) -> None:
+        sock = socket.socket(fileno=self._pending_fds.pop(0))
+        sock.setblocking(False)
+        port = _Port(sid, sock)
+        self.ports[sock.fileno()] = port
+        self.by_sid[sid] = port
+        self.poller.register(sock.fileno(), select.EPOLLIN)
+
+    def _route(self, sid: int, source: Any, fast_pt: int, out_sid: int | None, dest: Any, tap: bool) -> None:
+        port = self.by_sid.get(sid)
+        if port is None:
+            return
+        out = self.by_sid.get(out_sid) if out_sid is not None else None
+        if out is None:
+            source, fast_pt = None, -1  # nowhere to send: the server decides
+        port.source, port.fast_pt, port.dest, port.tap = source, fast_pt, dest, tap
+        port.out = out.sock if out is not None else None
+
+    def _settle(self, sids: list[int], token: int, release: bool) -> None:
+        """Send the server everything of ``sids`` (what their sockets hold, their
+        counts), then ``SETTLED``; with ``release`` also let go of their sockets."""
+        for sid in sids:
+            port = self.by_sid.get(sid)
+            if port is None:
+                continue
+            self._drain(port)
+            self._flush_counts(port)
+            if release:
+                del self.by_sid[sid]
+                for other in self.by_sid.values():
+                    if other.out is port.sock:
+                        other.source, other.fast_pt, other.out = None, -1, None
+                del self.ports[port.sock.fileno()]
+                self.poller.unregister(port.sock.fileno())
+                port.sock.close()
+        self.batch.append((SETTLED, token))
+        self.urgent = True
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _send(sock: socket.socket | None, data: bytes, dest: Any) -> bool:
+    if sock is None:
+        return False
+    try:
+        sock.sendto(data, dest)
+    except OSError:
+        return False  # a full send buffer, an unreachable peer: a lost datagram, as RTP allows
+    return True
+
+
+def main() -> None:
+    # The server ends this process by closing its end, after its calls:
+    # a Ctrl-C or systemd's SIGTERM to the whole group must not cut them first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=int(sys.argv[1]))
+    control.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+    RelayProcess(control).run()
+
+
+if __name__ == "__main__":
+    main()

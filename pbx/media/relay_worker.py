@@ -1,0 +1,191 @@
+"""The server's end of the media relay's second process (:mod:`pbx.media.relay_process`).
+
+The server keeps one process to configure and operate: calls, SIP, RTCP,
+prompts and music stay here, and so does every rule of what a relay side
+takes from whom. What moves to the second core is the read of every relay
+side's RTP socket and the forwarding of the packets that need nothing but
+forwarding (the steady state of a call in a plain bridge, both ways). Each
+side, once its sockets are bound (:meth:`attach`), stops reading its RTP
+socket here and gives a duplicate to the process, with a *route* it
+updates whenever what the side would do with a packet changes
+(:meth:`RelaySide.route`). Whatever is off the route comes back and goes
+through ``datagram_received`` as before; the counts and the statistics
+samples of what was forwarded there come back too, so a side's counters,
+statistics, recording taps and RTCP read as if it had done all the work.
+:meth:`detach` waits (about a millisecond; at most ``SETTLE_TIMEOUT``) until
+the process has let go of a relay's sockets and every record of them is in,
+so what a call's end reports is complete; :meth:`sync` waits the same way
+for a look at a call's counts while it lasts.
+
+If the process dies, every side it read for reads its socket here again:
+calls go on, on one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from pbx.media.relay_process import BUFFER, COUNTS, MEASURED, PACKET, SETTLED
+
+if TYPE_CHECKING:
+    from pbx.media.relay_side import RelaySide
+
+logger = logging.getLogger(__name__)
+
+SETTLE_TIMEOUT = 1.0  # seconds a call's end (or a look at its counts) waits for the process at most
+
+
+class RelayWorker:
+    """The second process and the relay sides it reads for."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sides: dict[int, RelaySide] = {}
+        self._transports: dict[int, asyncio.DatagramTransport] = {}  # each side's own, under any SRTP wrapper
+        self._ids = itertools.count(1)
+        self._settled: set[int] = set()
+
+    @property
+    def running(self) -> bool:
+        return self._sock is not None
+
+    def start(self) -> None:
+        """Start the process; sides attach to it from then on."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "pbx.media.relay_process", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+            )
+        self._sock = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._read)
+        logger.info("media relay process %d started", self._process.pid)
+
+    async def stop(self) -> None:
+        """End the process (closing our end ends it) and wait for it."""
+        self._lost(quietly=True)
+        process, self._process = self._process, None
+        if process is not None:
+            await asyncio.to_thread(process.wait)
+
+    def attach(self, side: RelaySide) -> None:
+        """The process reads ``side``'s RTP socket from now on."""
+        sock = self._sock
+        if sock is None:
+            return
+        sid = next(self._ids)
+        try:
+            socket.send_fds(sock, [pickle.dumps([("attach", sid)])], [side.transport.get_extra_info("socket").fileno()])
+        except OSError:
+            self._lost()
+            return
+        self._sides[sid] = side
+        self._transports[sid] = side.transport
+        side.sid = sid
+        side.worker = self
+        cast(asyncio.ReadTransport, side.transport).pause_reading()
+
+    def route(self, side: RelaySide, route: tuple[Any, ...]) -> None:
+        self._send([("route", side.sid, *route)])
+
+    def detach(self, sides: list[RelaySide]) -> None:
+        """The process lets go of ``sides``' sockets; returns once every
+        record it had of them is handled (or after ``SETTLE_TIMEOUT``)."""
+        self._settle(sides, release=True)
+
+    def sync(self, sides: list[RelaySide]) -> None:
+        """Returns once every record the process had of ``sides`` is handled
+        (or after ``SETTLE_TIMEOUT``): their counts are those of now."""
+        self._settle(sides, release=False)
+
+    def _settle(self, sides: list[RelaySide], *, release: bool) -> None:
+        sids = [side.sid for side in sides if side.worker is self]
+        sock = self._sock
+        if not sids or sock is None:
+            return
+        token = next(self._ids)
+        self._send([("settle", sids, token, release)])
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while token not in self._settled and self._sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                logger.warning("media relay process: no answer within %.1f s", SETTLE_TIMEOUT)
+                break
+            self._read()
+        self._settled.discard(token)
+        if release:
+            for sid in sids:
+                self._transports.pop(sid, None)
+                side = self._sides.pop(sid, None)
+                if side is not None:
+                    side.worker = None
+
+    def _send(self, messages: list[tuple[Any, ...]]) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send(pickle.dumps(messages, pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            self._lost()
+
+    def _read(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            self._dispatch(pickle.loads(data))
+
+    def _dispatch(self, records: list[tuple[Any, ...]]) -> None:
+        sides = self._sides
+        for record in records:
+            kind = record[0]
+            if kind == SETTLED:
+                self._settled.add(record[1])
+                continue
+            side = sides.get(record[1])
+            if side is None:
+                continue
+            if kind == PACKET:
+                side.datagram_received(record[2], record[3])
+            elif kind == MEASURED:
+                side.counted(record[5], record[6], record[7], None)
+                side.measured(record[2], record[3], record[4])
+            elif kind == COUNTS:
+                side.counted(record[2], record[3], record[4], record[5])
+
+    def _lost(self, quietly: bool = False) -> None:
+        """Our end is closed, or the process is gone: every side reads its own socket again."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if not quietly:
+            logger.error("media relay process is gone; relaying in the server process from now on")
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        sides, self._sides = self._sides, {}
+        transports, self._transports = self._transports, {}
+        for sid, side in sides.items():
+            side.worker = None
+            if not side.closed:
+                cast(asyncio.ReadTransport, transports[sid]).resume_reading()

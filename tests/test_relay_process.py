@@ -1,0 +1,172 @@
+"""The media relay's second process (pbx.media.relay_process) with real UDP
+sockets on loopback: it forwards the packets of a plain bridge, everything
+else still reaches the server's rules, the server's counts, statistics and
+listeners miss nothing, and calls go on when the process dies.
+
+The relay tests of tests/test_media.py also run with the process; these
+are the cases only the process has. The server never reads a side's socket
+while the process does (``is_reading()`` is False), so a packet that arrives
+went through the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+
+from pbx.media.clock import MediaClock
+from pbx.media.codecs import PCMU
+from pbx.media.ports import RtpPortPool
+from pbx.media.relay import RtpRelay
+from pbx.media.relay_worker import RelayWorker
+from tests.support.rtp_peer import until
+from tests.test_media import HOST, Peer, free_range, open_peer, rtp
+
+DTMF_PT = 101
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[RelayWorker]:
+    worker = RelayWorker()
+    worker.start()
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[MediaClock]:
+    clock = MediaClock()
+    clock.start()
+    yield clock
+    await clock.stop()
+
+
+@pytest.fixture
+async def relay(worker: RelayWorker, clock: MediaClock) -> AsyncIterator[RtpRelay]:
+    low, high = free_range(8)
+    pool = RtpPortPool(HOST, low, high)
+    pool.relay_worker = worker
+    relay = await RtpRelay.create(pool, clock)
+    yield relay
+    relay.close()
+
+
+@pytest.fixture
+async def peers(relay: RtpRelay) -> AsyncIterator[tuple[Peer, Peer]]:
+    a, b = await open_peer(), await open_peer()
+    relay.a.set_remote(a.addr, PCMU, DTMF_PT)
+    relay.b.set_remote(b.addr, PCMU, DTMF_PT)
+    yield a, b
+    a.transport.close()
+    b.transport.close()
+
+
+def reading(relay: RtpRelay) -> list[bool]:
+    """Whether the server reads each side's RTP socket itself."""
+    return [cast(asyncio.ReadTransport, side.transport).is_reading() for side in (relay.a, relay.b)]
+
+
+async def test_the_process_forwards_a_call_and_the_server_counts_and_measures_every_packet(
+    relay: RtpRelay, peers: tuple[Peer, Peer]
+) -> None:
+    a, b = peers
+    assert reading(relay) == [False, False]
+    sent = [rtp(0, seq=seq, ts=seq * 160, payload=bytes([seq % 256]) * 160) for seq in range(1, 201)]
+    for packet in sent:
+        a.send(packet, relay.a.port)
+        await asyncio.sleep(0.001)  # pacing, as a phone's: the relay's socket buffer is not under test
+    received = [(await b.recv())[0] for _ in sent]
+
+    assert received == sent  # the very bytes, in order
+    assert relay.stats()["a_to_b"] == {"relayed": 200, "transcoded": 0, "dropped": 0, "bytes": 200 * 172}
+    report = relay.a.stats.report()
+    assert (report.received, report.expected, report.lost) == (200, 200, 0)
+    assert relay.a.stats.highest_seq() == 200  # the last packet's header came back with the counts
+
+
+async def test_the_counts_are_complete_when_the_call_ends(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
+    a, b = peers
+    for seq in range(1, 31):
+        a.send(rtp(0, seq=seq), relay.a.port)
+        b.send(rtp(0, seq=seq), relay.b.port)
+    for peer in (a, b):
+        for _ in range(30):
+            await peer.recv()
+    relay.close()  # no sync before: the detach itself brings the last counts
+    assert relay.total().relayed == 60
+
+
+async def test_a_recorded_side_shows_its_listener_every_packet_the_process_forwards(
+    relay: RtpRelay, peers: tuple[Peer, Peer]
+) -> None:
+    a, b = peers
+    heard: list[bytes] = []
+    relay.a.on_audio = lambda payload, pt: heard.append(payload)
+    payloads = [bytes([seq]) * 160 for seq in range(1, 41)]
+    for seq, payload in enumerate(payloads, 1):
+        a.send(rtp(0, seq=seq, payload=payload), relay.a.port)
+    for _ in payloads:
+        await b.recv()
+    await until(lambda: len(heard) == len(payloads))
+    assert heard == payloads
+
+
+async def test_a_feature_code_press_is_kept_by_the_server_while_the_audio_goes_on(
+    relay: RtpRelay, peers: tuple[Peer, Peer]
+) -> None:
+    a, b = peers
+    keys: list[str] = []
+
+    def on_dtmf(key: str) -> bool:
+        keys.append(key)
+        return True  # a feature code: the other side must not hear it
+
+    relay.a.on_dtmf = on_dtmf
+    a.send(rtp(0, seq=1), relay.a.port)
+    await b.recv()
+    event = bytes([5, 0x0A, 0, 160])  # key 5, not yet ended
+    a.send(rtp(DTMF_PT, seq=2, ts=320, payload=event), relay.a.port)
+    a.send(rtp(0, seq=3), relay.a.port)
+    data, _ = await b.recv()
+    assert data[1] & 0x7F == 0  # the audio came through, the press did not
+    assert keys == ["5"]
+    assert await b.nothing()
+
+
+async def test_packets_go_through_the_server_once_the_other_side_plays(
+    relay: RtpRelay, peers: tuple[Peer, Peer]
+) -> None:
+    a, b = peers
+    a.send(rtp(0, seq=1), relay.a.port)
+    first, _ = await b.recv()
+    assert first[8:12] == (0x1234).to_bytes(4)  # forwarded as sent
+    playback = relay.b.play([b"\xff" * 160])  # one frame of our own to b: our stream from now on
+    assert await playback.done
+    await b.recv()  # that frame
+    a.send(rtp(0, seq=2), relay.a.port)
+    data, _ = await b.recv()
+    assert data[8:12] == relay.b._ssrc.to_bytes(4)  # renumbered into our stream: the server sent it
+
+
+async def test_calls_go_on_in_the_server_when_the_relay_process_dies(
+    worker: RelayWorker, relay: RtpRelay, peers: tuple[Peer, Peer]
+) -> None:
+    a, b = peers
+    a.send(rtp(0, seq=1), relay.a.port)
+    await b.recv()
+    assert worker._process is not None
+    os.kill(worker._process.pid, signal.SIGKILL)
+    await until(lambda: not worker.running, timeout=5)
+    assert reading(relay) == [True, True]
+    for seq in range(2, 12):
+        a.send(rtp(0, seq=seq), relay.a.port)
+        b.send(rtp(0, seq=seq), relay.b.port)
+    for peer in (a, b):
+        for _ in range(10):
+            await peer.recv()
+    assert relay.stats()["a_to_b"]["relayed"] == 11
