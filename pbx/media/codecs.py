@@ -9,6 +9,7 @@ per-sample Python). The tables come from ``audioop`` (stdlib on 3.12, the
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from G722 import G722 as G722Adpcm
+
+from pbx.media.rtp_packet import PayloadRules
+
+logger = logging.getLogger(__name__)
 
 with warnings.catch_warnings():
     # 3.12 warns that audioop leaves the stdlib; 3.13+ gets it from audioop-lts.
@@ -106,3 +111,22 @@ class Decoder:
         wide = self._g722.decode(payload).tobytes()
         narrow, self._ratecv = audioop.ratecv(wide, 2, 1, 16000, 8000, self._ratecv)
         return np.frombuffer(narrow, dtype=np.int16)
+
+
+def payload_rules(src: Codec | None, src_dtmf: int | None, dst: Codec | None, dst_dtmf: int | None) -> PayloadRules:
+    """What packets of a peer sending ``src`` (and RFC 4733 events as
+    ``src_dtmf``) need before they reach a peer that takes ``dst`` and ``dst_dtmf``.
+
+    Payload types without a rule (matching numbers, comfort noise, anything
+    unknown) are forwarded unchanged.
+    """
+    rules: PayloadRules = {}
+    if src is not None and dst is not None:
+        table = transcoding_table(src.name, dst.name)
+        if table is not None or (src.name.upper() == dst.name.upper() and src.payload_type != dst.payload_type):
+            rules[src.payload_type] = (dst.payload_type, table)
+        elif src.name.upper() != dst.name.upper():
+            logger.warning("relay: cannot convert %s to %s; forwarding it unchanged", src.name, dst.name)
+    if src_dtmf is not None and dst_dtmf is not None and src_dtmf != dst_dtmf:
+        rules[src_dtmf] = (dst_dtmf, None)
+    return rules

@@ -242,6 +242,11 @@ class PeerStream:
             self._clock().unsubscribe(subscription)
             self._subscription = None
 
+    @property
+    def own_stream(self) -> bool:
+        """Whether relayed packets go out in our stream (renumbered): the side has sent of its own."""
+        return self._rewriting
+
     def _own_stream(self) -> None:
         """Relayed packets go out in our stream from now on (for good: the peer has seen it)."""
         self._rewriting = True

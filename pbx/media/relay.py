@@ -20,8 +20,7 @@ from dataclasses import asdict
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
 from pbx.media.ports import RtpPortPool, RtpSocketPair
-from pbx.media.relay_rtcp import RtcpForwarder
-from pbx.media.relay_side import RelaySide
+from pbx.media.relay_side import RelaySide, RtcpForwarder
 from pbx.media.relay_stats import RelayCounters
 
 

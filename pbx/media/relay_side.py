@@ -38,40 +38,29 @@ statistics of what the peer sends are in ``side.stats``
 (:mod:`pbx.media.relay_stats`). What a side sends its peer of its own is in
 :mod:`pbx.media.playback`, its base class. RTCP from the peer takes the same
 way through the side's :class:`RtcpForwarder`, which also reads it and sends
-reports of our own where there is nothing to relay (:mod:`pbx.media.relay_rtcp`).
+reports of our own where there is nothing to relay (:mod:`pbx.media.rtcp`).
 
-In the server, the second process (:mod:`pbx.media.relay_worker`) reads
-the RTP socket: it forwards what fits the side's ``route()`` (its latched
-peer's packets of the one payload type that needs nothing but forwarding,
-to the other side's peer) and hands everything else to
-``datagram_received``, the counts of what it forwarded to ``counted`` and
-what the side measures of it to ``measured``. Every change that could
-change the route (a new SDP, a latched source, a listener, SRTP, the other
-side's own stream) sends the new one.
+In the server, the relay process (:mod:`pbx.media.relay_worker`) reads the
+RTP socket: it forwards what needs nothing but forwarding, hands the rest to
+``datagram_received``, and is told (``reroute``) whenever that may change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
-
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from pbx.events import EventBus
 from pbx.media.clock import MediaClock
-from pbx.media.codecs import Codec, transcoding_table
+from pbx.media import rtcp
+from pbx.media.codecs import Codec, payload_rules
 from pbx.media.playback import PeerStream
-from pbx.media.relay_rtcp import RtcpForwarder, source_ip
-from pbx.media.relay_process import RELAYED, SAMPLED, TAPPED
 from pbx.media.relay_stats import ReceiveStats, RelayCounters
-from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRules, payload_bounds, rewrite, unpack_timestamp
+from pbx.media.rtp_packet import RTP_HEADER, Address, PayloadRules, ip_text, is_ip, payload_bounds, rewrite, source_ip, unpack_seq_ts_ssrc, unpack_timestamp
 from pbx.security import security_event
-
-if TYPE_CHECKING:
-    from pbx.media.relay_worker import RelayWorker
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +69,14 @@ _now = time.monotonic
 _DTMF_KEYS = "0123456789*#ABCD"
 # A side reports strangers at most this often (seconds), each IP only once.
 _STRANGER_REPORT_INTERVAL = 5.0
+
+
+class SocketReader(Protocol):
+    """What reads relay sides' RTP sockets in their place (:class:`pbx.media.relay_worker.RelayWorker`)."""
+
+    def reroute(self, side: RelaySide) -> None: ...
+    def sync(self, sides: list[RelaySide]) -> None: ...
+    def detach(self, sides: list[RelaySide]) -> None: ...
 
 
 class RelaySide(PeerStream, asyncio.DatagramProtocol):
@@ -95,9 +92,8 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
     """
 
     def __init__(self, name: str, media_clock: MediaClock | None = None) -> None:
-        self.worker: RelayWorker | None = None  # the process reading our RTP socket, when one does
+        self.worker: SocketReader | None = None  # the process reading our RTP socket, when one does
         self.sid = 0  # our number there
-        self._route: tuple[Any, ...] | None = None  # the last one it was given
         self._on_audio: Callable[[bytes, int], None] | None = None
         self._unprotect: Callable[[bytes], bytes | None] | None = None
         self.name = name
@@ -136,12 +132,11 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
     @on_audio.setter
     def on_audio(self, listener: Callable[[bytes, int], None] | None) -> None:
         self._on_audio = listener
-        self.route()
+        self._changed()
 
     @property
     def unprotect(self) -> Callable[[bytes], bytes | None] | None:
-        """SRTP (:mod:`pbx.media.srtp`): decrypts a packet from the peer, None
-        when it is not authentic; that side's transports also encrypt on send."""
+        """SRTP (pbx.media.srtp): a packet from the peer decrypted, None if not authentic."""
         return self._unprotect
 
     @unprotect.setter
@@ -149,42 +144,14 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._unprotect = unprotect
         self._changed()
 
-    def route(self) -> None:
-        """Tell the worker, when one reads our socket, which packets it may
-        forward itself: the latched source's, of the peer's codec when no rule
-        changes it, while neither side uses SRTP and the other side sends no
-        stream of its own, to the other side's peer; and whether it must
-        show us their audio."""
-        worker = self.worker
-        if worker is None:
-            return
-        other = self.other
-        codec = self.codec
-        fast_pt = -1
-        if (
-            self.source is not None
-            and codec is not None
-            and codec.payload_type not in self.rules
-            and self._unprotect is None
-            and other._unprotect is None
-            and not other._rewriting
-            and other.worker is worker
-        ):
-            fast_pt = codec.payload_type
-        route = (self.source if fast_pt >= 0 else None, fast_pt, other.sid, other.dest, self._on_audio is not None)
-        if route != self._route:
-            self._route = route
-            worker.route(self, route)
-
-    def _changed(self) -> None:
-        """Both routes may have changed: ours, and the other side's, which ends at our peer."""
-        self.route()
-        self.other.route()
+    def _changed(self) -> None:  # our route may have changed, and the other side's, which ends at our peer
+        if self.worker is not None:
+            self.worker.reroute(self)
+            self.worker.reroute(self.other)
 
     def _own_stream(self) -> None:
-        if not self._rewriting:
-            super()._own_stream()
-            self.other.route()
+        super()._own_stream()
+        self._changed()
 
     def set_remote(self, addr: Address, codec: Codec, dtmf_pt: int | None, signalling_ip: str | None = None) -> None:
         """Record the peer's SDP: its RTP address, chosen codec and DTMF payload type.
@@ -199,10 +166,10 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         host, port = addr
         self.held = port == 0 or host in ("0.0.0.0", "::")
         if signalling_ip is not None:
-            self.signalling_ip = _ip_text(signalling_ip)
+            self.signalling_ip = ip_text(signalling_ip)
         if not self.held and addr != self.remote:
             self.remote = addr
-            self._remote_ip = _ip_text(host)
+            self._remote_ip = ip_text(host)
             self.source = None
             self.rtcp.source = None
         self.codec = codec
@@ -212,8 +179,8 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         interval = self._media_clock.interval if self._media_clock is not None else 0.020
         self._samples = round(codec.clock_rate * interval)
         self._update_dest()
-        self.rules = _payload_rules(self, self.other)
-        self.other.rules = _payload_rules(self.other, self)
+        self.rules = payload_rules(codec, dtmf_pt, self.other.codec, self.other.dtmf_pt)
+        self.other.rules = payload_rules(self.other.codec, self.other.dtmf_pt, codec, dtmf_pt)
         self._changed()
 
     def forget_peer(self) -> None:
@@ -235,7 +202,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
             self.dest = None
         elif self.source is not None:
             self.dest = self.source
-        elif self.remote is not None and _is_ip(self.remote[0]):
+        elif self.remote is not None and is_ip(self.remote[0]):
             self.dest = self.remote
         else:
             # A host name would make sendto() resolve it, blocking the loop:
@@ -280,7 +247,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
             stats.sample(data, _now())
         if self.on_dtmf is not None or self._on_audio is not None:
             try:
-                if self._hear(data):
+                if self.hear(data):
                     counters.dropped += 1
                     return
             except Exception:
@@ -339,36 +306,6 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._changed()
         return True
 
-    def measured(self, data: bytes, arrival: float, flags: int) -> None:
-        """A packet the worker took on our route (and forwarded, when
-        ``RELAYED``): sampled into the statistics and shown to ``on_audio`` as
-        ``datagram_received`` would have, then counted."""
-        stats = self.stats
-        stats.last = data
-        if flags & SAMPLED:
-            stats.sample(data, arrival)
-        if flags & TAPPED and self._on_audio is not None:
-            try:
-                self._hear(data)
-            except Exception:
-                logger.exception("relay side %s: audio listener failed", self.name)
-        counters = self.counters
-        if flags & RELAYED:
-            counters.relayed += 1
-            counters.bytes += len(data)
-        else:
-            counters.dropped += 1
-
-    def counted(self, relayed: int, size: int, dropped: int, last: bytes | None) -> None:
-        """Packets the worker forwarded (or dropped, having nowhere to send
-        them) on our route since it last said; ``last`` is the newest one's header."""
-        counters = self.counters
-        counters.relayed += relayed
-        counters.bytes += size
-        counters.dropped += dropped
-        if last is not None:
-            self.stats.last = last
-
     def _negotiated(self, payload_type: int) -> bool:
         codec = self.codec
         return (codec is not None and payload_type == codec.payload_type) or payload_type == self.dtmf_pt
@@ -400,7 +337,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         # datagram is part of RTP, so only note it.
         logger.debug("relay side %s port %d: %s", self.name, self.port, exc)
 
-    def _hear(self, data: bytes) -> bool:
+    def hear(self, data: bytes) -> bool:
         """Hand a received packet (at least an RTP header long) to ``on_dtmf``
         or ``on_audio``; True when it is of a press kept from the other side."""
         payload_type = data[1] & 0x7F
@@ -424,40 +361,140 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         return False
 
 
-def _payload_rules(source: RelaySide, target: RelaySide) -> PayloadRules:
-    """What packets from ``source``'s peer need before they reach ``target``'s.
+class RtcpForwarder(asyncio.DatagramProtocol):
+    """The RTCP socket of a side (:mod:`pbx.media.rtcp`): reads the peer's
+    reports into ``peer``, passes them on to the other side's peer (renumbered
+    where either side sends a stream of its own), and while the other side
+    has no peer, sends reports of our own."""
 
-    Payload types without a rule (matching numbers, comfort noise, anything
-    unknown) are forwarded unchanged.
-    """
-    rules: PayloadRules = {}
-    src, dst = source.codec, target.codec
-    if src is not None and dst is not None:
-        table = transcoding_table(src.name, dst.name)
-        if table is not None or (src.name.upper() == dst.name.upper() and src.payload_type != dst.payload_type):
-            rules[src.payload_type] = (dst.payload_type, table)
-        elif src.name.upper() != dst.name.upper():
-            logger.warning("relay: cannot convert %s to %s; forwarding it unchanged", src.name, dst.name)
-    if source.dtmf_pt is not None and target.dtmf_pt is not None and source.dtmf_pt != target.dtmf_pt:
-        rules[source.dtmf_pt] = (target.dtmf_pt, None)
-    return rules
+    def __init__(self, side: RelaySide) -> None:
+        self.side = side
+        self.source: Address | None = None
+        self.unprotect: Callable[[bytes], bytes | None] | None = None  # SRTCP, as RelaySide.unprotect
+        self.peer = rtcp.PeerView()  # what the peer's reports say of the stream we send it
+        self._peer_sr: tuple[int, float] | None = None  # LSR value of the peer's last SR, and when it came
+        self._reported_packets = 0  # side.stream_packets at our last report
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+        clock = self.side._media_clock
+        if clock is not None:
+            rtcp.report_timer(clock).add(self)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self.unprotect is not None:
+            plain = self.unprotect(data)
+            if plain is None:
+                return
+            data = plain
+        if addr != self.source and not self._admit(data, addr):
+            return
+        side = self.side
+        other = side.other
+        now = _now()
+        reports = rtcp.parse_reports(data)
+        theirs = None if side._rewriting else self._their_ssrc()
+        ours = side._ssrc if theirs is None else theirs  # the stream the peer gets from us, or our reports name
+        for report in reports:
+            if report.sender is not None:
+                self._peer_sr = (rtcp.ntp_middle(report.sender.ntp), now)
+            for block in report.blocks:
+                if block.ssrc == ours:
+                    self.peer.take(block, other.counters.relayed + side.played, now)
+        dest = other.rtcp_dest()
+        if dest is None:
+            return
+        if side._rewriting or other._rewriting:
+            packet = rtcp.renumber(data, self._source_swap(), self._reported_swap())
+            if packet is None:
+                return
+            other.rtcp.transport.sendto(packet, dest)
+        else:
+            other.rtcp.transport.sendto(data, dest)
+        for report in reports:
+            if report.sender is not None:
+                other.rtcp.peer.sent_sr(report.sender.ntp, now)
+
+    def _admit(self, data: bytes, addr: Address) -> bool:
+        """Whether RTCP from ``addr``, which is not the latched source, is the
+        peer's: from the SDP's RTP port + 1 always, else once from the IP the
+        peer's RTP comes from, its SDP's or its signalling IP; then it is the source."""
+        side = self.side
+        remote = side.remote
+        if remote is None:
+            return False  # no peer yet (see RelaySide._admit)
+        host = source_ip(addr)
+        if not (host == side._remote_ip and addr[1] == remote[1] + 1):
+            rtp_source = side.source
+            if (
+                self.source is not None
+                or (host != side._remote_ip and host != side.signalling_ip and (rtp_source is None or host != source_ip(rtp_source)))
+                or len(data) < 8
+                or data[0] & 0xC0 != 0x80
+                or not 200 <= data[1] <= 207  # SR, RR, SDES, BYE, APP, RTPFB, PSFB, XR
+            ):
+                side.report_stranger(addr, "rtcp")
+                return False
+        self.source = addr
+        return True
+
+    def _source_swap(self) -> rtcp.SourceSwap | None:
+        """How the other side's peer gets our peer's stream, when not as sent."""
+        other = self.side.other
+        if not other._rewriting:
+            return None
+        return rtcp.SourceSwap(other._ssrc, other._timestamp_offset, other.stream_packets, other.stream_octets)
+
+    def _reported_swap(self) -> rtcp.ReportedSwap | None:
+        """Which stream our peer's report blocks on our own are about: the one
+        the other side's peer sends (unknown until it has sent RTP)."""
+        side = self.side
+        theirs = self._their_ssrc()
+        if not side._rewriting or theirs is None:
+            return None
+        return rtcp.ReportedSwap(side._ssrc, theirs, side._seq_offset if side._in_ssrc == theirs else 0)
+
+    def _their_ssrc(self) -> int | None:
+        """The SSRC of the other side's peer's RTP, once it has sent some."""
+        last = self.side.other.stats.last
+        return unpack_seq_ts_ssrc(last, 2)[2] if len(last) >= RTP_HEADER else None
+
+    def send_report(self) -> bool:
+        """Send the peer our SR or RR, with an SDES CNAME, while the other side
+        has no peer to relay reports from (the report timer calls this)."""
+        side = self.side
+        if side.closed:
+            return False
+        dest = side.rtcp_dest()
+        if dest is None or side.other.remote is not None:
+            return True
+        now = _now()
+        sender = None
+        if side.stream_packets != self._reported_packets:
+            self._reported_packets = side.stream_packets
+            sender = rtcp.SenderInfo(rtcp.ntp_timestamp(time.time()), self._timestamp_now(), side.stream_packets, side.stream_octets)
+            self.peer.sent_sr(sender.ntp, now)
+        self.transport.sendto(rtcp.build_report(side._ssrc, sender, self._block(now)) + rtcp.build_sdes(side._ssrc), dest)
+        return True
+
+    def _timestamp_now(self) -> int:
+        """Our stream's RTP timestamp for the current clock tick."""
+        side = self.side
+        clock, position = side._media_clock, side._position
+        ticks = clock.tick - position if clock is not None and position is not None else 0
+        return (side._timestamp + ticks * side._samples) & 0xFFFFFFFF
+
+    def _block(self, now: float) -> tuple[rtcp.ReportBlock, ...]:
+        """Our report block on the peer's stream, none before it sent RTP."""
+        lsr, dlsr = 0, 0
+        if self._peer_sr is not None:
+            lsr, at = self._peer_sr
+            dlsr = int((now - at) * 65536)
+        block = self.side.stats.report_block(lsr, dlsr)
+        return () if block is None else (block,)
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("relay side %s RTCP: %s", self.side.name, exc)
 
 
-def _ip_text(host: str) -> str:
-    """``host`` written as the kernel reports a datagram's source: IPv6
-    compressed, IPv4 without a ``::ffff:`` prefix; a host name unchanged."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

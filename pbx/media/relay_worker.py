@@ -32,12 +32,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from pbx.media.relay_process import BUFFER, COUNTS, MEASURED, PACKET, SETTLED
-
-if TYPE_CHECKING:
-    from pbx.media.relay_side import RelaySide
+from pbx.media.relay_process import BUFFER, COUNTS, MEASURED, PACKET, RELAYED, SAMPLED, SETTLED, TAPPED
+from pbx.media.relay_side import RelaySide
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +50,7 @@ class RelayWorker:
         self._process: subprocess.Popen[bytes] | None = None
         self._sides: dict[int, RelaySide] = {}
         self._transports: dict[int, asyncio.DatagramTransport] = {}  # each side's own, under any SRTP wrapper
+        self._routes: dict[int, tuple[Any, ...]] = {}  # the last one each side's was given
         self._ids = itertools.count(1)
         self._settled: set[int] = set()
 
@@ -96,8 +95,31 @@ class RelayWorker:
         side.worker = self
         cast(asyncio.ReadTransport, side.transport).pause_reading()
 
-    def route(self, side: RelaySide, route: tuple[Any, ...]) -> None:
-        self._send([("route", side.sid, *route)])
+    def reroute(self, side: RelaySide) -> None:
+        """Tell the process which packets of ``side``'s peer it may forward
+        itself: the latched source's, of the peer's codec when no rule changes
+        it, while neither side uses SRTP and the other side sends no stream of
+        its own, to the other side's peer; and whether the side's audio is
+        listened to. Sent only when it changed."""
+        if side.worker is not self:
+            return
+        other = side.other
+        codec = side.codec
+        fast_pt = -1
+        if (
+            side.source is not None
+            and codec is not None
+            and codec.payload_type not in side.rules
+            and side.unprotect is None
+            and other.unprotect is None
+            and not other.own_stream
+            and other.worker is self
+        ):
+            fast_pt = codec.payload_type
+        route = (side.source if fast_pt >= 0 else None, fast_pt, other.sid, other.dest, side.on_audio is not None)
+        if route != self._routes.get(side.sid):
+            self._routes[side.sid] = route
+            self._send([("route", side.sid, *route)])
 
     def detach(self, sides: list[RelaySide]) -> None:
         """The process lets go of ``sides``' sockets; returns once every
@@ -129,6 +151,7 @@ class RelayWorker:
         if release:
             for sid in sids:
                 self._transports.pop(sid, None)
+                self._routes.pop(sid, None)
                 side = self._sides.pop(sid, None)
                 if side is not None:
                     side.worker = None
@@ -169,10 +192,10 @@ class RelayWorker:
             if kind == PACKET:
                 side.datagram_received(record[2], record[3])
             elif kind == MEASURED:
-                side.counted(record[5], record[6], record[7], None)
-                side.measured(record[2], record[3], record[4])
+                _counted(side, record[5], record[6], record[7], None)
+                _measured(side, record[2], record[3], record[4])
             elif kind == COUNTS:
-                side.counted(record[2], record[3], record[4], record[5])
+                _counted(side, record[2], record[3], record[4], record[5])
 
     def _lost(self, quietly: bool = False) -> None:
         """Our end is closed, or the process is gone: every side reads its own socket again."""
@@ -185,7 +208,40 @@ class RelayWorker:
         sock.close()
         sides, self._sides = self._sides, {}
         transports, self._transports = self._transports, {}
+        self._routes.clear()
         for sid, side in sides.items():
             side.worker = None
             if not side.closed:
                 cast(asyncio.ReadTransport, transports[sid]).resume_reading()
+
+
+def _measured(side: RelaySide, data: bytes, arrival: float, flags: int) -> None:
+    """A packet the process took on ``side``'s route (and forwarded, when
+    ``RELAYED``): sampled into the statistics and shown to ``on_audio`` as
+    ``datagram_received`` would have, then counted."""
+    stats = side.stats
+    stats.last = data
+    if flags & SAMPLED:
+        stats.sample(data, arrival)
+    if flags & TAPPED and side.on_audio is not None:
+        try:
+            side.hear(data)
+        except Exception:
+            logger.exception("relay side %s: audio listener failed", side.name)
+    counters = side.counters
+    if flags & RELAYED:
+        counters.relayed += 1
+        counters.bytes += len(data)
+    else:
+        counters.dropped += 1
+
+
+def _counted(side: RelaySide, relayed: int, size: int, dropped: int, last: bytes | None) -> None:
+    """Packets the process forwarded (or dropped, having nowhere to send
+    them) on ``side``'s route since it last said; ``last`` is the newest one's header."""
+    counters = side.counters
+    counters.relayed += relayed
+    counters.bytes += size
+    counters.dropped += dropped
+    if last is not None:
+        side.stats.last = last

@@ -8,6 +8,7 @@ structs that pack our own packets whole.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 Address = tuple[str, int]
@@ -69,3 +70,29 @@ def packet_struct(payload_size: int) -> struct.Struct:
     if packer is None:
         packer = _PACKETS[payload_size] = struct.Struct(f"!BBHII{payload_size}s")
     return packer
+
+
+def ip_text(host: str) -> str:
+    """``host`` written as the kernel reports a datagram's source: IPv6
+    compressed, IPv4 without a ``::ffff:`` prefix; a host name unchanged."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def source_ip(addr: Address) -> str:
+    """The IP of a datagram's source; an IPv4 peer of a dual-stack socket without its ``::ffff:``."""
+    host = addr[0]
+    return host[7:] if host.startswith("::ffff:") else host
