@@ -63,6 +63,7 @@ COALESCE = 0.002
 # Seconds measurements and counts may wait to go to the server together;
 # packets it must handle itself, and answers, go at once.
 REPORT_INTERVAL = 0.02
+LINGER = 0.5  # seconds a released side still forwards what is on its route
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
 _FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
 
@@ -96,6 +97,7 @@ class RelayProcess:
         self._handlers: dict[str, Callable[..., None]] = {"attach": self._attach, "route": self._route, "settle": self._settle}
         self._pending_fds: list[int] = []
         self.urgent = False  # the batch holds a packet or an answer the server waits for: send it now
+        self.lingering: list[tuple[float, _Port]] = []  # released sides still relaying until then, oldest first
         self.sent = 0.0  # when the last batch went
 
     def run(self) -> None:
@@ -117,6 +119,7 @@ class RelayProcess:
                 next_flush = now + FLUSH_INTERVAL
                 for port in self.by_sid.values():
                     self._flush_counts(port)
+                self._close_lingering(now)
             if self.urgent or (self.batch and now >= self.sent + REPORT_INTERVAL):
                 self._send()
             if events:
@@ -131,8 +134,12 @@ class RelayProcess:
             return  # nothing after all, or an ICMP error queued on the socket: the next read gets the datagrams
         batch = self.batch
         if addr != port.source or len(data) < RTP_HEADER or data[1] & 0x7F != port.fast_pt:
-            batch.append((PACKET, port.sid, data, addr))
-            self.urgent = True
+            if port.sid >= 0:  # else a lingering side's: nobody's any more
+                batch.append((PACKET, port.sid, data, addr))
+                self.urgent = True
+        elif port.sid < 0:
+            if port.dest is not None:
+                _send(port.out, data, port.dest)
         else:
             dest = port.dest
             flags = TAPPED if port.tap else 0
@@ -214,15 +221,26 @@ class RelayProcess:
             self._drain(port)
             self._flush_counts(port)
             if release:
+                # The server is done with the side, but packets already on
+                # their way (the echo of what a caller said just before its
+                # BYE) still go where the route says, for LINGER seconds, as
+                # rtpengine keeps a call a while after its delete; uncounted,
+                # as the call's counts are final now.
                 del self.by_sid[sid]
-                for other in self.by_sid.values():
-                    if other.out is port.sock:
-                        other.source, other.fast_pt, other.out = None, -1, None
-                del self.ports[port.sock.fileno()]
-                self.poller.unregister(port.sock.fileno())
-                port.sock.close()
+                port.sid = -1
+                self.lingering.append((time.monotonic() + LINGER, port))
         self.batch.append((SETTLED, token))
         self.urgent = True
+
+    def _close_lingering(self, now: float) -> None:
+        while self.lingering and self.lingering[0][0] <= now:
+            _, port = self.lingering.pop(0)
+            del self.ports[port.sock.fileno()]
+            self.poller.unregister(port.sock.fileno())
+            port.sock.close()
+            for other in self.ports.values():
+                if other.out is port.sock:
+                    other.source, other.fast_pt, other.out = None, -1, None
 
 
 def _readable(sock: socket.socket) -> bool:
