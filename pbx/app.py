@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -198,8 +199,10 @@ class Pbx:
         await self.registrar.load()
         # Before SIP listens: no call may take a port that still hears a call of a process before this one.
         await self.ports.sweep()
-        self.ports.relay_worker = RelayWorker()
-        self.ports.relay_worker.start()
+        # One relay process per core: a call's sides share one, calls spread over them all.
+        self.ports.relay_workers = [RelayWorker() for _ in range(os.cpu_count() or 1)]
+        for worker in self.ports.relay_workers:
+            worker.start()
         tls = self.config.sip.tls
         # Checked by load_config; the contexts serve every tls: listener.
         server_ssl = server_context(tls.cert, tls.key) if tls is not None else None
@@ -269,8 +272,8 @@ class Pbx:
         for trunk in self.trunks:
             await trunk.stop()
         await self.clock.stop()
-        if self.ports.relay_worker is not None:
-            await self.ports.relay_worker.stop()
+        for worker in self.ports.relay_workers:
+            await worker.stop()
         self.ports.close()
         if self._http is not None:
             await self._http.close()

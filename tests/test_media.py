@@ -93,7 +93,8 @@ async def relay(pool: RtpPortPool, request: pytest.FixtureRequest) -> AsyncItera
     """A relay whose sockets the server reads, or the second process (as in `pbx serve`)."""
     worker = None
     if request.param == "in the relay process":
-        worker = pool.relay_worker = RelayWorker()
+        worker = RelayWorker()
+        pool.relay_workers = [worker]
         worker.start()
     relay = await RtpRelay.create(pool)
     yield relay

@@ -50,7 +50,7 @@ async def clock() -> AsyncIterator[MediaClock]:
 async def relay(worker: RelayWorker, clock: MediaClock) -> AsyncIterator[RtpRelay]:
     low, high = free_range(8)
     pool = RtpPortPool(HOST, low, high)
-    pool.relay_worker = worker
+    pool.relay_workers = [worker]
     relay = await RtpRelay.create(pool, clock)
     yield relay
     relay.close()

@@ -92,9 +92,9 @@ class RtpPortPool:
 
     def __init__(self, ip: str, port_min: int, port_max: int) -> None:
         self.ip = ip
-        # The second process that reads the RTP sockets of the relays bound
-        # here (pbx.media.relay_worker), once the server started it.
-        self.relay_worker: RelayWorker | None = None
+        # The processes that read the RTP sockets of the relays bound here
+        # (pbx.media.relay_worker), once the server started them.
+        self.relay_workers: list[RelayWorker] = []
         first = port_min + (port_min & 1)
         # RTCP takes port + 1, which must stay inside the range too.
         self._ports = range(first, port_max, 2)

@@ -44,8 +44,8 @@ class RtpRelay:
         a relay without one only relays. Packets from strangers are reported
         on ``events`` as ``rtp_stranger`` security events, when given.
         Raises what the pool raises (RtpPortsExhausted, an OSError) and then
-        holds no port. The pool's ``relay_worker``, when it has one, reads
-        the RTP sockets from then on (:mod:`pbx.media.relay_worker`).
+        holds no port. The least busy of the pool's ``relay_workers``, when
+        it has any, reads the RTP sockets from then on (:mod:`pbx.media.relay_worker`).
         """
         relay = cls(clock, events)
         try:
@@ -54,9 +54,10 @@ class RtpRelay:
         except BaseException:
             relay.close()
             raise
-        if pool.relay_worker is not None:
-            pool.relay_worker.attach(relay.a)
-            pool.relay_worker.attach(relay.b)
+        worker = min((w for w in pool.relay_workers if w.running), key=lambda w: w.attached, default=None)
+        if worker is not None:
+            worker.attach(relay.a)
+            worker.attach(relay.b)
         return relay
 
     async def _bind(self, side: RelaySide, pool: RtpPortPool) -> None:

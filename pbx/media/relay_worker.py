@@ -58,6 +58,11 @@ class RelayWorker:
     def running(self) -> bool:
         return self._sock is not None
 
+    @property
+    def attached(self) -> int:
+        """Relay sides the process reads for now."""
+        return len(self._sides)
+
     def start(self) -> None:
         """Start the process; sides attach to it from then on."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
