@@ -58,13 +58,21 @@ bench-deps:
 	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends kamailio rtpengine-daemon \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now kamailio rtpengine-daemon; }; }
 
+# Each benchmark prints its own table and adds its headline figures to the
+# file BENCH_SUMMARY names (bench/summary.py); `make bench` ends with the one
+# table of them all, printed also when a benchmark failed, and then fails
+# itself, naming the benchmarks that did.
+BENCHMARKS := bridge cores ivr queue recording startup setup
+BENCH_SUMMARY := $(CURDIR)/bench/results/summary.jsonl
+
 bench: $(VENV)/.installed test-deps bench-deps
-	$(PY) bench/bridge.py
-	$(PY) bench/ivr.py
-	$(PY) bench/queue.py
-	$(PY) bench/recording.py
-	$(PY) bench/startup.py
-	$(PY) bench/setup.py
+	@mkdir -p $(dir $(BENCH_SUMMARY)) && rm -f $(BENCH_SUMMARY)
+	@failed=""; for b in $(BENCHMARKS); do \
+	  echo "$(PY) bench/$$b.py"; \
+	  BENCH_SUMMARY=$(BENCH_SUMMARY) $(PY) bench/$$b.py || failed="$$failed $$b"; \
+	done; \
+	$(PY) bench/summary.py $(BENCH_SUMMARY); \
+	if [ -n "$$failed" ]; then echo "failed (non-zero exit status):$$failed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,9 +1,11 @@
 """Benchmark: what the PBX spends relaying bridged calls, against Kamailio + rtpengine (ENGINE.md, "Targets").
 
-For each N in --calls, two runs with the same SIPp caller and callee:
+For each N in --calls, three runs with the same SIPp caller and callee:
 
 - pbx: `pbx serve` on a temporary folder, bridging the calls (B2BUA) and
   relaying their RTP.
+- pbx recording: the same, with every call recorded (1001 has `record:
+  true`; stereo WAV), its files written during the call phase.
 - baseline: Kamailio (bench/baseline/kamailio.cfg) as registrar and
   record-routing proxy, with rtpengine relaying the media in userspace
   (--table=-1, no kernel module; --num-threads=1, one poller thread besides
@@ -20,7 +22,8 @@ The caller offers PCMA only and the callee answers with the first codec
 offered to it, so the same codec is on both sides of the relay.
 
 Measured, over the call phase only (UAC start to UAC exit):
-- CPU seconds (utime + stime from /proc/PID/stat) of the server process, or
+- CPU seconds (utime + stime from /proc/PID/stat) of the server process and
+  its media relay process (the summary line gives the relay process's share), or
   of every Kamailio process (its main process and the children it forks)
   plus rtpengine's;
 - failed calls (SIPp's exit code and the "FailedCall" counter of its
@@ -90,7 +93,8 @@ from bench.kamailio_baseline import (  # noqa: E402
     rtpengine_relayed,
     sip_answers,
 )
-from bench.measure import aligned, cpu_seconds, num, run_bounded, show_failure, sipp_ready  # noqa: E402
+from bench.measure import aligned, children_cpu_seconds, cpu_seconds, num, pin, run_bounded, show_failure, sipp_ready  # noqa: E402
+from bench.summary import record  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "bench" / "baseline" / "kamailio.cfg"
@@ -133,6 +137,7 @@ class Run:
     relayed: float | None = None  # as the relay counts them
     wire: Delivery | None = None  # as captured between the relay and the two SIPps (None: no capture)
     detail: str = ""  # what was measured, when it is more than one process
+    relay_process_cpu: float | None = None  # pbx: of cpu_seconds, the relay process's
     error: str = ""
 
     @property
@@ -175,6 +180,8 @@ class Run:
             f"RTP relayed by its count {num(self.relayed, '.0f')}, call phase {self.wall_seconds:.1f} s; "
             + self.wire_summary()
         )
+        if self.relay_process_cpu is not None and self.cpu_seconds:
+            text += f" (relay process {self.relay_process_cpu / self.cpu_seconds:.0%} of the CPU)"
         text += f" ({self.detail})" if self.detail else ""
         return text + (f" [{self.error}]" if self.error else "")
 
@@ -187,6 +194,7 @@ class System:
     sip: str
     cpu_seconds: Callable[[], float]
     relayed: Callable[[], Awaitable[float | None]]
+    relay_process_cpu_seconds: Callable[[], float] | None = None  # the pbx's share of cpu_seconds in its relay process
 
 
 async def metric_sample(server: Server, name: str) -> float | None:
@@ -245,6 +253,7 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
             max_packets=int(run.calls * 4 * packets_per_call(run.duration) * 1.5) + 1000,  # 2 directions x 2 ends
         )
         cpu_before, t0 = system.cpu_seconds(), time.monotonic()
+        relay_before = system.relay_process_cpu_seconds() if system.relay_process_cpu_seconds else 0.0
         uac = await run_sipp(
             SCENARIOS / "uac_pcap.xml",
             system.sip,
@@ -261,6 +270,8 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
             log_dir=work / "uac",
         )
         cpu_after, t1 = system.cpu_seconds(), time.monotonic()
+        if system.relay_process_cpu_seconds:
+            run.relay_process_cpu = system.relay_process_cpu_seconds() - relay_before
         relayed_after = await system.relayed()
     finally:
         uas = await echo.stop(grace=3)
@@ -288,21 +299,30 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
             (work / "rtp.pcap").unlink()  # it can be large; kept only to look into a shortfall
 
 
-async def pbx_run(run: Run, work: Path, log_level: str) -> None:
-    """The calls through `pbx serve`; its one process's CPU."""
+async def pbx_run(run: Run, work: Path, log_level: str, cpus: set[int] | None = None, record: bool = False) -> None:
+    """The calls through `pbx serve`; the CPU of its process and of its media
+    relay process. ``cpus``: the cores both may run on (default: all).
+    ``record``: every call recorded (1001 has `record: true`, stereo WAV)."""
     server = await start_server(
         work / "pbx",
         log_level=log_level,
         rtp={"ip": "127.0.0.1", "ports": RTP_PORTS},
         sip={"auth_algorithms": ["MD5", "SHA-256"]},  # SIPp 3.6 answers only the first challenge, and only MD5
         # 1001 places every call of the run at once and 1002 takes them all: lift their max_calls (default 4).
-        extensions={ext: {"name": f"User {ext}", "password": PASSWORDS[ext], "max_calls": 1000} for ext in ("1001", "1002")},
+        extensions={
+            ext: {"name": f"User {ext}", "password": PASSWORDS[ext], "max_calls": 1000, "record": record and ext == "1001"}
+            for ext in ("1001", "1002")
+        },
+        recording={"stereo": True},
     )
     try:
+        if cpus is not None:
+            pin(server.proc.pid, cpus)
         system = System(
             server.sip,
             cpu_seconds=lambda: cpu_seconds(server.proc.pid),
             relayed=lambda: metric_sample(server, RELAYED_METRIC),
+            relay_process_cpu_seconds=lambda: children_cpu_seconds(server.proc.pid),
         )
         await place_calls(system, run, work)
     finally:
@@ -353,37 +373,44 @@ async def baseline_run(run: Run, work: Path, programs: dict[str, str]) -> None:
         run.detail = f"{len(kamailio.pids())} Kamailio processes + rtpengine with {threads} threads"
 
 
-def table(pairs: list[tuple[Run, Run]]) -> str:
-    """One row per N: the PBX's figures, the baseline's, and pbx / baseline of CPU per call."""
+def ratio(pbx: Run, base: Run) -> float | None:
+    """pbx / baseline of CPU per call."""
+    if pbx.cpu_per_call is None or not base.cpu_per_call:
+        return None
+    return pbx.cpu_per_call / base.cpu_per_call
+
+
+def table(runs: list[tuple[Run, Run, Run]]) -> str:
+    """One row per N: the PBX's figures, recording and not, the baseline's,
+    and pbx / baseline of CPU per call."""
     head = [
-        "calls", "failed pbx", "failed base", "CPU s/call pbx", "CPU s/call base", "pbx/base",
-        "CPU s/call-min pbx", "CPU s/call-min base", "delivered pbx", "delivered base",
-        "deliv/call pbx", "deliv/call base", "deliv % pbx", "deliv % base",
+        "calls", "failed pbx", "failed rec", "failed base", "CPU s/call pbx", "CPU s/call rec", "CPU s/call base",
+        "pbx/base", "rec/base", "delivered pbx", "delivered rec", "delivered base", "deliv/call pbx", "deliv/call base",
+        "deliv % pbx", "deliv % rec", "deliv % base",
     ]  # fmt: skip
     rows = [head]
-    for pbx, base in pairs:
-        ratio = None
-        if pbx.cpu_per_call is not None and base.cpu_per_call:
-            ratio = pbx.cpu_per_call / base.cpu_per_call
+    for pbx, rec, base in runs:
         rows.append(
             [
-                str(pbx.calls),
-                str(pbx.failed),
-                str(base.failed),
-                num(pbx.cpu_per_call),
-                num(base.cpu_per_call),
-                num(ratio, ".2f"),
-                num(pbx.cpu_per_call_minute),
-                num(base.cpu_per_call_minute),
-                num(pbx.delivered, "d"),
-                num(base.delivered, "d"),
-                num(pbx.delivered_per_call, ".1f"),
-                num(base.delivered_per_call, ".1f"),
-                percent(pbx.delivered_ratio),
-                percent(base.delivered_ratio),
+                str(pbx.calls), str(pbx.failed), str(rec.failed), str(base.failed),
+                num(pbx.cpu_per_call), num(rec.cpu_per_call), num(base.cpu_per_call),
+                num(ratio(pbx, base), ".2f"), num(ratio(rec, base), ".2f"),
+                num(pbx.delivered, "d"), num(rec.delivered, "d"), num(base.delivered, "d"),
+                num(pbx.delivered_per_call, ".1f"), num(base.delivered_per_call, ".1f"),
+                percent(pbx.delivered_ratio), percent(rec.delivered_ratio), percent(base.delivered_ratio),
             ]
-        )
+        )  # fmt: skip
     return aligned(rows)
+
+
+def record_summary(runs: list[tuple[Run, Run, Run]]) -> None:
+    """The headline figures of each N for `make bench`'s summary table."""
+    for pbx, rec, base in runs:
+        for run, target in ((pbx, 1.0), (rec, 1.3)):
+            figure = f"CPU s/call vs Kamailio+rtpengine, {run.calls} calls{', recorded' if run is rec else ''}"
+            r = ratio(run, base)
+            met = r is not None and r <= target and not run.failed and not run.error
+            record("bridge", figure, run.cpu_per_call, base.cpu_per_call, r, f"<= {target:g}", met)
 
 
 def percent(ratio: float | None) -> str:
@@ -401,17 +428,18 @@ async def main(args: argparse.Namespace) -> int:
         return 2
     runners: dict[str, Callable[[Run, Path], Awaitable[None]]] = {
         "pbx": functools.partial(pbx_run, log_level=args.log_level),
+        "pbx recording": functools.partial(pbx_run, log_level=args.log_level, record=True),
         "baseline": functools.partial(baseline_run, programs=programs),
     }
-    pairs: list[tuple[Run, Run]] = []
+    pairs: list[tuple[Run, Run, Run]] = []
     for index, calls in enumerate(args.calls, 1):
         runs = []
         for system, runner in runners.items():
             run = Run(system, calls, args.duration, args.rate)
             limit = calls / args.rate + args.duration + 120
-            await run_bounded(index, run, runner, limit=limit, keep=args.keep, prefix=f"pbx-bench-{system}-")
+            await run_bounded(index, run, runner, limit=limit, keep=args.keep, prefix=f"pbx-bench-{system.replace(' ', '-')}-")
             runs.append(run)
-        pairs.append((runs[0], runs[1]))
+        pairs.append((runs[0], runs[1], runs[2]))
     print()
     print(table(pairs))
     kamailio = program_version([programs["kamailio"], "-v"])
@@ -419,12 +447,14 @@ async def main(args: argparse.Namespace) -> int:
     print(
         f"\nbaseline: Kamailio {kamailio} ({KAMAILIO_WORKERS} UDP workers; registrar and record-routing proxy, "
         f"MD5 digest auth on REGISTER and INVITE) + rtpengine {rtpengine} (userspace: --table=-1, "
-        "--num-threads=1); its CPU is that of all their processes together. pbx/base: CPU per call, target <= 1.0."
+        "--num-threads=1); its CPU is that of all their processes together. pbx/base: CPU per call, target <= 1.0; "
+        "rec/base: the same with every call recorded by pbx (stereo WAV), target <= 1.3."
         f"\ndelivered: RTP packets captured on lo from the relay to the two SIPps' media ports; per call "
         f"{2 * packets_per_call(args.duration)} expected for {args.duration:g} s calls (g711a.pcap, 30 ms packets, "
         f"caller -> callee and the echo back). deliv %: delivered / RTP the SIPps sent to the relay, "
         f"flagged under {MIN_DELIVERED:.0%}."
     )
+    record_summary(pairs)
     return 0 if all(r.failed == 0 and not r.error for pair in pairs for r in pair) else 1
 
 

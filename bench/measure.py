@@ -71,6 +71,20 @@ def cpu_seconds(pid: int) -> float:
     return process_cpu_seconds(pid) + sum(cpu_seconds(child) for child in _children(pid))
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time of the processes ``pid`` started (the server's media relay process) so far."""
+    return sum(cpu_seconds(child) for child in _children(pid))
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run process ``pid``, every thread of it and the processes it started on ``cpus`` only."""
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), cpus)
+    for child in _children(pid):
+        pin(child, cpus)
+
+
 def _children(pid: int) -> list[int]:
     children: list[int] = []
     with contextlib.suppress(OSError):

@@ -78,6 +78,7 @@ from tests.support.server import Server, free_port, start_server  # noqa: E402
 from tests.support.sipp import SippResult, run_sipp, start_sipp  # noqa: E402
 
 from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, sipp_ready, stop_server  # noqa: E402
+from bench.summary import record  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 CALLER = SCENARIOS / "queue_caller.xml"
@@ -455,6 +456,21 @@ def waiting_cost(queue: Run, base: Run) -> str:
     return aligned(rows)
 
 
+def record_summary(queue: Run, base: Run) -> None:
+    """The headline figures for `make bench`'s summary table: what a waiting
+    caller-minute costs, queue against no-wait CPU (neither has a target) and
+    answers in arrival order (target: all)."""
+    extra = queue.net_cpu - base.net_cpu
+    minutes = (queue.log.wait_seconds - base.log.wait_seconds) / 60
+    load = f"{queue.calls} callers/{queue.agents} agents"
+    record("queue", f"CPU s/waiting caller-minute, {load}", extra / minutes if minutes > 0 else None, None, None, "-", None)
+    ratio = queue.net_cpu / base.net_cpu if base.net_cpu > 0 else None
+    record("queue", f"CPU s queue vs no-wait, {load}", queue.net_cpu, base.net_cpu, ratio, "-", None)
+    order = queue.answer_order
+    kept = order.kept and queue.offer_order.kept and order.compared == queue.calls
+    record("queue", f"answers out of arrival order, {load}", order.out_of_place, None, None, "0", kept if order.compared else None)
+
+
 async def main(args: argparse.Namespace) -> int:
     if not sipp_ready(PCAP if args.audio else None, hint="; --no-audio sends none"):
         return 2
@@ -485,6 +501,7 @@ async def main(args: argparse.Namespace) -> int:
         "waiting in the queue run, i.e. what waiting itself costs; ratio: queue / no-wait CPU, the same calls "
         "with and without the wait."
     )
+    record_summary(queue, base)
     ok = all(r.failed == 0 and r.agent_failed == 0 and not r.error for r in runs)
     return 0 if ok else 1
 

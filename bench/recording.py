@@ -55,6 +55,7 @@ from tests.support.server import PASSWORDS, Server, start_server  # noqa: E402
 from bench.bridge import PCAP, RELAYED_METRIC, RTP_PORTS, System, metric_sample, place_calls  # noqa: E402
 from bench.bridge import Run as CallsRun  # noqa: E402
 from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, sipp_ready, stop_server  # noqa: E402
+from bench.summary import record  # noqa: E402
 
 TOLERANCE = 0.5  # seconds a WAV may differ from the call's length
 STORE_LIMIT = 30.0  # seconds after the call phase for every CDR and recording row to be stored
@@ -248,6 +249,8 @@ async def main(args: argparse.Namespace) -> int:
         f"{TOLERANCE:g} s of the call's {args.duration:g} s. clock skipped ticks: from the server's "
         "'media clock ... late' warnings."
     )
+    ratio = rec.cpu_per_call / base.cpu_per_call if rec.cpu_per_call is not None and base.cpu_per_call else None
+    record("recording", f"CPU s/call recorded vs unrecorded, {args.calls} calls", rec.cpu_per_call, base.cpu_per_call, ratio, "-", None)
     ok = all(r.failed == 0 and not r.error for r in runs) and rec.missing == 0
     return 0 if ok else 1
 
