@@ -61,7 +61,7 @@ BATCH = 256  # records per message at most
 # A packet waits that long at most, against the 20 ms between two of a stream.
 COALESCE = 0.002
 # Seconds measurements and counts may wait to go to the server together;
-# packets it must handle itself, and answers, go at once.
+# packets it must handle itself, audio it listens to, and answers go at once.
 REPORT_INTERVAL = 0.02
 LINGER = 0.5  # seconds a released side still forwards what is on its route
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
@@ -151,6 +151,8 @@ class RelayProcess:
                 # With the counts before it: the server's are right when it measures.
                 batch.append((MEASURED, port.sid, data, time.monotonic(), flags, port.relayed, port.bytes, port.dropped))
                 port.relayed = port.bytes = port.dropped = 0
+                if flags & TAPPED:
+                    self.urgent = True  # a recording places audio by the media clock's tick it arrives in
             elif dest is not None and _send(port.out, data, dest):
                 port.relayed += 1
                 port.bytes += len(data)
