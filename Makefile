@@ -45,9 +45,13 @@ test-deps:
 	@command -v fail2ban-regex >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends fail2ban \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now fail2ban; }; }
 
+# Two pytest-xdist workers: most of the suite waits on real calls on loopback,
+# so two tests at a time halve its time on a 2-core machine. The few tests
+# marked serial time packets to the millisecond and run alone afterwards.
 test: $(VENV)/.installed test-deps
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 # The bridge benchmark's baseline is Kamailio + rtpengine, started by the
 # benchmark itself: where systemd runs, the services the packages enable at

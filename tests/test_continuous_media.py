@@ -171,6 +171,7 @@ nodes:
 """
 
 
+@pytest.mark.serial
 async def test_an_ivr_caller_waiting_for_a_key_hears_silence_between_prompts(tmp_path: Path) -> None:
     # The menu's prompt (0.4 s), a second of waiting for a key, the prompt
     # again, another second, and the server hangs up.
@@ -202,6 +203,7 @@ async def test_an_ivr_caller_waiting_for_a_key_hears_silence_between_prompts(tmp
     assert frequency(tmp_path, "prompt", packets[starts[1] : starts[1] + 20]) == pytest.approx(600, abs=25)
 
 
+@pytest.mark.serial
 async def test_a_queue_caller_hears_silence_music_and_the_agent_in_one_stream(tmp_path: Path) -> None:
     folder = tmp_path / "pbx"
     sounds = folder / "sounds"

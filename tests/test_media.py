@@ -378,6 +378,7 @@ def test_g711_conversion_keeps_every_level() -> None:
 # --- clock ---
 
 
+@pytest.mark.serial
 async def test_clock_ticks_fifty_times_a_second_without_drift(caplog: pytest.LogCaptureFixture) -> None:
     loop = asyncio.get_running_loop()
     clock = MediaClock()
@@ -402,6 +403,7 @@ async def test_clock_ticks_fifty_times_a_second_without_drift(caplog: pytest.Log
     assert "subscriber bug" in caplog.text
 
 
+@pytest.mark.serial
 async def test_clock_skips_ticks_instead_of_bursting_after_a_stall() -> None:
     loop = asyncio.get_running_loop()
     clock = MediaClock()

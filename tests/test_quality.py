@@ -250,6 +250,7 @@ def rfc3550_jitter_ms(sent: list[float], spacing: float) -> float:
     return jitter * 1000
 
 
+@pytest.mark.serial
 async def test_jitter_follows_irregular_sending(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
     """Phone a sends every 10 ms but each packet leaves 0 or 8 ms late at
     random (|D| averages 4 ms); phone b sends on time. Both at once."""
@@ -276,6 +277,7 @@ async def test_jitter_follows_irregular_sending(relay: RtpRelay, peers: tuple[Pe
     assert relay.a.stats.report().lost == relay.b.stats.report().lost == 0
 
 
+@pytest.mark.serial
 async def test_jitter_uses_the_codec_clock_rate(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
     """Back-to-back packets stamped 20 ms apart arrive about 20 ms early each:
     at 8000 Hz that is 160 timestamp units, and G.722's RTP clock is 8000 too."""

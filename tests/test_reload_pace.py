@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.audio import write_tone
 from tests.support.raw_sip import open_caller
@@ -81,6 +82,7 @@ async def reload(server: Server) -> tuple[int, Any]:
             return response.status, await response.json()
 
 
+@pytest.mark.serial
 async def test_a_call_keeps_its_20_ms_pace_while_a_large_flow_set_reloads(tmp_path: Path) -> None:
     server = await pace_server(tmp_path)
     audio = Arrivals(PROVIDER)

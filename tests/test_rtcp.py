@@ -30,7 +30,7 @@ from pbx.media.rtcp import ReportBlock, ReportedSwap, SenderInfo, SourceSwap
 from pbx.media.rtp_packet import unpack_seq_ts_ssrc
 from tests.support.audio import write_tone
 from tests.support.phone import Phone
-from tests.support.server import PASSWORDS, Server, start_server
+from tests.support.server import PASSWORDS, Server, start_server, worker_index
 from tests.test_media import HOST, Peer, free_range, rtp
 from tests.test_srtp_media import receiver, sender, srtp_side_a
 
@@ -294,7 +294,9 @@ async def test_relayed_reports_name_the_streams_each_peer_actually_sees(loopback
 
 # --- pbx serve and pjsua2 phones, seen by tshark ------------------------------
 
-MEDIA_IP = "127.0.0.113"  # the server's RTP address: what the capture filters on
+# The server's RTP address: what the capture filters on, one per xdist
+# worker, so that a capture never sees the calls of a test running beside it.
+MEDIA_IP = f"127.0.113.{1 + worker_index()}"
 FLOWS = {
     # A caller the server talks to alone for 30 s: the IVR waits for a key.
     "wait": """

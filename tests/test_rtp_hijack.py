@@ -34,11 +34,14 @@ from pbx.media.relay import RtpRelay
 from pbx.sip.messages import make_response
 from tests.support.audio import read_samples, write_tone
 from tests.support.phone import Phone
-from tests.support.server import PASSWORDS, Server, free_udp_block, start_server
+from tests.support.server import PASSWORDS, Server, free_udp_block, start_server, worker_index
 from tests.test_calls import connect
 from tests.test_media import Peer, free_range, open_peer, rtp
 
 LOOPBACK = "127.0.0.1"
+# The servers' RTP address, the one the attacker sprays: one per xdist
+# worker, where no socket of a test running beside this one can be hit.
+MEDIA_IP = f"127.0.77.{1 + worker_index()}"
 ATTACKER_IP = "127.0.0.66"  # another host than the phones and the server
 TRUNK_IP = "127.0.0.2"  # the provider of the NAT test, trusted for inbound calls
 UNREACHABLE_IP = "127.0.0.3"  # what the NATed phone's SDP says: nobody listens there
@@ -100,7 +103,7 @@ class Attacker(asyncio.DatagramProtocol):
                 payload=self._payloads[payload_type],
             ).serialize()
             for port in self.ports:
-                self.transport.sendto(packet if port % 2 == 0 else report, (LOOPBACK, port))
+                self.transport.sendto(packet if port % 2 == 0 else report, (MEDIA_IP, port))
             self.sent += len(self.ports)
             self.sweeps += 1
             self._swept.set()
@@ -166,10 +169,10 @@ async def hijack_server(tmp_path: Path) -> tuple[Server, range]:
     (folder / "sounds").mkdir()
     (folder / "ivr_flows" / "main.yaml").write_text(FLOW)
     write_tone(folder / "sounds" / "tone.wav", PROMPT_HZ, PROMPT_SECONDS, amplitude=0.5)
-    low = free_udp_block(RANGE_PORTS)
+    low = free_udp_block(RANGE_PORTS, MEDIA_IP)
     server = await start_server(
         folder,
-        rtp={"ports": [low, low + RANGE_PORTS - 1]},
+        rtp={"ip": MEDIA_IP, "ports": [low, low + RANGE_PORTS - 1]},
         ivr={"dir": str(folder / "ivr_flows")},
         sounds={"dir": str(folder / "sounds")},
         inbound={"8000": "ivr:main"},

@@ -29,7 +29,7 @@ from tests.support.phone import Phone, exchange_tones
 from tests.support.server import PASSWORDS, free_udp_block, start_server
 from tests.test_calls import connect
 from tests.test_media import free_range, open_peer
-from tests.test_rtp_hijack import TRUNK_IP, Reports, TrunkCaller, hijack_server
+from tests.test_rtp_hijack import MEDIA_IP, TRUNK_IP, Reports, TrunkCaller, hijack_server
 
 LOOPBACK = "127.0.0.1"
 RATE = 8000
@@ -89,10 +89,11 @@ async def stale_phone(ports: list[tuple[str, int]], host: str = LOOPBACK) -> Asy
 
 
 async def test_a_restarted_server_gives_a_new_call_no_port_a_stale_phone_still_sends_to(tmp_path: Path) -> None:
-    low = free_udp_block(2 * PAIRS)
+    # On the hijack tests' own address: the stale stream hits no socket of a test running beside this one.
+    low = free_udp_block(2 * PAIRS, MEDIA_IP)
     stale = [low + 2 * n for n in range(STALE_PAIRS)]
-    async with stale_phone([(LOOPBACK, port) for port in stale]) as phone:
-        server = await start_server(tmp_path / "pbx", rtp={"ports": [low, low + 2 * PAIRS - 1]})
+    async with stale_phone([(MEDIA_IP, port) for port in stale]) as phone:
+        server = await start_server(tmp_path / "pbx", rtp={"ip": MEDIA_IP, "ports": [low, low + 2 * PAIRS - 1]})
         try:
             for port in stale:
                 await server.wait_log(rf"RTP port {port} quarantined: packets from {LOOPBACK}")

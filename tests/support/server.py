@@ -22,8 +22,23 @@ from typing import Any
 import yaml
 
 PASSWORDS = {"1001": "secret-1001", "1002": "secret-1002", "1003": "secret-1003"}
-# Each server its own 100 pairs; after 195 servers the first range is free again.
-_next_rtp_base = itertools.cycle(range(21000, 60000, 200))
+
+
+def worker_index() -> int:
+    """This pytest-xdist worker's number (0 without xdist): what tests running
+    side by side in other workers tell their addresses and ranges apart by."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+def _rtp_bases() -> itertools.cycle[int]:
+    """The RTP ranges this process gives its servers, 100 pairs each: each
+    xdist worker takes every n-th range, so that servers of tests running side
+    by side never share one; after 195 servers in all, the first range is free again."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return itertools.cycle(range(21000 + 200 * worker_index(), 60000, 200 * workers))
+
+
+_next_rtp_base = _rtp_bases()
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
@@ -197,17 +212,32 @@ async def start_server(
 ) -> Server:
     """Write a config into ``folder`` (the base config updated with ``overrides``
     section by section) and start `pbx serve` on it. Benchmarks pass a quieter
-    ``log_level``: DEBUG logging would be part of the CPU they measure."""
+    ``log_level``: DEBUG logging would be part of the CPU they measure.
+
+    A free port can be taken by another process (a test running beside this
+    one, say) before the server binds it: the server then refuses to start,
+    and is started again on other ports, twice at most."""
     folder.mkdir(parents=True, exist_ok=True)
-    sip_port, http_port = free_port(), free_port(socket.SOCK_STREAM)
-    cfg = config or base_config(sip_port, http_port, folder)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    (folder / "pbx.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return await _serve(folder, sip_port, http_port, log_level)
+    tries = 3
+    while True:
+        sip_port, http_port = free_port(), free_port(socket.SOCK_STREAM)
+        cfg = config or base_config(sip_port, http_port, folder)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        (folder / "pbx.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        try:
+            return await _serve(folder, sip_port, http_port, log_level)
+        except PortTaken:
+            tries -= 1
+            if config is not None or tries == 0:  # the ports are the caller's, or it is not a race
+                raise
+
+
+class PortTaken(AssertionError):
+    """`pbx serve` exited at start because an address it listens on was in use."""
 
 
 async def restart_server(server: Server, *, log_level: str = "DEBUG") -> Server:
@@ -229,6 +259,10 @@ async def _serve(folder: Path, sip_port: int, http_port: int, log_level: str) ->
     server._reader = asyncio.get_running_loop().create_task(server._read_log())
     try:
         await server.wait_log(r"admin HTTP on", timeout=15)
+    except AssertionError as exc:  # it exited: its whole log has been read
+        if any("cannot start: [Errno 98] Address already in use" in line for line in server.log):
+            raise PortTaken(str(exc)) from exc
+        raise
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
