@@ -417,11 +417,18 @@ def percent(ratio: float | None) -> str:
     return num(ratio * 100 if ratio is not None else None, ".2f")
 
 
-async def main(args: argparse.Namespace) -> int:
+def ready() -> bool:
+    """Whether SIPp can play the calls' audio and dumpcap capture it; says why not."""
     if not sipp_ready(PCAP):
-        return 2
+        return False
     if shutil.which("dumpcap") is None:
         print("dumpcap is not installed (Debian: apt-get install tshark; make bench does)", file=sys.stderr)
+        return False
+    return True
+
+
+async def main(args: argparse.Namespace) -> int:
+    if not ready():
         return 2
     programs = find_programs()
     if programs is None:

@@ -29,11 +29,10 @@ import script_path  # noqa: F401, I001  (first: the import path for everything b
 import argparse
 import asyncio
 import functools
-import shutil
 import sys
 
-from bench.bridge import MIN_DELIVERED, PCAP, Run, pbx_run  # noqa: E402
-from bench.measure import aligned, num, run_bounded, sipp_ready  # noqa: E402
+from bench.bridge import MIN_DELIVERED, Run, pbx_run, ready  # noqa: E402
+from bench.measure import aligned, num, run_bounded  # noqa: E402
 from bench.summary import record  # noqa: E402
 
 SETTINGS = {"one core": {0}, "two cores": None}
@@ -69,10 +68,7 @@ def capacity(runs: list[Run]) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if not sipp_ready(PCAP):
-        return 2
-    if shutil.which("dumpcap") is None:
-        print("dumpcap is not installed (Debian: apt-get install tshark; make bench does)", file=sys.stderr)
+    if not ready():
         return 2
     runs: dict[str, list[Run]] = {setting: [] for setting in SETTINGS}
     index = 0

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pbx.media.clock import MediaClock
+from pbx.media.codecs import PCMU, TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from tests.support.rtp_peer import HOST, RtpPhone, open_phone
-from tests.test_media import free_range
+from tests.test_media import Peer, free_range, open_peer
 
 
 @pytest.fixture
@@ -36,6 +37,17 @@ async def relay(clock: MediaClock) -> AsyncIterator[RtpRelay]:
 async def phones() -> AsyncIterator[tuple[RtpPhone, RtpPhone]]:
     """Two fake phones' RTP sockets, A's and B's."""
     a, b = await open_phone(), await open_phone()
+    yield a, b
+    a.transport.close()
+    b.transport.close()
+
+
+@pytest.fixture
+async def peers(relay: RtpRelay) -> AsyncIterator[tuple[Peer, Peer]]:
+    """Phone a on side a, phone b on side b of the test's ``relay``, both with PCMU and DTMF."""
+    a, b = await open_peer(), await open_peer()
+    relay.a.set_remote(a.addr, PCMU, TELEPHONE_EVENT.payload_type)
+    relay.b.set_remote(b.addr, PCMU, TELEPHONE_EVENT.payload_type)
     yield a, b
     a.transport.close()
     b.transport.close()

@@ -17,7 +17,7 @@ import pytest
 from aiortp import RtpPacket
 
 from pbx.media.clock import MediaClock
-from pbx.media.codecs import G722, PCMU, TELEPHONE_EVENT
+from pbx.media.codecs import G722, TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.quality import (
     G711,
@@ -109,17 +109,6 @@ async def relay() -> AsyncIterator[RtpRelay]:
     relay = await RtpRelay.create(RtpPortPool(HOST, low, high), MediaClock())
     yield relay
     relay.close()
-
-
-@pytest.fixture
-async def peers(relay: RtpRelay) -> AsyncIterator[tuple[Peer, Peer]]:
-    """Phone a on side a, phone b on side b, both with PCMU and DTMF."""
-    a, b = await open_peer(), await open_peer()
-    relay.a.set_remote(a.addr, PCMU, DTMF_PT)
-    relay.b.set_remote(b.addr, PCMU, DTMF_PT)
-    yield a, b
-    a.transport.close()
-    b.transport.close()
 
 
 def rtp(seq: int, ts: int, ssrc: int = 0x1234, pt: int = 0) -> bytes:

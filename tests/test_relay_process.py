@@ -20,14 +20,14 @@ from typing import cast
 import pytest
 
 from pbx.media.clock import MediaClock
-from pbx.media.codecs import PCMU
+from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
-from tests.test_media import HOST, Peer, free_range, open_peer, rtp
+from tests.test_media import HOST, Peer, free_range, rtp
 
-DTMF_PT = 101
+DTMF_PT = TELEPHONE_EVENT.payload_type  # as the peers fixture (conftest) negotiates
 
 
 @pytest.fixture
@@ -39,14 +39,6 @@ async def worker() -> AsyncIterator[RelayWorker]:
 
 
 @pytest.fixture
-async def clock() -> AsyncIterator[MediaClock]:
-    clock = MediaClock()
-    clock.start()
-    yield clock
-    await clock.stop()
-
-
-@pytest.fixture
 async def relay(worker: RelayWorker, clock: MediaClock) -> AsyncIterator[RtpRelay]:
     low, high = free_range(8)
     pool = RtpPortPool(HOST, low, high)
@@ -54,16 +46,6 @@ async def relay(worker: RelayWorker, clock: MediaClock) -> AsyncIterator[RtpRela
     relay = await RtpRelay.create(pool, clock)
     yield relay
     relay.close()
-
-
-@pytest.fixture
-async def peers(relay: RtpRelay) -> AsyncIterator[tuple[Peer, Peer]]:
-    a, b = await open_peer(), await open_peer()
-    relay.a.set_remote(a.addr, PCMU, DTMF_PT)
-    relay.b.set_remote(b.addr, PCMU, DTMF_PT)
-    yield a, b
-    a.transport.close()
-    b.transport.close()
 
 
 def reading(relay: RtpRelay) -> list[bool]:
