@@ -361,6 +361,28 @@ async def test_a_callback_keeps_its_place_and_rings_the_agent_then_the_customer(
         await server.stop()
 
 
+async def test_a_caller_who_hangs_up_during_the_callback_confirmation_is_a_callback_everywhere(
+    tmp_path: Path, phones: dict[str, Phone]
+) -> None:
+    server = await queue_server(tmp_path / "pbx", agents=["1001"], callback=CALLBACKS)
+    try:
+        await register(server, phones, "1003")
+        call = await join_queue(server, phones["1003"], 1)
+        await server.wait_log("offers a callback")
+        await phones["1003"].dtmf(call, "1")
+        await server.wait_log(r"callback \S+ to 1003 requested in queue support at position 1\b")
+        await phones["1003"].hangup(call)  # while "you will be called back" plays, before the server's goodbye
+        row = await server.cdr_row()
+        assert row["disposition"] == "callback"
+        assert await server.metric("pbx_calls_total", direction="internal", disposition="callback") == 1
+        assert await server.metric("pbx_calls_total", direction="internal", disposition="abandoned") == 0
+        assert await server.metric("pbx_queue_calls_total", queue="support", outcome="callback") == 1
+        assert await server.metric("pbx_queue_calls_total", queue="support", outcome="abandoned") == 0
+        assert await server.metric("pbx_callbacks_pending", queue="support") == 1
+    finally:
+        await server.stop()
+
+
 async def test_a_customer_who_does_not_answer_is_tried_again_then_the_callback_fails(
     tmp_path: Path, phones: dict[str, Phone]
 ) -> None:

@@ -168,6 +168,9 @@ class Call:
     hangup_by: str | None = None  # caller | callee | pbx
     end_reason: str | None = None  # why the server ended it: rtp-timeout, max-call-seconds, session-expired
     voicemail: str | None = None  # the mailbox the caller is leaving a message in
+    # How the caller left its queue once the queue decided it (a callback
+    # request): what the call ends as even if the caller hangs up right after.
+    left_queue: str | None = None
     # What happens when nobody answers the extensions rung now (where the rung
     # extension forwards, a ring group's next member), and which they are.
     fallback: Fallback | None = None
@@ -214,10 +217,12 @@ class Call:
             self.wait = now - self.queued_at
 
     def hung_up_disposition(self, queued: str, unanswered: str) -> str:
-        """How the call ends when it is hung up now: ``queued`` while in a queue,
+        """How the call ends when it is hung up now: ``queued`` while in a queue
+        (or how the caller left it, when the queue has decided: a caller who
+        hangs up during the callback confirmation asked for a callback),
         voicemail while leaving a message, answered once answered, else ``unanswered``."""
         if self._state is CallState.QUEUED:
-            return queued
+            return self.left_queue or queued
         if self.voicemail is not None:
             return "voicemail"
         return "answered" if self.answered_at else unanswered

@@ -199,6 +199,7 @@ class Waiting:
             await audio.play(["callback-already"], interruptible=True)
             return
         entry.outcome.set_result("callback")
+        entry.call.left_queue = "callback"  # the CDR's disposition too, however the call ends now
         if entry.offering is not None:
             entry.offering.cancel()
         line.remove(entry)
