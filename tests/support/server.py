@@ -260,7 +260,7 @@ async def _serve(folder: Path, sip_port: int, http_port: int, log_level: str) ->
     try:
         await server.wait_log(r"admin HTTP on", timeout=15)
     except AssertionError as exc:  # it exited: its whole log has been read
-        if any("cannot start: [Errno 98] Address already in use" in line for line in server.log):
+        if any("cannot start: [Errno 98]" in line for line in server.log):  # EADDRINUSE, however the binding call words it
             raise PortTaken(str(exc)) from exc
         raise
     except BaseException:
