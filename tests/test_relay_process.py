@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
+import resource
 import signal
+import socket
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -23,6 +26,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
+from pbx.media.relay_process import PACKET, SETTLED, RelayProcess
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
 from tests.test_media import HOST, Peer, free_range, rtp
@@ -71,14 +75,19 @@ async def test_the_process_forwards_a_call_and_the_server_counts_and_measures_ev
     assert relay.a.stats.highest_seq() == 200  # the last packet's header came back with the counts
 
 
-async def test_the_counts_are_complete_when_the_call_ends(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
+async def talk_both_ways(relay: RtpRelay, peers: tuple[Peer, Peer], seqs: range) -> None:
+    """Each peer sends a packet of each sequence number to its side; return once the other peer has them all."""
     a, b = peers
-    for seq in range(1, 31):
+    for seq in seqs:
         a.send(rtp(0, seq=seq), relay.a.port)
         b.send(rtp(0, seq=seq), relay.b.port)
-    for peer in (a, b):
-        for _ in range(30):
+    for peer in peers:
+        for _ in seqs:
             await peer.recv()
+
+
+async def test_the_counts_are_complete_when_the_call_ends(relay: RtpRelay, peers: tuple[Peer, Peer]) -> None:
+    await talk_both_ways(relay, peers, range(1, 31))
     relay.close()  # no sync before: the detach itself brings the last counts
     assert relay.total().relayed == 60
 
@@ -145,10 +154,31 @@ async def test_calls_go_on_in_the_server_when_the_relay_process_dies(
     os.kill(worker._process.pid, signal.SIGKILL)
     await until(lambda: not worker.running, timeout=5)
     assert reading(relay) == [True, True]
-    for seq in range(2, 12):
-        a.send(rtp(0, seq=seq), relay.a.port)
-        b.send(rtp(0, seq=seq), relay.b.port)
-    for peer in (a, b):
-        for _ in range(10):
-            await peer.recv()
+    await talk_both_ways(relay, peers, range(2, 12))
     assert relay.stats()["a_to_b"]["relayed"] == 11
+
+
+def test_a_settle_drains_a_socket_numbered_past_select_s_limit() -> None:
+    """A relay process of a busy server holds more than 1024 sockets: draining
+    one at a call's end must not use select(), which cannot take them."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("needs 1200 file descriptors")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next descriptor is past 1024
+    side, phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    process = RelayProcess(theirs)
+    try:
+        side.bind((HOST, 0))
+        phone.bind((HOST, 0))
+        packet = rtp(0, seq=1)
+        phone.sendto(packet, side.getsockname())  # queued on the side's socket: loopback delivers at once
+        socket.send_fds(ours, [pickle.dumps([("attach", 7), ("settle", [7], 1, False)])], [side.fileno()])
+        assert process._read_control()
+        assert max(process.ports) > 1024
+        process._send()
+        assert pickle.loads(ours.recv(1 << 20)) == [(PACKET, 7, packet, phone.getsockname()), (SETTLED, 1)]
+    finally:
+        for fd in filler:
+            os.close(fd)
+        for sock in (ours, theirs, side, phone, *(port.sock for port in process.ports.values())):
+            sock.close()

@@ -40,6 +40,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -97,7 +98,7 @@ class RelayProcess:
         self._handlers: dict[str, Callable[..., None]] = {"attach": self._attach, "route": self._route, "settle": self._settle}
         self._pending_fds: list[int] = []
         self.urgent = False  # the batch holds a packet or an answer the server waits for: send it now
-        self.lingering: list[tuple[float, _Port]] = []  # released sides still relaying until then, oldest first
+        self.lingering: deque[tuple[float, _Port]] = deque()  # released sides still relaying until then, oldest first
         self.sent = 0.0  # when the last batch went
 
     def run(self) -> None:
@@ -125,13 +126,16 @@ class RelayProcess:
             if events:
                 time.sleep(COALESCE)
 
-    def _take(self, port: _Port) -> None:
+    def _take(self, port: _Port) -> bool:
         """Read one datagram (epoll reports the socket again while it has more)
-        and send it on when it fits the route, else pass it to the server."""
+        and send it on when it fits the route, else pass it to the server;
+        False when the socket had nothing."""
         try:
             data, addr = port.sock.recvfrom(2048)
+        except BlockingIOError:
+            return False
         except OSError:
-            return  # nothing after all, or an ICMP error queued on the socket: the next read gets the datagrams
+            return True  # an ICMP error queued on the socket: the next read gets the datagrams
         batch = self.batch
         if addr != port.source or len(data) < RTP_HEADER or data[1] & 0x7F != port.fast_pt:
             if port.sid >= 0:  # else a lingering side's: nobody's any more
@@ -161,11 +165,12 @@ class RelayProcess:
             port.last = data
         if len(batch) >= BATCH:
             self._send()
+        return True
 
     def _drain(self, port: _Port) -> None:
         """Take every datagram the socket holds now."""
-        while _readable(port.sock):
-            self._take(port)
+        while self._take(port):
+            pass
 
     def _flush_counts(self, port: _Port) -> None:
         if port.relayed or port.dropped:
@@ -203,11 +208,11 @@ class RelayProcess:
         self.by_sid[sid] = port
         self.poller.register(sock.fileno(), select.EPOLLIN)
 
-    def _route(self, sid: int, source: Any, fast_pt: int, out_sid: int | None, dest: Any, tap: bool) -> None:
+    def _route(self, sid: int, source: Any, fast_pt: int, out_sid: int, dest: Any, tap: bool) -> None:
         port = self.by_sid.get(sid)
         if port is None:
             return
-        out = self.by_sid.get(out_sid) if out_sid is not None else None
+        out = self.by_sid.get(out_sid)
         if out is None:
             source, fast_pt = None, -1  # nowhere to send: the server decides
         port.source, port.fast_pt, port.dest, port.tap = source, fast_pt, dest, tap
@@ -235,18 +240,14 @@ class RelayProcess:
         self.urgent = True
 
     def _close_lingering(self, now: float) -> None:
+        """Close the released sides whose LINGER is over. A side's route only
+        ever leads to the other side of its call, released in the same settle,
+        so no route of a side still served leads to a closed socket."""
         while self.lingering and self.lingering[0][0] <= now:
-            _, port = self.lingering.pop(0)
+            _, port = self.lingering.popleft()
             del self.ports[port.sock.fileno()]
             self.poller.unregister(port.sock.fileno())
             port.sock.close()
-            for other in self.ports.values():
-                if other.out is port.sock:
-                    other.source, other.fast_pt, other.out = None, -1, None
-
-
-def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _send(sock: socket.socket | None, data: bytes, dest: Any) -> bool:

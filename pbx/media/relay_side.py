@@ -54,8 +54,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pbx.events import EventBus
-from pbx.media.clock import MediaClock
 from pbx.media import rtcp
+from pbx.media.clock import MediaClock
 from pbx.media.codecs import Codec, payload_rules
 from pbx.media.playback import PeerStream
 from pbx.media.relay_stats import ReceiveStats, RelayCounters
