@@ -68,7 +68,7 @@ def proc_stat(pid: int) -> list[str]:
 def cpu_seconds(pid: int) -> float:
     """CPU time of process ``pid`` and of the processes it started (the
     server's media relay process) so far: all their threads, also ended ones."""
-    return process_cpu_seconds(pid) + sum(cpu_seconds(child) for child in _children(pid))
+    return process_cpu_seconds(pid) + children_cpu_seconds(pid)
 
 
 def children_cpu_seconds(pid: int) -> float:
