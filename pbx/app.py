@@ -30,6 +30,8 @@ from pbx.http.services import AdminServices
 from pbx.http.server import make_http_app
 from pbx.ivr.flows import load_flows
 from pbx.ivr.nodes import Flow as IvrFlow
+from pbx.live.feed import EventFeed
+from pbx.live.webhooks import Webhooks
 from pbx.media.prompts import PromptLibrary
 from pbx.media.clock import MediaClock
 from pbx.media.moh import MusicOnHold
@@ -68,6 +70,8 @@ class Pbx:
         self.config = config
         self.events = EventBus()
         self.metrics = Metrics(self.events)
+        self.feed = EventFeed(self.events)
+        self.webhooks = Webhooks(config=lambda: self.config, feed=self.feed, events=self.events, http=self.http)
         self.store = Store(config.storage.db)
         host = advertised_host(config)
         self.stack = SipStack(events=self.events, advertised_host=host, user_agent=config.sip.user_agent)
@@ -141,6 +145,8 @@ class Pbx:
         self.recorder = Recorder(config=lambda: self.config, store=self.store, events=self.events, clock=self.clock)
         self.calls.recording.recorder = self.recorder
         self.metrics.watch_voicemail(lambda: self.voicemail.counts)
+        self.queues.voicemail_work.mark_heard = self.voicemail.mark_heard
+        self.metrics.watch_voicemail_overdue(self.queues.voicemail_work.overdue)
         self.metrics.watch_queues(self.queues.snapshot)
         self.stack.on_request = self._on_request
         self.stack.on_stray_response = self.calls.midcall.stray_response
@@ -160,6 +166,7 @@ class Pbx:
             prompts=lambda: self.prompts,
             flows=lambda: self.flows,
             reload=self.reload,
+            feed=self.feed,
         )
 
     def _password(self, extension: str) -> str | None:
@@ -268,6 +275,7 @@ class Pbx:
         await self.voicemail.stop()
         await self.recorder.stop()
         await self.qualifier.stop()
+        await self.webhooks.stop()
         await self.registrar.stop()
         for trunk in self.trunks:
             await trunk.stop()

@@ -18,6 +18,23 @@ logger = logging.getLogger(__name__)
 
 Listener = Callable[..., None]
 
+# What CRMs, webhooks and the wallboard follow (pbx.live.feed makes them of the domain events).
+EVENT_TYPES = (
+    "call.started",
+    "call.answered",
+    "call.transferred",
+    "call.ended",
+    "queue.joined",
+    "queue.left",
+    "agent.state",
+    "callback.requested",
+    "callback.dialed",
+    "callback.done",
+    "voicemail.left",
+    "recording.ready",
+    "survey.answered",
+)
+
 
 class EventBus:
     """Synchronous publish/subscribe by event name."""

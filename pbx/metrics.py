@@ -16,6 +16,8 @@ from pbx.security import SECURITY_EVENTS
 WAIT_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
 # Estimated MOS of a call leg (1..4.5, pbx.media.quality): finer where good calls sit.
 MOS_BUCKETS = (1, 2, 2.5, 3, 3.5, 4, 4.2, 4.4, 4.5)
+# Survey scores (a rate node's keys): one bucket per score of the default 1-5.
+CSAT_BUCKETS = (1, 2, 3, 4, 5)
 
 
 class QueueView(Protocol):
@@ -68,11 +70,21 @@ class Metrics:
             "pbx_queue_wait_seconds", "Time callers waited in a queue, by how the wait ended", ["queue", "outcome"], buckets=WAIT_BUCKETS, registry=r
         )
         self.queue_calls = Counter("pbx_queue_calls", "Callers who left a queue, by how", ["queue", "outcome"], registry=r)
-        self.callbacks = Counter("pbx_callbacks", "Callbacks requested, completed and failed", ["queue", "outcome"], registry=r)
+        self.csat = Histogram(
+            "pbx_csat_score", "Scores callers gave in their queue's post-call survey", ["queue"], buckets=CSAT_BUCKETS, registry=r
+        )
+        self.callbacks = Counter(
+            "pbx_callbacks", "Callbacks requested, dialed (each attempt), completed, failed and cancelled", ["queue", "outcome"], registry=r
+        )
         self.recordings = Counter("pbx_recordings", "Call recordings saved", registry=r)
         self.recording_failures = Counter("pbx_recording_failures", "Call recordings lost to a write error", registry=r)
+        self.webhook_failures = Counter(
+            "pbx_webhook_failures", "Webhook delivery attempts that failed, and events dropped undelivered (pbx.live.webhooks)", registry=r
+        )
+        events.subscribe("webhook_failed", lambda **_: self.webhook_failures.inc())
         events.subscribe("queue_caller_left", self._queue_caller_left)
         events.subscribe("callback", lambda queue, outcome, **_: self.callbacks.labels(queue, outcome).inc())
+        events.subscribe("survey_answered", self._survey_answered)
         events.subscribe("call_started", lambda **_: self.active_calls.inc())
         events.subscribe("call_ended", self._call_ended)
         events.subscribe("call_interrupted", lambda direction, **_: self.calls.labels(direction, "interrupted").inc())
@@ -91,6 +103,10 @@ class Metrics:
     def _call_ended(self, direction: str, disposition: str, **_: object) -> None:
         self.active_calls.dec()
         self.calls.labels(direction, disposition).inc()
+
+    def _survey_answered(self, queue: str | None, score: int, **_: object) -> None:
+        if queue is not None:  # a rate node in a call that met no queue is stored, but is no queue's figure
+            self.csat.labels(queue).observe(score)
 
     def _leg_quality(self, direction: str, lost: int, mos: float, **_: object) -> None:
         self.call_mos.labels(direction).observe(mos)
@@ -113,6 +129,11 @@ class Metrics:
     def watch_voicemail(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
         """``pbx_voicemail_messages{mailbox,folder}`` read at each scrape from (new, old) per mailbox."""
         self.registry.register(_VoicemailGauge(counts))
+
+    def watch_voicemail_overdue(self, overdue: Callable[[], Mapping[str, int]]) -> None:
+        """``pbx_voicemail_overdue{mailbox}`` read at each scrape: messages of a
+        queue's mailbox still not handled past its ``respond_within``."""
+        self.registry.register(_OverdueGauge(overdue))
 
     def watch_trunks(self, up: Callable[[], Mapping[str, bool]]) -> None:
         """``pbx_trunk_up{trunk}`` read at each scrape: 1 while the trunk
@@ -156,6 +177,19 @@ class _VoicemailGauge(Collector):
             messages.add_metric([mailbox, "new"], new)
             messages.add_metric([mailbox, "old"], old)
         yield messages
+
+
+class _OverdueGauge(Collector):
+    def __init__(self, overdue: Callable[[], Mapping[str, int]]) -> None:
+        self.overdue = overdue
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "pbx_voicemail_overdue", "Messages of a queue's mailbox not handled within its respond_within", labels=["mailbox"]
+        )
+        for mailbox, count in sorted(self.overdue().items()):
+            gauge.add_metric([mailbox], count)
+        yield gauge
 
 
 class _TrunkGauge(Collector):

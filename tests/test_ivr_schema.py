@@ -11,7 +11,7 @@ from textwrap import dedent
 import pytest
 
 from pbx.config.load import load_config
-from pbx.config.model import Config, Destination
+from pbx.config.model import Config, ConfigError, Destination
 from pbx.ivr.flows import load_flows
 from pbx.ivr.nodes import (
     BranchNode,
@@ -24,6 +24,7 @@ from pbx.ivr.nodes import (
     MenuNode,
     PlayNode,
     Prompt,
+    RateNode,
     SetNode,
     expand,
 )
@@ -195,6 +196,54 @@ def test_defaults_of_menu_collect_and_http(tmp_path: Path) -> None:
     assert lookup.next == Destination("hangup", "")
 
 
+def test_a_rate_node_takes_the_menu_fields_and_scores_one_key_each(tmp_path: Path) -> None:
+    loaded, issues = load(
+        tmp_path,
+        {
+            "main": """\
+            start: ask
+            nodes:
+              ask: {type: rate, prompt: "say:Rate us from 1 to 5", next: thanks}
+              three:
+                type: rate
+                prompt: welcome
+                keys: "1-3"
+                timeout: 2
+                retries: 1
+                invalid: invalid
+                next: hangup
+                on_fail: voicemail:1001
+              thanks: {type: play, prompt: closed, next: three}
+            """
+        },
+    )
+    assert issues == []
+    ask, three, _ = loaded["main"].nodes.values()
+    assert ask == RateNode("ask", 3, Prompt(("say:Rate us from 1 to 5",)), "thanks")
+    assert (ask.keys, ask.timeout, ask.retries, ask.invalid, ask.on_fail) == (range(1, 6), 5, 3, None, None)
+    assert three == RateNode(
+        "three", 4, Prompt(("welcome",)), Destination("hangup", ""), keys=range(1, 4), timeout=2, retries=1,
+        invalid=Prompt(("invalid",)), on_fail=Destination("voicemail", "1001"),
+    )  # fmt: skip
+    assert [three.score(key) for key in ("0", "1", "3", "4", "*", "#")] == [None, 1, 3, None, None, None]
+
+
+def test_a_queue_survey_names_a_flow_that_exists(tmp_path: Path) -> None:
+    make_config(tmp_path)
+    (tmp_path / "flows" / "csat.yaml").write_text("start: r\nnodes:\n  r: {type: rate, prompt: welcome, next: hangup}\n")
+    path = tmp_path / "pbx.yaml"
+    path.write_text(path.read_text().replace('sales: {agents: ["1001"]}', 'sales: {agents: ["1001"], survey: csat}')
+                    .replace('support: {agents: ["1002"]}', 'support: {agents: ["1002"], survey: cast}'))  # fmt: skip
+    with pytest.raises(ConfigError) as failed:
+        load_config(path, env={})
+    assert [str(issue) for issue in failed.value.issues] == [
+        f"{path}:13: queues.support.survey: there is no IVR flow 'cast' (no file {tmp_path / 'flows' / 'cast.yaml'})"
+    ]
+    path.write_text(path.read_text().replace("survey: cast", "survey: null"))
+    queues = load_config(path, env={}).queues
+    assert (queues["sales"].survey, queues["support"].survey) == ("csat", None)
+
+
 def test_a_broken_flow_is_left_out_and_a_valid_one_beside_it_loads(tmp_path: Path) -> None:
     loaded, issues = load(
         tmp_path,
@@ -228,8 +277,8 @@ def test_a_missing_flow_folder_holds_no_flows(tmp_path: Path) -> None:
         ),
         pytest.param(
             "start: a\nnodes:\n  a: {type: dial}\n",
-            ["3: nodes.a: unknown node type 'dial' (expected one of play, menu, collect, hours, branch, set, http, "
-             "goto, hangup)"],
+            ["3: nodes.a: unknown node type 'dial' (expected one of play, menu, collect, rate, hours, branch, set, "
+             "http, goto, hangup)"],
             id="unknown-type",
         ),  # fmt: skip
         pytest.param(
@@ -239,7 +288,7 @@ def test_a_missing_flow_folder_holds_no_flows(tmp_path: Path) -> None:
         ),
         pytest.param(
             "start: a\nnodes:\n  a:\n    prompt: welcome\n",
-            ["3: nodes.a is missing 'type' (one of play, menu, collect, hours, branch, set, http, goto, hangup)"],
+            ["3: nodes.a is missing 'type' (one of play, menu, collect, rate, hours, branch, set, http, goto, hangup)"],
             id="missing-type",
         ),
         pytest.param(
@@ -382,6 +431,20 @@ def test_a_missing_flow_folder_holds_no_flows(tmp_path: Path) -> None:
             ["6: nodes.c.var must be a variable name of letters, digits and _, not '2fa'",
              "7: nodes.c.terminator must be \"#\" or \"*\", in quotes: an unquoted # starts a comment"],
             id="collect-var-and-hash",
+        ),  # fmt: skip
+        pytest.param(
+            "start: r\nnodes:\n  r:\n    type: rate\n    keys: 5-1\n    next: hangup\n",
+            ["3: nodes.r is missing 'prompt'",
+             "5: nodes.r.keys must be the lowest and highest score, one key 0-9 each, like \"1-5\", not '5-1'"],
+            id="rate-without-prompt-and-keys-backwards",
+        ),  # fmt: skip
+        pytest.param(
+            "start: r\nnodes:\n  r:\n    type: rate\n    prompt: welcome\n    keys: 1-10\n    retries: 21\n"
+            "    next: thanks\n",
+            ["6: nodes.r.keys must be the lowest and highest score, one key 0-9 each, like \"1-5\", not '1-10'",
+             "7: nodes.r.retries must be between 0 and 20, not 21",
+             "8: nodes.r.next: there is no node 'thanks'"],
+            id="rate-keys-past-one-key",
         ),  # fmt: skip
         pytest.param(
             "start: h\nnodes:\n  h:\n    type: hours\n    open: 'mon-fri 9:00-17:60'\n    true: hangup\n"

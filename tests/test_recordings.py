@@ -210,7 +210,7 @@ async def test_stereo_recording_puts_caller_left_and_agent_right(rig: Rig) -> No
         "channels": 2,
         "path": row["path"],
     }
-    assert rig.seen == [("recording_saved", {"call_id": "call-1@pbx.local", "seconds": 2.0})]
+    assert [(name, fields["call_id"], fields["seconds"]) for name, fields in rig.seen] == [("recording_saved", "call-1@pbx.local", 2.0)]
     assert rig.metric("pbx_recordings_total") == 1
     assert rig.metric("pbx_recording_failures_total") == 0
     assert rig.relay.a.on_audio is None and rig.relay.b.on_audio is None

@@ -26,6 +26,7 @@ from pbx.sip.sdp import SdpCodec
 Go = Callable[[Call, Destination], Awaitable[None]]  # send the call on
 HangUp = Callable[[Call, str], None]  # end it with a disposition
 Answer = Callable[[Call], SdpCodec]  # answer the caller here; the codec it talks
+Briefing = Callable[[CallAudio], Awaitable[None]]  # what the extension of a call the server placed hears first
 
 
 class Answering:
@@ -98,6 +99,20 @@ class Answering:
         else:
             await self._voicemail(call, destination.target)
 
+    async def briefed(self, call: Call, before: Briefing | None, then: Callable[[], Awaitable[None]]) -> None:
+        """``then()``, once ``before`` has played to the extension that
+        answered a call the server placed (side a): a voicemail's callback
+        plays the message to its agent before the caller is dialed."""
+        if before is not None:
+            assert call.bridge.relay is not None and call.bridge.a_codec is not None  # ring_first settled them
+            audio = CallAudio(call.bridge.relay.a, self.prompts(), call.bridge.a_codec.name)
+            try:
+                await before(audio)
+            finally:
+                audio.stop()
+        if not call.ended:
+            await then()
+
     def _talk_here(self, call: Call) -> CallAudio:
         """Answer the caller and take its audio for the server to play and hear keys."""
         codec = self.answer(call)
@@ -119,6 +134,7 @@ class Answering:
             http=self.http(),
             events=self.events,
             available=self.available,
+            rated=lambda score: self._rated(call, score),
         )
         destination = await session.run()
         audio.stop()
@@ -131,6 +147,11 @@ class Answering:
             return
         call.move(CallState.RINGING)
         await self.go(call, destination)
+
+    async def _rated(self, call: Call, score: int) -> None:
+        """A rate node's score: the call's survey score, with its queue and agent."""
+        if self.queues is not None:
+            await self.queues.rated(call, score)
 
     async def _queue(self, call: Call, queue: str) -> None:
         """Wait in ``queue`` until an agent answers, or go where the queue says."""

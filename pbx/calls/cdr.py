@@ -83,12 +83,13 @@ def unconnected_row(
     first phone did not answer): it has no Call, yet it rang someone. Its
     start and end are logged and counted as any call's."""
     call_event(call_id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination)
-    events.emit("call_started", call_id=call_id, direction=direction)
-    events.emit("call_ended", call_id=call_id, direction=direction, disposition=disposition)
-    return cdr_row(
+    events.emit("call_started", call_id=call_id, direction=direction, from_=extension, to=destination.target)
+    row = cdr_row(
         call_id, direction, extension, destination.target, disposition, started=started, answered=None, ended=time.time(),
         sip_call_id=sip_call_id,
     )  # fmt: skip
+    events.emit("call_ended", call_id=call_id, direction=direction, disposition=disposition, cdr=row)
+    return row
 
 
 def open_row(call: Call) -> dict[str, Any]:

@@ -130,7 +130,7 @@ class Consults:
         self.moves.calls[q.id] = q
         self.moves.legs[transferor.key] = (q, transferor)
         self.moves.journal.open(q)
-        self.moves.events.emit("call_started", call_id=q.id, direction=q.direction)
+        self.moves.events.emit("call_started", call_id=q.id, direction=q.direction, from_=party, to=destination.target)
         call_event(q.id, "started", direction=q.direction, **{"from": party, "to": destination.target}, linked_id=q.linked_id, consult=waiting.id)
         hung_up = transferor.events.hangup  # the call service's: ends the call the leg is in
         transferor.events = dataclasses.replace(transferor.events, hangup=lambda _: self._transferor_left(waiting, q, destination, hung_up))

@@ -9,7 +9,7 @@ below pbx.calls imports the call service, and it imports none of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from aiosipua import SipResponse
@@ -60,8 +60,11 @@ class CallControl(Protocol):
         direction: str,
         call_id: str | None = None,
         party: str | None = None,
+        before: Callable[[CallAudio], Awaitable[None]] | None = None,
     ) -> Call | Unreachable:
-        """Ring ``extension``, then ``destination`` for it: a call the server places."""
+        """Ring ``extension``, then ``destination`` for it: a call the server
+        places; ``before`` plays to ``extension`` once it answered, before
+        ``destination`` rings."""
 
     def extension_busy(self, extension: str) -> bool:
         """Whether ``extension`` is on a call or being rung."""
@@ -82,6 +85,9 @@ class Queues(Protocol):
 
     async def feature(self, extension: str, code: str) -> str:
         """Carry out agent feature ``code`` for ``extension``; the prompt confirming it, once stored."""
+
+    async def rated(self, call: Call, score: int) -> None:
+        """Store the survey ``score`` the caller of ``call`` gave (with its queue and agent, if any), then announce it."""
 
 
 class Voicemail(Protocol):

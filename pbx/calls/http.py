@@ -1,5 +1,5 @@
-"""``/api/calls``: the calls in progress, click-to-call, hanging up and
-recording a call.
+"""``/api/calls``: the calls in progress, click-to-call, hanging up,
+recording, transferring and listening in on a call (pbx.calls.monitor).
 
 ``POST /api/calls`` answers 202 with the id the call keeps as soon as the
 call's CDR row is stored: the call goes on in the background (pbx.calls.click_to_call), ringing ``from`` first
@@ -15,6 +15,7 @@ from aiohttp import web
 
 from pbx.calls.click_to_call import CLICK_TO_CALL, Placing
 from pbx.calls.model import Call
+from pbx.calls.monitor import Monitor
 from pbx.calls.routing import DialRefused
 from pbx.errors import BadRequest, CallError, NotFound
 from pbx.http.openapi import NO_CONTENT, PAGINATION, Operation, Reply, page_reply
@@ -154,6 +155,29 @@ async def transfer_call(request: web.Request) -> web.Response:
     return web.json_response(_call_json(piece))
 
 
+async def monitor_call(request: web.Request) -> web.Response:
+    """A supervisor listens in (pbx.calls.monitor): its extension rings now."""
+    services = request.app[SERVICES]
+    call = _call_in(request)
+    body = await read_body(request, ref("CallMonitor"))
+    extension = body["extension"]
+    if extension not in services.config().extensions:
+        raise invalid_body({"extension": f"there is no extension {extension}"})
+    if services.calls.draining:
+        raise CallError("the server is stopping and takes no new calls", code="stopping", status=503)
+    services.calls.monitors.check(call)  # the call's own conflicts first
+    if not services.registrar.contacts(extension):
+        raise CallError(f"extension {extension} has no registered phone", code="extension-unavailable")
+    if services.calls.extension_busy(extension):
+        raise CallError(f"extension {extension} is on a call", code="extension-busy")
+    monitor = services.calls.monitors.start(call, extension, body["mode"])
+    return web.json_response(_monitor_json(monitor), status=202)
+
+
+def _monitor_json(monitor: Monitor) -> dict[str, Any]:
+    return {"monitor": monitor.id, "call": monitor.call.id, "extension": monitor.extension, "mode": monitor.mode}
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/api/calls", "listCalls", "Active calls, oldest first", list_calls,
@@ -188,5 +212,16 @@ OPERATIONS: tuple[Operation, ...] = (
         "and goes where `to` leads as a call to it would, busy and no-answer routing included. The call's CDR row ends "
         "with transfer_to; the new piece has its own id and row, with the same linked_id. 409 `not-bridged`; "
         "422 `invalid-body` when `to` leads nowhere, `number-not-allowed` when the leaving party may not dial it.",
+    ),
+    Operation(
+        "POST", "/api/calls/{id}/monitor", "monitorCall", "Let a supervisor listen, whisper to the agent, or barge in",
+        monitor_call, {202: Reply("accepted: the supervisor's extension rings now", ref("CallMonitorStarted"))}, "calls",
+        body=ref("CallMonitor"), errors=(404, 409, 503),
+        description="The server rings `extension` (caller id `monitor-<call id>`) as a call of its own, direction "
+        "`monitor`, with the id `monitor` in the answer. Once answered, the supervisor hears both parties; `whisper`: "
+        "the agent (the callee, or the first phone of a call the server placed) hears the supervisor too; `barge`: both "
+        "parties do. The supervisor hanging up ends only its call; the call ending hangs the supervisor up. "
+        "409 `not-bridged`, `already-monitored`, `extension-unavailable` (no registered phone) or `extension-busy`; "
+        "422 `invalid-body` for an unknown extension or mode.",
     ),
 )  # fmt: skip

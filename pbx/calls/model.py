@@ -99,12 +99,14 @@ class CallState(enum.Enum):
 
 # The moves a call may make. A flow or a queue that sends the caller on makes
 # it ring again; a person who answered is the end of the road: a transfer goes
-# on in a new call, a piece of the same conversation (pbx.calls.moves).
+# on in a new call, a piece of the same conversation (pbx.calls.moves). Only
+# the survey goes on in the same call: a queue's caller whose agent hung up
+# first rates the call in a flow (pbx.calls.survey).
 TRANSITIONS: dict[CallState, frozenset[CallState]] = {
     CallState.RINGING: frozenset({CallState.IVR, CallState.QUEUED, CallState.ANSWERED, CallState.PARKED, CallState.ENDED}),
     CallState.IVR: frozenset({CallState.RINGING, CallState.ENDED}),
     CallState.QUEUED: frozenset({CallState.RINGING, CallState.ANSWERED, CallState.ENDED}),
-    CallState.ANSWERED: frozenset({CallState.ENDED}),
+    CallState.ANSWERED: frozenset({CallState.IVR, CallState.ENDED}),
     # Retrieved from its slot, or ringing its parker again (pbx.calls.park).
     CallState.PARKED: frozenset({CallState.ANSWERED, CallState.RINGING, CallState.ENDED}),
     CallState.ENDED: frozenset(),
@@ -190,6 +192,10 @@ class Call:
     bridged: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # Resolves when someone takes the call: a person, or the server (IVR, queue, voicemail).
     taken: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Resolves when the queue's agent hung up first and the caller went on into
+    # the survey (pbx.calls.survey): the agent is done before the call is. The
+    # survey puts a new one in its place for an agent the flow may lead to next.
+    agent_left: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def __post_init__(self) -> None:
         self.linked_id = self.linked_id or self.id

@@ -110,7 +110,8 @@ class Moves:
         self.calls[piece.id] = piece
         self.legs[staying.key] = (piece, staying)
         call_event(call.id, "transferred", by=who, party=number, to=to, piece=piece.id, linked_id=call.linked_id)
-        self.events.emit("call_started", call_id=piece.id, direction=piece.direction)
+        self.events.emit("call_transferred", call_id=call.id, to=to, by=who)
+        self.events.emit("call_started", call_id=piece.id, direction=piece.direction, from_=number, to=to)
         call_event(piece.id, "started", direction=piece.direction, **{"from": number, "to": to}, linked_id=piece.linked_id, transferred_by=who)
         self.journal.open(piece)
         return piece

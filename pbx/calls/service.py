@@ -24,7 +24,7 @@ import aiohttp
 from aiosipua import SdpNegotiationError, SipRequest, SipResponse
 
 from pbx.calls.admission import Admission
-from pbx.calls.answering import Answering
+from pbx.calls.answering import Answering, Briefing
 from pbx.calls.bridge import Bridge
 from pbx.calls.cdr import row_of, unconnected_row
 from pbx.calls.dialer import Dialer
@@ -36,12 +36,14 @@ from pbx.calls.groups import RingGroups
 from pbx.calls.journal import CallJournal
 from pbx.calls.midcall import MidCall
 from pbx.calls.model import DISPOSITIONS, Answered, Call, CallState, Unreachable, call_event, new_call_id
+from pbx.calls.monitor import MONITOR, Monitors
 from pbx.calls.moves import Moves
 from pbx.calls.park import Parking
 from pbx.calls.recording import CallRecording
 from pbx.calls.replaces import Replacing
 from pbx.calls.routing import DialPolicy, DialRefused, asked_destination
 from pbx.calls.settings import PhoneSettings
+from pbx.calls.survey import Survey
 from pbx.calls.transfer import Transfers
 from pbx.calls.watchdog import Watchdog
 from pbx.config.model import Config, Destination
@@ -116,7 +118,9 @@ class CallService:
         groups = RingGroups(config, self.forwarding)
         self.callees = Callees(self.forwarding, groups, forks=self.forks, go=self._go, fail=self._fail_caller, run=self._run)
         self._tasks = Background("call")
+        self.monitors = Monitors(self, config, self._tasks.spawn)  # supervisors listening in
         self.moves = Moves(config, self.calls, self._legs, self.journal, self.events, end=self._end, bridged=self._bridged)
+        self.survey = Survey(config, self._legs, self.recording, self.answering, run=self._run, spawn=self._tasks.spawn)
         self.transfers = Transfers(config, self.moves, self.dialing, self.answering.available, self._go, self._run, self._tasks.spawn, self.hang_up)
         self.feature_keys = FeatureKeys(self.transfers, prompts, self)  # ## and *2 in a bridged call
         self.replacing = Replacing(config, self.admission, self.moves, stack, self.midcall.leg_events, self.hang_up)  # RFC 3891
@@ -202,7 +206,7 @@ class CallService:
             self.dialer.states.track(a, caller, "initiator", called)
         self.calls[call.id] = call
         self._legs[call.a.key] = (call, call.a)
-        self.events.emit("call_started", call_id=call.id, direction=direction)
+        self.events.emit("call_started", call_id=call.id, direction=direction, from_=caller, to=called)
         fields = {"direction": direction, "from": caller, "to": called, "destination": destination}
         call_event(call.id, "started", **fields, trunk=trunk.name if trunk else None, sip_call_id=call.sip_call_id)
         opened = self.journal.open(call)
@@ -268,6 +272,8 @@ class CallService:
     async def _go(self, call: Call, destination: Destination, party: str | None = None) -> None:
         """Send the call where ``destination`` says; a number outside is dialed
         for ``party`` (see :class:`DialPolicy`), by default for the server."""
+        if destination.kind == MONITOR:  # a supervisor answered the call placed to it
+            return await self.monitors.attend(call)
         if destination.kind == "hangup":
             self._fail_caller(call, 603, "rejected")
             return
@@ -340,6 +346,7 @@ class CallService:
         self.feature_keys.arm(call)
         by = uri_user(leg.dialog.remote_uri)
         call_event(call.id, "answered", by=by, contact=leg.dialog.remote_target, queue=call.queue, wait=call.wait)
+        self.events.emit("call_answered", call_id=call.id, by=by)
 
     async def originate(
         self,
@@ -351,9 +358,10 @@ class CallService:
         direction: str,
         call_id: str | None = None,
         party: str | None = None,
+        before: Briefing | None = None,
     ) -> Call | Unreachable:
         """A call the server places: ring ``extension`` first (showing
-        ``caller_id``), and once it answers ring ``destination`` for it, a
+        ``caller_id``), and once it answers (and heard ``before``) ring ``destination`` for it, a
         number outside as for ``party`` (see :class:`DialPolicy`). The
         returned call is under way; its ``done`` tells how it ended. Its id is
         ``call_id`` (one handed out before it rang), else a new one."""
@@ -395,14 +403,15 @@ class CallService:
         self.calls[call.id] = call
         self._legs[leg.key] = (call, leg)
         self.journal.open(call)
-        self.events.emit("call_started", call_id=call.id, direction=direction)
+        self.events.emit("call_started", call_id=call.id, direction=direction, from_=extension, to=destination.target)
         call_event(
             call.id, "started", direction=direction, **{"from": extension, "to": destination.target}, destination=destination,
             sip_call_id=call.sip_call_id,
         )  # fmt: skip
         call_event(call.id, "answered", by=extension, contact=leg.dialog.remote_target)
+        self.events.emit("call_answered", call_id=call.id, by=extension)
         self.dialer.unclaimed.claim(leg)
-        self._run(call, self._go(call, destination, party))
+        self._run(call, self.answering.briefed(call, before, lambda: self._go(call, destination, party)))
         return call
 
     # --- what the legs tell us (mid-call requests: pbx.calls.midcall) ---
@@ -447,7 +456,7 @@ class CallService:
 
     def _leg_hung_up(self, leg: Leg) -> None:
         call = self.midcall.call_of(leg)
-        if call is None:
+        if call is None or self.survey.agent_left(call, leg):
             return
         call.hangup_by = call.hangup_by or ("caller" if leg is call.a else "callee")
         self._hang_up_everything(call)
@@ -485,5 +494,6 @@ class CallService:
         if ending is not None:
             self._tasks.spawn(ending)
         call.leave_queue(ended)
-        self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition)
-        self.journal.close(row_of(call, disposition, ended))
+        row = row_of(call, disposition, ended)
+        self.events.emit("call_ended", call_id=call.id, direction=call.direction, disposition=disposition, cdr=row)
+        self.journal.close(row)

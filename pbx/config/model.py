@@ -100,6 +100,16 @@ class RtpConfig:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """One of ``webhooks``: where the events of the types in ``events`` are
+    POSTed, signed with ``secret`` (pbx.live.webhooks)."""
+
+    url: str
+    events: tuple[str, ...]
+    secret: str
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """``http``: the admin API's address and bearer token."""
 
@@ -133,10 +143,13 @@ class IvrConfig:
 
 @dataclass(frozen=True)
 class VoicemailBox:
-    """An extension's mailbox: optional PIN and notification address."""
+    """An extension's mailbox: optional PIN and notification address; with
+    ``queue``, its messages are that queue's work (pbx.queues.voicemail_work)."""
 
     pin: str | None
     email: str | None
+    queue: str | None = None  # the queue whose agents hear each message and call its caller back
+    respond_within: int | None = None  # seconds after which a message not yet handled is overdue
 
 
 @dataclass(frozen=True)
@@ -264,6 +277,7 @@ class Queue:
     service_level: int
     record: bool
     callback: QueueCallback
+    survey: str | None  # the flow a caller enters when the agent hangs up first; None: no survey
 
 
 @dataclass(frozen=True)
@@ -376,6 +390,7 @@ class Config:
     features: FeaturesConfig
     groups: dict[str, Group]
     park: ParkConfig = ParkConfig()
+    webhooks: tuple[Webhook, ...] = ()
 
     def mailbox(self, number: str) -> VoicemailBox | None:
         """The mailbox of extension ``number``; None when it has no voicemail section or is no extension."""

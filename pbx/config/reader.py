@@ -232,6 +232,26 @@ def regex(r: Reader, node: YamlNode) -> re.Pattern[str]:
         raise Invalid(f"{node.name}: invalid regular expression {written!r}: {exc}") from None
 
 
+_DURATION = re.compile(r"([0-9]+) *([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(low: int, high: int) -> Convert[int]:
+    """Seconds, written as a number of them or with a unit: 90, "30m", "4h", "1d"."""
+
+    def convert(r: Reader, node: YamlNode) -> int:
+        written = node.written()
+        match = _DURATION.fullmatch(written.strip()) if written is not None else None
+        if match is None:
+            raise Invalid(f"{node.name} must be a duration like 30m, 4h, 1d or a number of seconds, not {node.value!r}")
+        seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+        if not low <= seconds <= high:
+            raise Invalid(f"{node.name} must be between {low} and {high} seconds, not {seconds}")
+        return seconds
+
+    return convert
+
+
 def reference(kind: str, convert: Convert[str]) -> Convert[str]:
     """A name of a ``kind`` defined elsewhere in the file; checked once everything is read."""
 

@@ -39,12 +39,15 @@ from pbx.config.model import (
     TrunkRegister,
     VoicemailBox,
     VoicemailConfig,
+    Webhook,
 )
+from pbx.events import EVENT_TYPES
 from pbx.config.reader import (
     existing_file,
     flow_dir,
     host_port,
     hours,
+    duration,
     ip_address,
     listen_address,
     network,
@@ -147,6 +150,12 @@ def _build_voicemail(node: YamlNode, values: dict[str, Any]) -> VoicemailConfig:
     return VoicemailConfig(**values)
 
 
+def _build_mailbox(node: YamlNode, values: dict[str, Any]) -> VoicemailBox:
+    if values["respond_within"] is not None and values["queue"] is None:
+        raise Invalid(f"{node.name}.respond_within needs a queue to respond", node.line_of("respond_within"))
+    return VoicemailBox(**values)
+
+
 def _extensions(r: Reader, node: YamlNode) -> dict[str, Extension]:
     """The extensions; those with a ``voicemail`` section declare the mailboxes
     (as written, so references are checked even when an extension is broken)."""
@@ -241,6 +250,8 @@ _IVR_FIELDS = (Field("dir", flow_dir, "ivr_flows"),)
 _MAILBOX_FIELDS = (
     Field("pin", optional(matching(r"[0-9]{4,}", "a PIN of at least 4 digits, in quotes")), None),
     Field("email", optional(matching(r"[^@\s]+@[^@\s]+", "an email address")), None),
+    Field("queue", optional(reference("queue", _name)), None),
+    Field("respond_within", optional(duration(1, 365 * 86400)), None),
 )
 _FORWARD_FIELDS = (
     Field("always", optional(read_forward), None),
@@ -250,7 +261,7 @@ _FORWARD_FIELDS = (
 _EXTENSION_FIELDS = (
     Field("name", text),
     Field("password", string),
-    Field("voicemail", optional(section(_MAILBOX_FIELDS, fields_of(VoicemailBox))), None),
+    Field("voicemail", optional(section(_MAILBOX_FIELDS, _build_mailbox)), None),
     Field("record", boolean, False),
     Field("max_contacts", integer(1, 100), 10),
     Field("max_calls", integer(1, 1000), 4),
@@ -302,6 +313,7 @@ _QUEUE_FIELDS = (
     Field("service_level", integer(1, 3600), 20),
     Field("record", boolean, True),
     Field("callback", section(_CALLBACK_FIELDS, fields_of(QueueCallback)), {}),
+    Field("survey", optional(reference("ivr", _name)), None),
 )
 _GROUP_FIELDS = (
     Field("members", list_of(reference("extension", _number), non_empty=True, unique=True)),
@@ -344,6 +356,11 @@ _PARK_FIELDS = (
     Field("slots", list_of(integer(1, 999999)), [71, 79]),
     Field("timeout", integer(1, 86400), 120),
 )
+_WEBHOOK_FIELDS = (
+    Field("url", matching(r"https?://[^\s/]+(/\S*)?", "an http:// or https:// URL")),
+    Field("events", list_of(choice(*EVENT_TYPES), non_empty=True, unique=True), list(EVENT_TYPES)),
+    Field("secret", text),  # every delivery is signed: a receiver can tell ours from a forger's
+)
 CONFIG_FIELDS = (
     Field("sip", section(_SIP_FIELDS, _build_sip), {}),
     Field("rtp", section(_RTP_FIELDS, _build_rtp), {}),
@@ -363,4 +380,5 @@ CONFIG_FIELDS = (
     Field("features", section(_FEATURES_FIELDS, _build_features), {}),
     Field("groups", table("group", _name, section(_GROUP_FIELDS, _build_group)), {}),
     Field("park", _park, {}),
+    Field("webhooks", list_of(section(_WEBHOOK_FIELDS, fields_of(Webhook))), []),
 )

@@ -23,7 +23,9 @@ from pbx.http.openapi import Operation, Reply, document
 from pbx.http.schemas import ref
 from pbx.http.services import SERVICES, AdminServices
 from pbx.ivr import http as ivr_http
+from pbx.live import http as live_http
 from pbx.queues import http as queues_http
+from pbx.queues import survey_http
 from pbx.recordings import http as recordings_http
 from pbx.sip import http as sip_http
 from pbx.voicemail import http as voicemail_http
@@ -57,10 +59,12 @@ OPERATIONS: tuple[Operation, ...] = (
     *sip_http.OPERATIONS,
     *extensions_http.OPERATIONS,
     *queues_http.OPERATIONS,
+    *survey_http.OPERATIONS,
     *voicemail_http.OPERATIONS,
     *recordings_http.OPERATIONS,
     *cdr_http.OPERATIONS,
     *ivr_http.OPERATIONS,
+    *live_http.OPERATIONS,
 )
 
 

@@ -36,6 +36,22 @@ SCHEMAS: dict[str, Schema] = {
             "errors": {"type": "array", "items": {"type": "string"}, "description": "FILE:LINE: message, for a refused reload"},
         },
     },
+    "Ticket": {
+        "type": "object",
+        "required": ["ticket", "expires"],
+        "properties": {"ticket": {"type": "string", "description": "pass as ?ticket= to GET /api/events, once"}, "expires": _TIME},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["type", "id", "time"],
+        "additionalProperties": True,
+        "description": "One event of the feed; the fields beyond these depend on the type.",
+        "properties": {
+            "type": {"type": "string", "description": "call.started, call.ended, queue.joined, ... (see GET /api/events)"},
+            "id": {"type": "integer", "description": "rises by one per event of the server since it started"},
+            "time": _TIME,
+        },
+    },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok", "failing"]}}},
     "ActiveRecording": {
         "type": "object",
@@ -49,7 +65,7 @@ SCHEMAS: dict[str, Schema] = {
             "id": {"type": "string", "description": "made by the server (never the SIP Call-ID); the CDR row's call_id"},
             "from": _TEXT,
             "to": _TEXT,
-            "direction": {"type": "string", "description": "internal, inbound, outbound, callback or click-to-call"},
+            "direction": {"type": "string", "description": "internal, inbound, outbound, callback, click-to-call or monitor"},
             "state": {
                 "type": "string",
                 "enum": ["originating", "ringing", "ivr", "queued", "answered", "parked", "ended"],
@@ -71,6 +87,26 @@ SCHEMAS: dict[str, Schema] = {
             "leaving": {"type": "string", "enum": ["callee", "caller"], "default": "callee", "description": "the party that leaves"},
         },
     },  # fmt: skip
+    "CallMonitor": {
+        "type": "object", "required": ["extension", "mode"], "additionalProperties": False,
+        "properties": {
+            "extension": {"type": "string", "minLength": 1, "description": "the supervisor's extension, rung for it"},
+            "mode": {
+                "type": "string", "enum": ["listen", "whisper", "barge"],
+                "description": "listen: hears both parties; whisper: the agent hears the supervisor too; barge: both parties do",
+            },
+        },
+    },  # fmt: skip
+    "CallMonitorStarted": {
+        "type": "object",
+        "required": ["monitor", "call", "extension", "mode"],
+        "properties": {
+            "monitor": {"type": "string", "description": "the id of the call placed to the supervisor (direction monitor)"},
+            "call": {"type": "string", "description": "the call listened in on"},
+            "extension": _TEXT,
+            "mode": {"type": "string", "enum": ["listen", "whisper", "barge"]},
+        },
+    },
     "ClickToCall": {
         "type": "object",
         "required": ["from", "to"],
@@ -141,10 +177,11 @@ SCHEMAS: dict[str, Schema] = {
     },
     "QueueAgent": {
         "type": "object",
-        "required": ["extension", "state"],
+        "required": ["extension", "state", "since"],
         "properties": {
             "extension": _TEXT,
             "state": _AGENT_STATE,
+            "since": nullable({**_TIME, "description": "when the agent's present state began (null: not seen yet)"}),
         },
     },
     "QueueStats": {
@@ -157,8 +194,11 @@ SCHEMAS: dict[str, Schema] = {
             "timeouts",
             "callbacks",
             "service_level",
+            "service_level_seconds",
             "average_speed_of_answer",
             "longest_wait",
+            "surveys",
+            "csat",
         ],
         "properties": {
             "day": {"type": "string", "format": "date", "description": "today in the server's timezone"},
@@ -172,18 +212,23 @@ SCHEMAS: dict[str, Schema] = {
                 "properties": {"requested": {"type": "integer"}, "completed": {"type": "integer"}, "failed": {"type": "integer"}},
             },
             "service_level": nullable({"type": "number", "description": "share of answered calls answered within service_level seconds"}),
+            "service_level_seconds": {"type": "integer", "description": "the queue's target: answered within this many seconds"},
             "average_speed_of_answer": nullable({"type": "number", "description": "seconds"}),
             "longest_wait": {"type": "number", "description": "seconds: the longest wait today, callers still waiting included"},
+            "surveys": {"type": "integer", "description": "scores callers gave in the queue's survey today"},
+            "csat": nullable({"type": "number", "description": "today's average survey score (1-5 with the default rate node); null before the first"}),
         },
     },
     "Queue": {
         "type": "object",
-        "required": ["name", "strategy", "callers", "agents", "stats"],
+        "required": ["name", "strategy", "callers", "agents", "voicemail_pending", "voicemail_overdue", "stats"],
         "properties": {
             "name": _TEXT,
             "strategy": _TEXT,
             "callers": {"type": "array", "items": ref("QueueCaller")},
             "agents": {"type": "array", "items": ref("QueueAgent")},
+            "voicemail_pending": {"type": "integer", "description": "voicemail messages of the queue's mailboxes waiting to be called back"},
+            "voicemail_overdue": {"type": "integer", "description": "of those, the ones older than their mailbox's respond_within"},
             "stats": ref("QueueStats"),
         },
     },
@@ -279,6 +324,18 @@ SCHEMAS: dict[str, Schema] = {
             "picked_up_by": {**nullable(_TEXT), "description": "the extension that answered the call by pickup, or took it from its park slot"},
         },
         "additionalProperties": True,
+    },
+    "Survey": {
+        "type": "object",
+        "required": ["id", "call_id", "queue", "agent", "score", "time"],
+        "properties": {
+            "id": {"type": "integer"},
+            "call_id": {"type": "string", "description": "the call's id (the CDR row's call_id)"},
+            "queue": {**nullable(_TEXT), "description": "the queue the call waited in; null for a call that met none"},
+            "agent": {**nullable(_TEXT), "description": "the agent who took it"},
+            "score": {"type": "integer", "description": "the key the caller pressed in a rate node"},
+            "time": _TIME,
+        },
     },
     "Flow": {
         "type": "object",

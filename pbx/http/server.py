@@ -4,7 +4,9 @@ one middleware that renders every error (a pbx.errors.PbxError) as JSON.
 Every route but /healthz needs ``Authorization: Bearer <http.token>``, on
 loopback too (the config refuses an empty token). The token is read for
 each request, so a reload that changes it takes effect at once: the old one
-is refused from then on. A request that carries a body must say
+is refused from then on. The event WebSocket (:data:`TICKET_PATHS`) also
+takes a single-use ``?ticket=`` from ``POST /api/tickets`` (pbx.http.tickets),
+since a browser cannot send it the header. A request that carries a body must say
 ``Content-Type: application/json``; anything else gets 415 before a handler
 reads it.
 """
@@ -20,21 +22,26 @@ from aiohttp import web
 from pbx.errors import PbxError
 from pbx.events import EventBus
 from pbx.metrics import Metrics
+from pbx.http.tickets import Tickets
 from pbx.security import security_event
 
 Health = Callable[[], Awaitable[bool]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH: web.AppKey[Health] = web.AppKey("health")
+TICKETS = web.AppKey("tickets", Tickets)
 
 OPEN_PATHS = frozenset({"/healthz"})
+TICKET_PATHS = frozenset({"/api/events"})
 JSON_TYPE = "application/json"
 
 
 def make_http_app(token: Callable[[], str], metrics: Metrics, health: Health, events: EventBus) -> web.Application:
     """The aiohttp application: ``token()`` is the bearer token in force."""
-    app = web.Application(middlewares=[_error_middleware, _token_middleware(token, events), _json_body_middleware])
+    tickets = Tickets()
+    app = web.Application(middlewares=[_error_middleware, _token_middleware(token, tickets, events), _json_body_middleware])
     app[METRICS] = metrics
+    app[TICKETS] = tickets
     app[HEALTH] = health
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
@@ -60,10 +67,15 @@ def bearer_matches(header: str, token: str) -> bool:
     return hmac.compare_digest(given, hashlib.sha256(token.encode()).digest())
 
 
-def _token_middleware(token: Callable[[], str], events: EventBus) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _token_middleware(token: Callable[[], str], tickets: Tickets, events: EventBus) -> Callable[..., Awaitable[web.StreamResponse]]:
+    def allowed(request: web.Request) -> bool:
+        if request.path in OPEN_PATHS or bearer_matches(request.headers.get("Authorization", ""), token()):
+            return True
+        return request.path in TICKET_PATHS and tickets.redeem(request.query.get("ticket", ""))
+
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS and not bearer_matches(request.headers.get("Authorization", ""), token()):
+        if not allowed(request):
             # Counted like a wrong SIP password: a token guesser shows up in the
             # same fail2ban line (RFC 6750 §3: the challenge names the scheme).
             security_event(events, "auth_failure", request.remote or "", service="http")

@@ -18,10 +18,12 @@ from pbx.calls.click_to_call import ClickToCalls
 from pbx.calls.forwarding import Forwarding
 from pbx.calls.journal import CallJournal
 from pbx.calls.model import Call
+from pbx.calls.monitor import Monitors
 from pbx.calls.recording import CallRecording
 from pbx.calls.transfer import Transfers
 from pbx.config.model import Config, Destination
 from pbx.ivr.nodes import Flow
+from pbx.live.feed import EventFeed
 from pbx.media.prompts import PromptLibrary
 from pbx.queues.service import QueueService
 from pbx.recordings.recorder import Recorder
@@ -56,6 +58,10 @@ class AdminCalls(Protocol):
         """Transfers a bridged call's party elsewhere."""
 
     @property
+    def monitors(self) -> Monitors:
+        """Supervisors listening in on bridged calls."""
+
+    @property
     def forwarding(self) -> Forwarding:
         """Each extension's do-not-disturb and forwarding."""
 
@@ -85,6 +91,7 @@ class AdminServices:
     prompts: Callable[[], PromptLibrary]
     flows: Callable[[], Mapping[str, Flow]]
     reload: Callable[[], Awaitable[list[ConfigIssue]]]  # the issues that kept the running config; none: it took
+    feed: EventFeed
 
 
 SERVICES = web.AppKey("services", AdminServices)

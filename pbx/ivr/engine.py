@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -32,6 +32,7 @@ from pbx.ivr.nodes import (
     MenuNode,
     PlayNode,
     Prompt,
+    RateNode,
     SetNode,
     Target,
     expand,
@@ -74,7 +75,10 @@ class IvrSession:
         events: EventBus,
         available: Callable[[Destination], bool] = lambda d: True,
         now: Callable[[ZoneInfo], datetime] = datetime.now,
+        rated: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """``rated(score)``: what a rate node's score is for (stored as the
+        call's survey score) before the flow goes on; None: only logged."""
         self.flows = flows
         self.flow = flows[start]
         self.caller = caller
@@ -84,6 +88,7 @@ class IvrSession:
         self.events = events
         self.available = available
         self.now = now
+        self.rated = rated
 
     async def run(self) -> Destination:
         """Walk the flow; return where the call goes next (``hangup`` included)."""
@@ -131,6 +136,8 @@ class IvrSession:
             return await self._menu(node), True
         if isinstance(node, CollectNode):
             return await self._collect(node), True
+        if isinstance(node, RateNode):
+            return await self._rate(node), True
         if isinstance(node, HoursNode):
             now = self.now(self.tz)
             is_open = now.date() not in node.holidays and node.open.is_open(now)
@@ -151,6 +158,24 @@ class IvrSession:
         return [expand(part, self.vars) for part in prompt.parts]
 
     async def _menu(self, node: MenuNode) -> Target:
+        key = await self._ask(node, lambda key: key in node.options, "an option")
+        if key is None:
+            return node.on_fail if node.on_fail is not None else HANGUP
+        return node.options[key]
+
+    async def _rate(self, node: RateNode) -> Target:
+        key = await self._ask(node, lambda key: node.score(key) is not None, "a score")
+        score = node.score(key) if key is not None else None
+        if score is None:
+            return node.on_fail if node.on_fail is not None else HANGUP
+        logger.info("flow %s %s: the caller rated %d", self.flow.name, node.id, score)
+        if self.rated is not None:
+            await self.rated(score)
+        return node.next
+
+    async def _ask(self, node: MenuNode | RateNode, fits: Callable[[str], bool], what: str) -> str | None:
+        """Play ``node``'s prompt and wait for a key that ``fits``; replay on no
+        or a wrong key (after ``invalid``) ``retries`` times; None when none came."""
         key: str | None = None  # a key pressed during the invalid prompt is the next try
         for _ in range(1 + node.retries):
             if key is None:
@@ -160,13 +185,13 @@ class IvrSession:
                 key = await self.caller.digit(node.timeout)
             if key is None:
                 continue
-            if key in node.options:
-                return node.options[key]
-            logger.info("flow %s %s: key %s is not an option", self.flow.name, node.id, key)
+            if fits(key):
+                return key
+            logger.info("flow %s %s: key %s is not %s", self.flow.name, node.id, key, what)
             key = None
             if node.invalid is not None:
                 key = await self.caller.play(self._parts(node.invalid), interruptible=True)
-        return node.on_fail if node.on_fail is not None else HANGUP
+        return None
 
     async def _collect(self, node: CollectNode) -> Target:
         self.caller.flush()

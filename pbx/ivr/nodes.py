@@ -72,6 +72,27 @@ class CollectNode:
 
 
 @dataclass(frozen=True)
+class RateNode:
+    """Ask the caller to rate the call with one key (a post-call survey):
+    the key is the score, stored with the call's queue and agent; replay on
+    no or a wrong key, like a menu."""
+
+    id: str
+    line: int
+    prompt: Prompt
+    next: Target  # after a score
+    keys: range = range(1, 6)  # the scores, one key each: 1-5 by default
+    timeout: float = 5  # seconds to wait for a key after the prompt
+    retries: int = 3  # replays after no or an invalid key
+    invalid: Prompt | None = None  # played after a key that is no score
+    on_fail: Target | None = None  # after the last retry; None: hang up
+
+    def score(self, key: str) -> int | None:
+        """The score ``key`` gives, or None when it is no score."""
+        return int(key) if key.isdigit() and int(key) in self.keys else None
+
+
+@dataclass(frozen=True)
 class HoursNode:
     """Go to ``if_open`` within the schedule and outside holidays, else to ``if_closed``."""
 
@@ -138,7 +159,7 @@ class HangupNode:
     line: int
 
 
-Node = PlayNode | MenuNode | CollectNode | HoursNode | BranchNode | SetNode | HttpNode | GotoNode | HangupNode
+Node = PlayNode | MenuNode | CollectNode | RateNode | HoursNode | BranchNode | SetNode | HttpNode | GotoNode | HangupNode
 
 
 @dataclass(frozen=True)

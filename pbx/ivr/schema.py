@@ -43,6 +43,7 @@ from pbx.ivr.nodes import (
     Node,
     PlayNode,
     Prompt,
+    RateNode,
     SetNode,
     Target,
     brace_problem,
@@ -66,7 +67,7 @@ from pbx.yamlfile import (
 )
 
 BUILTIN_VARIABLES: Final = frozenset({"caller", "called", "call_id"})
-NODE_TYPES: Final = ("play", "menu", "collect", "hours", "branch", "set", "http", "goto", "hangup")
+NODE_TYPES: Final = ("play", "menu", "collect", "rate", "hours", "branch", "set", "http", "goto", "hangup")
 HTTP_METHODS: Final = ("GET", "POST")
 
 _NODE_ID = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
@@ -236,6 +237,14 @@ def _settable_name(key: str) -> str | None:
     return None
 
 
+def _score_keys(r: Reader, node: YamlNode) -> range:
+    """The scores a rate node takes, one key each: the lowest and highest, like "1-5"."""
+    match = re.fullmatch(r"([0-9])-([0-9])", node.written() or "")
+    if match is None or int(match[1]) >= int(match[2]):
+        raise Invalid(f'{node.name} must be the lowest and highest score, one key 0-9 each, like "1-5", not {node.value!r}')
+    return range(int(match[1]), int(match[2]) + 1)
+
+
 def _terminator(r: Reader, node: YamlNode) -> str:
     if node.value is None:  # `terminator: #` is a comment, so YAML reads null
         raise Invalid(f'{node.name} must be "#" or "*", in quotes: an unquoted # starts a comment')
@@ -320,6 +329,18 @@ _NODE_FIELDS: Final[dict[str, tuple[tuple[Field, ...], Callable[[YamlNode, dict[
             _ON_FAIL,
         ),
         lambda n, v: CollectNode(*_node_id(n), **v),
+    ),
+    "rate": (
+        (
+            _PROMPT,
+            Field("keys", _score_keys, "1-5"),
+            Field("timeout", _seconds(120), 5),
+            Field("retries", integer(0, 20), 3),
+            Field("invalid", optional(_prompt), None),
+            _NEXT,
+            _ON_FAIL,
+        ),
+        lambda n, v: RateNode(*_node_id(n), **v),
     ),
     "hours": (
         (

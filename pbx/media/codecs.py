@@ -113,6 +113,33 @@ class Decoder:
         return np.frombuffer(narrow, dtype=np.int16)
 
 
+class Encoder:
+    """Turns 8 kHz 16-bit samples into one stream's payloads: the way back of
+    :class:`Decoder`, for audio the server mixes (pbx.media.mixer).
+
+    G.711 needs no state; G.722 keeps its ADPCM state and the resampler's
+    (8 kHz up to its 16 kHz) between frames, so use one encoder per stream.
+    Raises UnsupportedCodec for other codecs.
+    """
+
+    def __init__(self, codec_name: str) -> None:
+        self.codec = codec_name.upper()
+        if self.codec == "G722":
+            self._g722 = G722Adpcm(16000, 64000)
+            self._ratecv: Any = None
+        elif self.codec not in _PCM16:
+            raise UnsupportedCodec(f"no encoder for {codec_name}")
+
+    def __call__(self, pcm: npt.NDArray[np.int16]) -> bytes:
+        data = pcm.astype(np.int16, copy=False).tobytes()  # native order, as audioop takes it
+        if self.codec == "PCMU":
+            return audioop.lin2ulaw(data, 2)
+        if self.codec == "PCMA":
+            return audioop.lin2alaw(data, 2)
+        wide, self._ratecv = audioop.ratecv(data, 2, 1, 8000, 16000, self._ratecv)
+        return bytes(self._g722.encode(np.frombuffer(wide, dtype=np.int16)))
+
+
 def payload_rules(src: Codec | None, src_dtmf: int | None, dst: Codec | None, dst_dtmf: int | None) -> PayloadRules:
     """What packets of a peer sending ``src`` (and RFC 4733 events as
     ``src_dtmf``) need before they reach a peer that takes ``dst`` and ``dst_dtmf``.

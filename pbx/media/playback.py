@@ -8,9 +8,11 @@ no task per call), and holds back whatever the other side relays towards its
 peer. In each tick the side itself picks the one frame that goes out, so no
 tick ever gets two: a prompt's (``side.play(frames)``), else the frame of the
 loop it is tuned to (``side.tune_in(frames, origin)``: music on hold, one
-loop many sides share at one position), else, while the server answers the
-peer (``side.start_filling()``, from answering until ``side.hand_over()``
-when someone else is bridged in), a frame of silence in the peer's codec.
+loop many sides share at one position), else the frame a live source makes
+for that tick (``side.feed(source)``: a mix, pbx.media.mixer), else, while
+the server answers the peer (``side.start_filling()``, from answering until
+``side.hand_over()`` when someone else is bridged in), a frame of silence in
+the peer's codec.
 Carriers hang up calls that send no RTP for 30-60 s and NAT bindings close,
 so a caller waiting for a key, an agent or a callee hears silence rather
 than nothing.
@@ -106,6 +108,7 @@ class PeerStream:
         self._playback: Playback | None = None
         self._music: Sequence[bytes] | None = None  # tune_in()'s loop
         self._music_origin = 0  # the tick at which that loop is at its first frame
+        self._feed: Callable[[int], bytes] | None = None  # feed()'s source
         self._silence: bytes | None = None  # set while filling
         self._subscription: ClockSubscription | None = None
         # Our own outgoing stream, used once this side has sent anything of its own.
@@ -186,6 +189,16 @@ class PeerStream:
         self._music_origin = origin
         self._own_stream_changed()
 
+    def feed(self, source: Callable[[int], bytes] | None) -> None:
+        """Send ``source(tick)``, a 20 ms payload in the side's codec made for
+        that tick, in every tick in which no prompt or loop plays (a mix the
+        server makes, pbx.media.mixer); None stops it. Like ``play()`` it
+        holds back what the other side relays, and ``hand_over()`` leaves it
+        on: its owner stops it. Raises NoMediaClock when the relay has no clock."""
+        self._clock()
+        self._feed = source
+        self._own_stream_changed()
+
     def tune_out(self) -> None:
         """Stop sending the loop of ``tune_in()``; a no-op when not tuned in."""
         if self._music is not None:
@@ -230,7 +243,9 @@ class PeerStream:
     def _own_stream_changed(self) -> None:
         """Be on the clock exactly while there is something of ours to send;
         starting or stopping, the stream changes hands with relayed packets."""
-        sending = not self.closed and (self._playback is not None or self._music is not None or self._silence is not None)
+        sending = not self.closed and (
+            self._playback is not None or self._music is not None or self._feed is not None or self._silence is not None
+        )
         subscription = self._subscription
         if sending == (subscription is not None):
             return
@@ -316,7 +331,7 @@ class PeerStream:
 
     def _tick(self, tick: int) -> None:
         """Send this tick's one frame: the prompt's, else the loop's, else
-        silence. The per-packet path of every call the server answers."""
+        the feed's, else silence. The per-packet path of every call the server answers."""
         playback = self._playback
         try:
             if playback is not None:
@@ -333,11 +348,14 @@ class PeerStream:
             elif self._music is not None:
                 music = self._music
                 self.send_frame(music[(tick - self._music_origin) % len(music)], tick)
+            elif self._feed is not None:
+                self.send_frame(self._feed(tick), tick)
             elif self._silence is not None:
                 self.send_frame(self._silence, tick)
         except Exception:
             # Given up rather than retried: one traceback, not fifty a second.
             logger.exception("relay side %s: cannot send its own frames; it sends none any more", self.name)
+            self._feed = None
             self.hand_over()
 
     def _next_timestamp(self, position: int) -> int:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pbx.calls.control import CallControl
 from pbx.calls.model import Call, Unreachable
@@ -52,6 +53,7 @@ class Agents:
         self.idle_since: dict[str, float] = {}  # by extension: end of the last queue call
         self._ringing: dict[str, Entry] = {}  # agents a queue offer rings now, and the entry it offers
         self._wrapup_until: dict[str, float] = {}  # by extension, time.time()
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}  # (queue, extension) -> state last reported, since when
 
     async def restore(self) -> None:
         """Login and pause states as the queue log left them."""
@@ -84,6 +86,26 @@ class Agents:
         self.lines.sync(self.config().queues)
         line = self.lines.get(queue)
         return {m.extension: self.state(m) for m in line.members.values()} if line else {}
+
+    def changed(self) -> list[tuple[str, str, str, float]]:
+        """(queue, extension, state, since) of each agent whose state differs
+        from the one this last returned (every agent, the first time)."""
+        self.lines.sync(self.config().queues)
+        now = time.time()
+        changes = []
+        for line in self.lines.values():
+            for member in line.members.values():
+                state, key = self.state(member), (line.name, member.extension)
+                seen = self._seen.get(key)
+                if seen is None or seen[0] != state:
+                    self._seen[key] = (state, now)
+                    changes.append((line.name, member.extension, state, now))
+        return changes
+
+    def since(self, queue: str, extension: str) -> float | None:
+        """When the agent's state last reported by :meth:`changed` began."""
+        seen = self._seen.get((queue, extension))
+        return seen[1] if seen is not None else None
 
     def registered(self, extension: str) -> bool:
         return bool(self.registrar.contacts(extension))
@@ -172,7 +194,9 @@ class Agents:
 
     async def _after_call(self, line: Line, agent: str, call: Call) -> None:
         started = time.time()
-        await call.done
+        # The agent is done when the call ends, or when it hung up first and the caller went on into the survey.
+        done: list[asyncio.Future[Any]] = [call.done, call.agent_left]
+        await asyncio.wait(done, return_when=asyncio.FIRST_COMPLETED)
         queue = self.config().queues.get(line.name)
         wrapup = queue.wrapup if queue else 0
         now = time.time()

@@ -16,7 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from pbx.calls.control import CallControl
@@ -24,6 +25,7 @@ from pbx.calls.model import Unreachable
 from pbx.config.model import Config, Destination, Queue
 from pbx.errors import NotFound, QueueError
 from pbx.events import EventBus
+from pbx.ivr.audio import CallAudio
 from pbx.queues.agents import Agents
 from pbx.queues.log import QueueLog
 from pbx.queues.model import Entry, Line, Lines
@@ -31,6 +33,16 @@ from pbx.queues.stats import Figures
 from pbx.store.db import Store, iso_time
 
 logger = logging.getLogger(__name__)
+
+
+class MessageWork(Protocol):
+    """What a callback about a voicemail message needs (pbx.queues.voicemail_work)."""
+
+    async def play(self, entry: Entry, audio: CallAudio) -> None:
+        """Play ``entry``'s message to the agent who answered, before its caller is dialed."""
+
+    async def handled(self, entry: Entry) -> None:
+        """``entry``'s caller was called back: its message is handled."""
 
 
 class Callbacks:
@@ -56,10 +68,12 @@ class Callbacks:
         self.agents = agents
         self.figures = figures
         self.log = log
+        self.messages: MessageWork | None = None  # callbacks about voicemail messages: their message and its handling
 
     async def restore(self) -> None:
-        """The pending callbacks of the database, back in their lines."""
-        for row in await self.store.rows("callbacks", "status = 'pending' order by entered"):
+        """The pending callbacks of the database, back in their lines (those
+        about a voicemail message are voicemail work's to restore)."""
+        for row in await self.store.rows("callbacks", "status = 'pending' and message is null order by entered"):
             line = self.lines.get(row["queue"])
             if line is None:
                 continue
@@ -99,14 +113,17 @@ class Callbacks:
             raise QueueError(f"{number} already has a callback pending in {queue_name}", code="callback-exists")
         return await self.create(line, number, time.time(), None)
 
-    async def create(self, line: Line, number: str, entered: float, call_id: str | None) -> Entry:
+    async def create(
+        self, line: Line, number: str, entered: float, call_id: str | None, *, message: str | None = None, mailbox: str | None = None
+    ) -> Entry:
         """A pending callback to ``number``, placed in ``line`` as if it had
         joined at ``entered``, before any await: a second request for the
-        same number finds it."""
-        entry = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=entered, callback=True)
+        same number finds it. With ``message`` (of ``mailbox``), the agent
+        hears that voicemail message before the number is dialed."""
+        entry = Entry(id=f"cb-{uuid.uuid4().hex[:12]}", number=number, entered=entered, callback=True, message=message, mailbox=mailbox)
         line.add(entry)
         self.figures.today(line).callbacks_requested += 1
-        self.events.emit("callback", queue=line.name, outcome="requested")
+        self.events.emit("callback", queue=line.name, outcome="requested", callback_id=entry.id, number=number)
         position = line.position(entry)
         then = f"callback {entry.id} to {number} requested in queue {line.name} at position {position}"
         self.log.write(line.name, "callback-request", call_id=call_id, number=number, callback=entry.id, position=position, then=then)
@@ -122,6 +139,7 @@ class Callbacks:
                 "attempts": 0,
                 "next_attempt": 0.0,
                 "call_id": call_id,
+                "message": message,
             },
         )
         return entry
@@ -143,7 +161,7 @@ class Callbacks:
         if line is not None and entry is not None:
             line.remove(entry)
         await self.store.update("callbacks", callback_id, {"status": "cancelled", "ended": iso_time(time.time())})
-        self.events.emit("callback", queue=row["queue"], outcome="cancelled")
+        self.events.emit("callback", queue=row["queue"], outcome="cancelled", callback_id=callback_id, number=row["number"])
         then = f"callback {callback_id} to {row['number']} cancelled"
         self.log.write(row["queue"], "callback-cancel", number=row["number"], callback=callback_id, then=then)
         return row
@@ -176,12 +194,14 @@ class Callbacks:
             return
         logger.info("queue %s offers callback %s (%s) to %s", line.name, entry.id, entry.number, agent)
         self.log.write(line.name, "callback-dial", agent=agent, number=entry.number, callback=entry.id, attempt=entry.attempts + 1)
+        self.events.emit("callback", queue=line.name, outcome="dialed", callback_id=entry.id, number=entry.number)
         result = await self.calls.originate(
             agent,
             destination,
             caller_id=entry.number,
             timeout=queue.ring_timeout,
             direction="callback",
+            before=partial(self.messages.play, entry) if entry.message is not None and self.messages is not None else None,
         )
         self.agents.release(entry, [agent])
         if isinstance(result, Unreachable):
@@ -214,11 +234,13 @@ class Callbacks:
             stats.callbacks_completed += 1
         else:
             stats.callbacks_failed += 1
-        self.events.emit("callback", queue=line.name, outcome=outcome)
+        self.events.emit("callback", queue=line.name, outcome=outcome, callback_id=entry.id, number=entry.number)
         event = "callback-complete" if outcome == "completed" else "callback-fail"
         then = f"callback {entry.id} to {entry.number} {outcome} {how}"
         self.log.write(line.name, event, number=entry.number, callback=entry.id, then=then)
         await self.store.update("callbacks", entry.id, {"status": outcome, "attempts": entry.attempts, "ended": iso_time(time.time())})
+        if outcome == "completed" and entry.message is not None and self.messages is not None:
+            await self.messages.handled(entry)
 
     def destination(self, number: str) -> Destination:
         """An extension, or a number outside: the outbound rules pick its trunk."""

@@ -170,6 +170,6 @@ class Dispatcher:
         line.remove(entry)
         entry.outcome.set_result("answered")
         self.figures.caller_answered(line, wait, queue.service_level)
-        self.events.emit("queue_caller_left", queue=line.name, outcome="answered", wait=wait)
+        self.events.emit("queue_caller_left", queue=line.name, outcome="answered", wait=wait, call_id=call.id, agent=agent)
         self.log.write(line.name, "answer", call_id=call.id, agent=agent, wait=round(wait, 3))
         self.agents.answered(line, agent, call)

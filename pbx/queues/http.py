@@ -21,7 +21,8 @@ from pbx.store.queries import callback_page
 CALLBACK_STATUSES = ("pending", "completed", "failed", "cancelled")
 
 
-def _queue_json(services: AdminServices, name: str) -> dict[str, Any]:
+def queue_json(services: AdminServices, name: str) -> dict[str, Any]:
+    """One queue as the API and the wallboard show it: the same figures in both."""
     queues = services.queues
     queue = services.config().queues[name]
     states = queues.agent_states(name)  # also brings the lines up to date with the config
@@ -36,7 +37,9 @@ def _queue_json(services: AdminServices, name: str) -> dict[str, Any]:
             {"position": i, "id": e.id, "caller": e.number, "wait": round(now - e.entered, 3), "callback": e.callback}
             for i, e in enumerate(line.entries, start=1)
         ],
-        "agents": [{"extension": ext, "state": state} for ext, state in states.items()],
+        "agents": [{"extension": ext, "state": state, "since": _since(queues.agent_since(name, ext))} for ext, state in states.items()],
+        "voicemail_pending": snapshot.voicemail_pending,
+        "voicemail_overdue": snapshot.voicemail_overdue,
         "stats": {
             "day": stats.day,
             "offered": stats.offered,
@@ -49,10 +52,17 @@ def _queue_json(services: AdminServices, name: str) -> dict[str, Any]:
                 "failed": stats.callbacks_failed,
             },
             "service_level": stats.service_level,
+            "service_level_seconds": queue.service_level,
             "average_speed_of_answer": stats.average_speed_of_answer,
             "longest_wait": round(max(stats.longest_wait, snapshot.longest_wait), 3),
+            "surveys": stats.surveys,
+            "csat": round(stats.csat, 3) if stats.csat is not None else None,
         },
     }
+
+
+def _since(moment: float | None) -> str | None:
+    return iso_time(moment) if moment is not None else None
 
 
 def _queue_name(request: web.Request) -> str:
@@ -64,11 +74,11 @@ def _queue_name(request: web.Request) -> str:
 
 async def list_queues(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    return paged(request, [_queue_json(services, name) for name in services.config().queues])
+    return paged(request, [queue_json(services, name) for name in services.config().queues])
 
 
 async def get_queue(request: web.Request) -> web.Response:
-    return web.json_response(_queue_json(request.app[SERVICES], _queue_name(request)))
+    return web.json_response(queue_json(request.app[SERVICES], _queue_name(request)))
 
 
 async def set_agent(request: web.Request) -> web.Response:

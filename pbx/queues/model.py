@@ -50,6 +50,8 @@ class Entry:
     offering: asyncio.Task[None] | None = None
     tried: set[str] = field(default_factory=set)  # agents this entry was offered to in vain
     outcome: asyncio.Future[str] | None = None  # a caller's: answered
+    message: str | None = None  # voicemail work: the message's id (a callback that plays it to the agent first)
+    mailbox: str | None = None  # voicemail work: the mailbox it was left in
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Stats:
     answered_in_service_level: int = 0
     answer_wait_total: float = 0.0
     longest_wait: float = 0.0  # of the callers who left the line today, answered or not
+    surveys: int = 0  # scores callers gave in the queue's survey today
+    survey_score_total: int = 0
 
     @property
     def service_level(self) -> float | None:
@@ -75,6 +79,11 @@ class Stats:
     @property
     def average_speed_of_answer(self) -> float | None:
         return self.answer_wait_total / self.answered if self.answered else None
+
+    @property
+    def csat(self) -> float | None:
+        """Today's average survey score (customer satisfaction), None before the first."""
+        return self.survey_score_total / self.surveys if self.surveys else None
 
 
 @dataclass

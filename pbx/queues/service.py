@@ -13,6 +13,7 @@ callbacks (:mod:`~pbx.queues.callbacks`), the callers waiting
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,14 @@ from pbx.queues.dispatch import Dispatcher
 from pbx.queues.log import QueueLog
 from pbx.queues.model import Entry, Line, Lines
 from pbx.queues.stats import Figures, QueueSnapshot
+from pbx.queues.surveys import Surveys
+from pbx.queues.voicemail_work import VoicemailWork
 from pbx.queues.waiting import Waiting
 from pbx.sip.registrar import Registrar
 from pbx.store.db import Store
 from pbx.tasks import Background
+
+AGENT_WATCH_INTERVAL = 0.25  # seconds: an agent's change reaches the wallboard and the event feed within it
 
 
 class QueueService:
@@ -50,6 +55,7 @@ class QueueService:
     ) -> None:
         self.config = config
         self.lines = Lines()
+        self.events = events
         self._tasks = Background("queue")  # the dispatch loop, offers, and agents' wrap-ups after a queue call
         self._log = QueueLog(store)
         self._agents = Agents(config=config, calls=calls, registrar=registrar, lines=self.lines, log=self._log, tasks=self._tasks)
@@ -75,6 +81,9 @@ class QueueService:
             callbacks=self._callbacks,
             log=self._log,
         )
+        self.voicemail_work = VoicemailWork(
+            config=config, calls=calls, store=store, events=events, lines=self.lines, callbacks=self._callbacks, tasks=self._tasks
+        )
         self._dispatch = Dispatcher(
             config=config,
             calls=calls,
@@ -86,6 +95,8 @@ class QueueService:
             log=self._log,
             tasks=self._tasks,
         )
+        self._surveys = Surveys(store, events)
+        events.subscribe("survey_answered", self._figures.survey_answered)
         events.subscribe("call_ended", lambda **_: self.lines.wake_all())
         events.subscribe("registrations_changed", lambda **_: self.lines.wake_all())
 
@@ -96,12 +107,25 @@ class QueueService:
         self.lines.sync(self.config().queues)
         await self._agents.restore()
         await self._callbacks.restore()
+        await self.voicemail_work.restore()
         self._tasks.spawn(self._dispatch.run())
+        self._tasks.spawn(self._watch_agents())
+
+    async def _watch_agents(self) -> None:
+        """Announce each agent's state as it changes. A state is worked out
+        from several things (calls, do-not-disturb, registrations, wrap-up's
+        end, pauses), so it is looked at on a short period rather than at
+        each of their changes."""
+        while True:
+            for queue, agent, state, since in self._agents.changed():
+                self.events.emit("agent_state", queue=queue, agent=agent, state=state, since=since)
+            await asyncio.sleep(AGENT_WATCH_INTERVAL)
 
     async def stop(self) -> None:
         """Stop offering; pending callbacks stay in the database for the next start."""
         await self._tasks.close()
         await self._log.flush()
+        await self._surveys.flush()
 
     # --- what the call service asks ---
 
@@ -117,7 +141,15 @@ class QueueService:
         """*45 toggles login and *46 pause, in every queue the agent belongs to."""
         return await self._agents.feature(extension, code)
 
+    async def rated(self, call: Call, score: int) -> None:
+        """The caller of ``call`` rated it ``score`` (a rate node): stored with its queue and agent, then announced."""
+        await self._surveys.answered(call.id, call.queue, call.agent, score)
+
     # --- what the API asks ---
+
+    def agent_since(self, queue: str, extension: str) -> float | None:
+        """When the agent's present state began, as last announced (None: not yet)."""
+        return self._agents.since(queue, extension)
 
     def agent_states(self, queue: str) -> dict[str, str]:
         """Each agent of ``queue`` and its state now (one of pbx.queues.agents.AGENT_STATES)."""

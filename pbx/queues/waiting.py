@@ -71,8 +71,7 @@ class Waiting:
         decided: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         entry = Entry(id=call.id, number=call.caller, entered=time.time(), call=call, outcome=decided)
         line.add(entry)
-        self.figures.today(line).offered += 1
-        self.log.write(queue_name, "enter", call_id=call.id, number=call.caller, position=line.position(entry))
+        self.figures.caller_joined(line, entry)
         assert call.bridge.relay is not None
         side = call.bridge.relay.a
         audio = CallAudio(side, self.prompts(), codec.name)

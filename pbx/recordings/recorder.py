@@ -33,6 +33,7 @@ from typing import Any
 
 from pbx.config.model import Config
 from pbx.events import EventBus
+from pbx.media.audio_taps import listen, unlisten
 from pbx.media.clock import MediaClock
 from pbx.media.relay_side import RelaySide
 from pbx.recordings.files import (
@@ -151,7 +152,7 @@ class Recording:
 class Recorder:
     """Records bridged calls to ``data_dir/recordings/YYYY/MM/DD/<call-id>.wav``.
 
-    Events: ``recording_saved`` (call_id, seconds) and ``recording_failed``
+    Events: ``recording_saved`` (recording_id, call_id, queue, agent, seconds) and ``recording_failed``
     (call_id, error).
     """
 
@@ -247,9 +248,7 @@ class Recorder:
         )
         for channel, side in enumerate((caller, agent)):
             tap = recording._tap(side, channel, self._clock)
-            if side.on_audio is not None:
-                logger.warning("recording %s: relay side %s already had an audio listener; replacing it", call_id, side.name)
-            side.on_audio = tap
+            listen(side, tap)  # beside a supervisor listening in (pbx.calls.monitor)
             recording._taps.append((side, tap))
             played = recording._tap_played(side, channel, self._clock)
             side.other.on_played = played
@@ -283,8 +282,7 @@ class Recorder:
         try:
             self._open.pop(recording, None)
             for side, tap in recording._taps:
-                if side.on_audio is tap:
-                    side.on_audio = None
+                unlisten(side, tap)
             for side, played in recording._played_taps:
                 if side.on_played is played:
                     side.on_played = None
@@ -321,7 +319,9 @@ class Recorder:
             # The audio stays on disk: losing it would be worse than an unlisted file.
             self._fail(recording, exc, f"{exc} (file {sink.relative} kept, not listed)")
             return None
-        self._events.emit("recording_saved", call_id=recording.call_id, seconds=row["seconds"])
+        self._events.emit(
+            "recording_saved", recording_id=row["id"], call_id=row["call_id"], queue=row["queue"], agent=row["agent"], seconds=row["seconds"]
+        )
         logger.info("recording %s saved: %s (%.1f s)", recording.call_id, sink.relative, row["seconds"])
         return row
 

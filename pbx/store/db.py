@@ -80,6 +80,7 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "next_attempt": float,
             "call_id": str,
             "ended": str,
+            "message": str,  # voicemail work (pbx.queues.voicemail_work): the voicemail row's id; NULL for a callback asked for
         },
         "id",
     ),
@@ -109,11 +110,24 @@ SCHEMA: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
             "heard": int,  # 0: new (INBOX), 1: old
             "path": str,  # relative to storage.data_dir
             "email": str,  # "": none wanted, "pending": to send, "sent", "failed" (file gone)
+            "handled": str,  # a queue's mailbox: when an agent heard it and its caller was called back; NULL until then
         },
         "id",
     ),
     "queue_log": (
         {"id": int, "time": str, "queue": str, "call_id": str, "agent": str, "event": str, "data": str},
+        "id",
+    ),
+    # One row per score a caller gave in a rate node (the post-call survey, pbx.queues.surveys).
+    "surveys": (
+        {
+            "id": int,
+            "call_id": str,
+            "queue": str,  # the queue the call waited in; NULL for a call that met none
+            "agent": str,  # the agent who took it
+            "score": int,
+            "time": str,
+        },
         "id",
     ),
     # What a phone set with feature codes (*72/*73, *78/*79), one row per extension that did.
@@ -138,8 +152,10 @@ INDEXES = {
     "recordings_started": "recordings(started)",
     "queue_log_event": "queue_log(event)",
     "callbacks_status": "callbacks(status, entered)",
+    "callbacks_message": "callbacks(message) where message is not null",  # voicemail work: a message's callback
     "voicemail_mailbox": "voicemail(mailbox, heard)",
     "registrations_expires": "registrations(expires_at)",
+    "surveys_time": "surveys(time)",
 }
 
 

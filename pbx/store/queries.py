@@ -38,9 +38,9 @@ async def _page(
     return result
 
 
-def _since_until(start: str | None, end: str | None) -> list[tuple[str, list[Any]]]:
-    """``started`` from ``start`` (inclusive) until ``end`` (exclusive), either left open when None."""
-    bounds = (("started >= ?", start), ("started < ?", end))
+def _since_until(start: str | None, end: str | None, column: str = "started") -> list[tuple[str, list[Any]]]:
+    """``column`` from ``start`` (inclusive) until ``end`` (exclusive), either left open when None."""
+    bounds = ((f"{column} >= ?", start), (f"{column} < ?", end))
     return [(clause, [value]) for clause, value in bounds if value is not None]
 
 
@@ -78,6 +78,18 @@ async def recording_page(
 async def recording_row(store: Store, recording_id: str) -> Row | None:
     rows = await store.rows("recordings", "id = ?", [recording_id])
     return rows[0] if rows else None
+
+
+async def survey_page(
+    store: Store, *, start: str | None, end: str | None, queue: str | None, agent: str | None, limit: int, offset: int
+) -> Page:
+    """Survey scores given in ``[start, end)``, of ``queue``, for ``agent`` (each filter left out when None), newest first."""
+    conditions = _since_until(start, end, "time")
+    if queue is not None:
+        conditions.append(("queue = ?", [queue]))
+    if agent is not None:
+        conditions.append(("agent = ?", [agent]))
+    return await _page(store, "surveys", conditions, "time desc, id desc", limit, offset)
 
 
 def _cdr_columns(store: Store) -> list[str]:

@@ -240,6 +240,7 @@ class VoicemailService:
         await self.store.insert("voicemail", row)
         logger.info("voicemail %s for %s from %s: %.1f s, ended by %s", message_id, mailbox, caller, seconds, ended)
         self._count(mailbox, new=1)
+        self.events.emit("voicemail_left", mailbox=mailbox, message_id=message_id, caller=caller, seconds=row["seconds"])
         if wants_mail:
             self._tasks.spawn(self._mail(row))
 
