@@ -41,6 +41,8 @@ test-deps:
 	@command -v linphonec >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends linphone-cli; }
 # The RTCP tests decode what reaches the phones with tshark.
 	@command -v tshark >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends tshark; }
+# The wallboard test drives Debian's headless chromium with its chromedriver (no browser download at test time).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends chromium chromium-driver; }
 # fail2ban-regex checks the shipped fail2ban filter; the service the package enables is not wanted here.
 	@command -v fail2ban-regex >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends fail2ban \
 	  && { ! test -d /run/systemd/system || $(SUDO) systemctl disable --now fail2ban; }; }

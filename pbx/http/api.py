@@ -24,6 +24,7 @@ from pbx.http.schemas import ref
 from pbx.http.services import SERVICES, AdminServices
 from pbx.ivr import http as ivr_http
 from pbx.live import http as live_http
+from pbx.live import wallboard
 from pbx.queues import http as queues_http
 from pbx.queues import survey_http
 from pbx.recordings import http as recordings_http
@@ -65,6 +66,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *cdr_http.OPERATIONS,
     *ivr_http.OPERATIONS,
     *live_http.OPERATIONS,
+    *wallboard.OPERATIONS,
 )
 
 
@@ -72,6 +74,7 @@ def add_api(app: web.Application, services: AdminServices) -> None:
     """Serve the admin API over ``services`` on ``app`` (made by make_http_app)."""
     app[SERVICES] = services
     app[DOCUMENT] = document(OPERATIONS, __version__)
+    live_http.serve_sockets(app)
     for op in OPERATIONS:
         if op.handler is not None:
             app.router.add_route(op.method, op.path, op.handler)

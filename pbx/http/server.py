@@ -1,7 +1,7 @@
 """The HTTP side: /healthz, /metrics and the admin API of CONTRACT §4 (pbx.http.api), and the
 one middleware that renders every error (a pbx.errors.PbxError) as JSON.
 
-Every route but /healthz needs ``Authorization: Bearer <http.token>``, on
+Every route but /healthz and the wallboard's static page needs ``Authorization: Bearer <http.token>``, on
 loopback too (the config refuses an empty token). The token is read for
 each request, so a reload that changes it takes effect at once: the old one
 is refused from then on. The event WebSocket (:data:`TICKET_PATHS`) also
@@ -31,7 +31,8 @@ METRICS = web.AppKey("metrics", Metrics)
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 TICKETS = web.AppKey("tickets", Tickets)
 
-OPEN_PATHS = frozenset({"/healthz"})
+# The wallboard's page, style and script (pbx.live.wallboard) hold no data: its data comes with a ticket.
+OPEN_PATHS = frozenset({"/healthz", "/wallboard", "/wallboard.css", "/wallboard.js"})
 TICKET_PATHS = frozenset({"/api/events"})
 JSON_TYPE = "application/json"
 

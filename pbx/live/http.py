@@ -36,6 +36,19 @@ BACKLOG = 10_000  # events queued for one client before it counts as gone
 BOARD_DELAY = 0.1  # seconds: events in a burst make one board
 BOARD_REFRESH = 5.0  # seconds: a board with no event since, for the clocks on the page to stay true
 HEARTBEAT = 30.0  # seconds between pings: a client gone without a close is noticed
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("event_sockets")
+
+
+def serve_sockets(app: web.Application) -> None:
+    """Keep account of ``app``'s event sockets, so that stopping the server
+    closes them (1001, going away) instead of waiting for the clients to."""
+    app[SOCKETS] = set()
+    app.on_shutdown.append(_close_sockets)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping")
 
 
 async def create_ticket(request: web.Request) -> web.Response:
@@ -71,6 +84,7 @@ async def events_socket(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise BadRequest("GET /api/events is a WebSocket: send the upgrade headers", code="websocket-required")
     await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
     backlog = Backlog()
     changed = asyncio.Event()
 
@@ -88,6 +102,7 @@ async def events_socket(request: web.Request) -> web.StreamResponse:
             if message.type == WSMsgType.ERROR:
                 break
     finally:
+        request.app[SOCKETS].discard(ws)
         with contextlib.suppress(ValueError):
             stop()
         for sender in senders:
