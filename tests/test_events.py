@@ -10,6 +10,7 @@ import hmac
 import json
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def verified(headers: dict[str, str], body: bytes, secret: str = SECRET) -> dict
 
 @pytest.fixture
 async def phones() -> AsyncIterator[dict[str, Phone]]:
-    async with phones_for(["1001", "1002"]) as started:
+    async with phones_for(["1001", "1002", "1003"]) as started:
         yield started
 
 
@@ -169,6 +170,56 @@ async def test_a_failing_webhook_is_retried_and_counted_and_a_silent_one_holds_n
         await server.stop()
         await crm.stop()
         silent.close()
+
+
+async def test_a_transfer_a_recording_and_a_voicemail_are_on_the_feed(tmp_path: Path, phones: dict[str, Phone]) -> None:
+    extensions = {ext: {"name": f"User {ext}", "password": pw, "record": ext == "1002"} for ext, pw in PASSWORDS.items()}
+    extensions["1003"]["voicemail"] = {}
+    server = await start_server(tmp_path / "pbx", extensions=extensions)
+    base = f"http://{server_http(server)}"
+    a, b = phones["1001"], phones["1002"]
+    try:
+        for ext, phone in phones.items():
+            await phone.register(server.sip, ext, PASSWORDS[ext])
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session,
+            session.ws_connect(f"{base}/api/events?types=call.transferred,call.ended,recording.ready,voicemail.left") as ws,
+        ):
+            # 1001 calls 1002 (recorded); the API transfers 1001 to 1003, who does not answer: voicemail.
+            call = await a.call("sip:1002@pbx.local")
+            incoming = await b.wait_event("incoming", timeout=15)
+            await b.answer(incoming["call"])
+            await a.wait_event("call_state", call=call, state="confirmed")
+            await asyncio.sleep(1)  # the conversation's length: the recording has audio
+            async with session.get(f"{base}/api/calls") as response:
+                (bridged,) = (await response.json())["items"]
+            async with session.post(f"{base}/api/calls/{bridged['id']}/transfer", json={"to": "voicemail:1003"}) as response:
+                assert response.status == 200, await response.text()
+                piece = await response.json()
+            await b.wait_event("call_state", call=incoming["call"], state="disconnected")
+            await server.wait_log(r"voicemail for 1003 from 1001: recording")
+            await a.play_tone(call, 1000)
+            await asyncio.sleep(1.5)  # the message's length
+            await a.dtmf(call, "#")
+            await a.wait_event("call_state", call=call, state="disconnected", timeout=15)
+            seen: list[dict[str, Any]] = []
+            while Counter(e["type"] for e in seen) != {"call.transferred": 1, "call.ended": 2, "recording.ready": 1, "voicemail.left": 1}:
+                seen += await next_events(ws, lambda _: True)
+        (moved,) = [e for e in seen if e["type"] == "call.transferred"]
+        assert (moved["call_id"], moved["to"], moved["by"]) == (bridged["id"], "1003", "1002")
+        (recorded,) = [e for e in seen if e["type"] == "recording.ready"]
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+            async with session.get(f"{base}/api/recordings") as response:
+                (recording,) = (await response.json())["items"]
+            async with session.get(f"{base}/api/voicemail/1003") as response:
+                (message,) = (await response.json())["items"]
+        assert (recorded["recording_id"], recorded["call_id"], recorded["seconds"]) == (recording["id"], bridged["id"], recording["seconds"])
+        (left,) = [e for e in seen if e["type"] == "voicemail.left"]
+        assert (left["mailbox"], left["message_id"], left["caller"]) == ("1003", message["id"], "1001")
+        ended = {e["call_id"]: e["disposition"] for e in seen if e["type"] == "call.ended"}
+        assert ended == {bridged["id"]: "answered", piece["id"]: "voicemail"}
+    finally:
+        await server.stop()
 
 
 def verified_status(body: bytes) -> bool:

@@ -140,7 +140,8 @@ async def test_a_scripted_day_reads_the_same_everywhere(tmp_path: Path, phones: 
             incoming, _ = await take_call(caller)
             await hang_up(other, call, caller, incoming)
 
-            await feed.until(lambda: sum(1 for e in feed.events("callback.done")) == 1 and len(feed.events("call.ended")) == 5)
+            done = {"callback.done": 1, "call.ended": 5, "recording.ready": 2}  # the day is over once all of these came
+            await feed.until(lambda: all(len(feed.events(kind)) == count for kind, count in done.items()))
             _, body = await server.http("/api/cdr?limit=1000")
             cdr = json.loads(body)["items"]
             assert len(cdr) == 5
@@ -190,5 +191,11 @@ async def test_a_scripted_day_reads_the_same_everywhere(tmp_path: Path, phones: 
         assert (value(samples, "pbx_csat_score_count", queue="support"), value(samples, "pbx_csat_score_sum", queue="support")) == (1, 4)
         (answered,) = [r for r in cdr if r["call_id"] == rated["call_id"]]
         assert (answered["disposition"], answered["hangup"]) == ("answered", "callee")
+
+        # The recordings of the queue's calls (the answered one and the callback).
+        _, body = await server.http("/api/recordings")
+        recordings = {r["id"]: r["call_id"] for r in json.loads(body)["items"]}
+        assert {e["recording_id"]: e["call_id"] for e in feed.events("recording.ready")} == recordings
+        assert len(recordings) == 2 == value(samples, "pbx_recordings_total")
     finally:
         await server.stop()
