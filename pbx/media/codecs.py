@@ -89,13 +89,12 @@ def decode_to_pcm16(codec_name: str, payload: bytes) -> npt.NDArray[np.int16]:
     return table[np.frombuffer(payload, dtype=np.uint8)]
 
 
-class Decoder:
-    """Turns one stream's payloads into 8 kHz 16-bit samples, for recording.
+class _StreamCoder:
+    """What :class:`Decoder` and :class:`Encoder` share: one stream's codec
+    and, for G.722, the state kept from frame to frame. Raises
+    UnsupportedCodec for codecs other than G.711 and G.722."""
 
-    G.711 needs no state; G.722 (ADPCM, 16 kHz) keeps its predictor and the
-    resampler's filter state between packets, so use one decoder per stream.
-    Raises UnsupportedCodec for other codecs.
-    """
+    role = "coder"
 
     def __init__(self, codec_name: str) -> None:
         self.codec = codec_name.upper()
@@ -103,7 +102,17 @@ class Decoder:
             self._g722 = G722Adpcm(16000, 64000)
             self._ratecv: Any = None
         elif self.codec not in _PCM16:
-            raise UnsupportedCodec(f"no decoder for {codec_name}")
+            raise UnsupportedCodec(f"no {self.role} for {codec_name}")
+
+
+class Decoder(_StreamCoder):
+    """Turns one stream's payloads into 8 kHz 16-bit samples, for recording.
+
+    G.711 needs no state; G.722 (ADPCM, 16 kHz) keeps its predictor and the
+    resampler's filter state between packets, so use one decoder per stream.
+    """
+
+    role = "decoder"
 
     def __call__(self, payload: bytes) -> npt.NDArray[np.int16]:
         if self.codec != "G722":
@@ -113,22 +122,15 @@ class Decoder:
         return np.frombuffer(narrow, dtype=np.int16)
 
 
-class Encoder:
+class Encoder(_StreamCoder):
     """Turns 8 kHz 16-bit samples into one stream's payloads: the way back of
     :class:`Decoder`, for audio the server mixes (pbx.media.mixer).
 
     G.711 needs no state; G.722 keeps its ADPCM state and the resampler's
     (8 kHz up to its 16 kHz) between frames, so use one encoder per stream.
-    Raises UnsupportedCodec for other codecs.
     """
 
-    def __init__(self, codec_name: str) -> None:
-        self.codec = codec_name.upper()
-        if self.codec == "G722":
-            self._g722 = G722Adpcm(16000, 64000)
-            self._ratecv: Any = None
-        elif self.codec not in _PCM16:
-            raise UnsupportedCodec(f"no encoder for {codec_name}")
+    role = "encoder"
 
     def __call__(self, pcm: npt.NDArray[np.int16]) -> bytes:
         data = pcm.astype(np.int16, copy=False).tobytes()  # native order, as audioop takes it

@@ -77,16 +77,7 @@ class Callbacks:
             line = self.lines.get(row["queue"])
             if line is None:
                 continue
-            line.add(
-                Entry(
-                    id=row["id"],
-                    number=row["number"],
-                    entered=row["entered"],
-                    callback=True,
-                    attempts=row["attempts"],
-                    next_attempt=row["next_attempt"],
-                )
-            )
+            line.add(Entry.pending_callback(row))
         pending = sum(len(line.entries) for line in self.lines.values())
         if pending:
             logger.info("%d pending callbacks restored", pending)

@@ -9,6 +9,7 @@ import asyncio
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pbx.calls.model import Call
 from pbx.config.model import Queue
@@ -52,6 +53,20 @@ class Entry:
     outcome: asyncio.Future[str] | None = None  # a caller's: answered
     message: str | None = None  # voicemail work: the message's id (a callback that plays it to the agent first)
     mailbox: str | None = None  # voicemail work: the mailbox it was left in
+
+    @classmethod
+    def pending_callback(cls, row: Mapping[str, Any]) -> Entry:
+        """The place in line of a pending ``callbacks`` row (with ``mailbox`` when the query joined it)."""
+        return cls(
+            id=row["id"],
+            number=row["number"],
+            entered=row["entered"],
+            callback=True,
+            attempts=row["attempts"],
+            next_attempt=row["next_attempt"],
+            message=row.get("message"),
+            mailbox=row.get("mailbox"),
+        )
 
 
 @dataclass

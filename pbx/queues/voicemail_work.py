@@ -113,18 +113,7 @@ class VoicemailWork:
             line = self.lines.get(row["queue"])
             if line is None:
                 continue
-            line.add(
-                Entry(
-                    id=row["id"],
-                    number=row["number"],
-                    entered=row["entered"],
-                    callback=True,
-                    attempts=row["attempts"],
-                    next_attempt=row["next_attempt"],
-                    message=row["message"],
-                    mailbox=row["mailbox"],
-                )
-            )
+            line.add(Entry.pending_callback(row))
         if pending:
             logger.info("%d pending voicemail callbacks restored", len(pending))
         for row in unlisted:
