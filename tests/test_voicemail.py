@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.support.audio import duration, read_samples
+from tests.support.audio import duration, tone_seconds
 from tests.support.phone import Phone, phones_for
 from tests.support.server import PASSWORDS, Server, free_port, start_server
 from tests.support.smtp import start_smtp
@@ -54,22 +53,6 @@ def messages(server: Server, mailbox: str) -> list[dict[str, Any]]:
     with sqlite3.connect(server.folder / "pbx.db") as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("select * from voicemail where mailbox = ? order by received", [mailbox])]
-
-
-def tone_seconds(path: Path, freq: float, *, skip: float = 0.0) -> float:
-    """How many seconds of ``path`` are dominated by a tone at ``freq`` (100 ms windows)."""
-    samples, rate = read_samples(path)
-    samples = samples[int(skip * rate) :]
-    window = rate // 10
-    hits = 0
-    for start in range(0, len(samples) - window, window):
-        chunk = samples[start : start + window]
-        if np.sqrt(np.mean(chunk**2)) < 0.01:
-            continue
-        spectrum = np.abs(np.fft.rfft(chunk * np.hanning(window)))
-        if abs(np.argmax(spectrum) * rate / window - freq) <= 20:
-            hits += 1
-    return hits / 10
 
 
 async def dial(phone: Phone, number: str) -> int:

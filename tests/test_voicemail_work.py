@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from pbx.config.load import load_config
 from pbx.config.model import ConfigError
-from tests.support.audio import read_samples
+from tests.support.audio import tone_seconds
 from tests.support.phone import Phone, exchange_tones, phones_for
 from tests.support.server import Server, queue_settings, restart_server, start_server
 
@@ -84,21 +83,6 @@ def message_row(server: Server, message_id: str) -> dict[str, Any]:
     with sqlite3.connect(server.folder / "pbx.db") as db:
         db.row_factory = sqlite3.Row
         return dict(db.execute("select * from voicemail where id = ?", [message_id]).fetchone())
-
-
-def tone_seconds(path: Path, freq: float) -> float:
-    """Seconds of ``path`` dominated by a tone at ``freq`` (100 ms windows)."""
-    samples, rate = read_samples(path)
-    window = rate // 10
-    hits = 0
-    for start in range(0, len(samples) - window, window):
-        chunk = samples[start : start + window]
-        if np.sqrt(np.mean(chunk**2)) < 0.01:
-            continue
-        spectrum = np.abs(np.fft.rfft(chunk * np.hanning(window)))
-        if abs(np.argmax(spectrum) * rate / window - freq) <= 20:
-            hits += 1
-    return hits / 10
 
 
 async def test_an_agent_hears_the_message_then_its_caller_is_called_back_even_after_a_restart(

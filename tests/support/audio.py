@@ -43,6 +43,22 @@ def dominant_frequency(path: str | Path, *, skip_seconds: float = 0.3) -> float:
     return float(np.argmax(spectrum) * rate / samples.size)
 
 
+def tone_seconds(path: str | Path, freq: float, *, skip: float = 0.0) -> float:
+    """How many seconds of ``path`` are dominated by a tone at ``freq`` (100 ms windows)."""
+    samples, rate = read_samples(path)
+    samples = samples[int(skip * rate) :]
+    window = rate // 10
+    hits = 0
+    for start in range(0, len(samples) - window, window):
+        chunk = samples[start : start + window]
+        if np.sqrt(np.mean(chunk**2)) < 0.01:
+            continue
+        spectrum = np.abs(np.fft.rfft(chunk * np.hanning(window)))
+        if abs(np.argmax(spectrum) * rate / window - freq) <= 20:
+            hits += 1
+    return hits / 10
+
+
 def rms(path: str | Path, skip_seconds: float = 0.0) -> float:
     """Root-mean-square level relative to full scale (a full-scale sine is about 0.707)."""
     samples, _ = _after(path, skip_seconds)
