@@ -107,14 +107,14 @@ class RelayProcess:
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while True:
             events = self.poller.poll(REPORT_INTERVAL if self.batch else FLUSH_INTERVAL)
+            # The server's messages first: a route it sent before a packet
+            # arrived is ready by the time the packet is, and must apply to it.
+            if any(fd == control_fd for fd, _ in events) and not self._read_control():
+                return
             for fd, _ in events:
-                if fd == control_fd:
-                    if not self._read_control():
-                        return
-                else:
-                    port = self.ports.get(fd)
-                    if port is not None:
-                        self._take(port)
+                port = self.ports.get(fd)
+                if port is not None:
+                    self._take(port)
             now = time.monotonic()
             if now >= next_flush:
                 next_flush = now + FLUSH_INTERVAL
