@@ -11,14 +11,15 @@ hangs up --duration seconds after the answer):
   prompt short and starts it again. SIPp calls from 127.0.0.2, the address of
   a trunk in the config, so no authentication. N calls at up to --rate new
   calls per second, up to N at once.
-- baseline: bench/pjsua_baseline.py, pjsua2's C engine (one process, at most 4
-  calls, null sound device) answering 4 such calls and playing the same
+- baseline: bench/pjsua_baseline.py, pjsua2's C engine (at most 4 calls a
+  process, null sound device), in 10 processes answering 4 such calls each
+  (one SIPp per process) and playing the same
   prompt (welcome + menu from config/sounds, as one 8 kHz 16-bit mono WAV) in a
   loop to each through its own AudioMediaPlayer, decoding the same keys.
 
 Measured, over the call phase (SIPp start to SIPp exit):
 - CPU seconds (utime + stime, read in nanoseconds from the process's CPU
-  clock) of the server's process, or of the pjsua2 process, minus its idle CPU: each is first measured idle for
+  clock) of the server's process and its children, or of the pjsua2 processes, minus their idle CPU: each is first measured idle for
   as long as its call phase should last (after, for the PBX, one short call
   that loads the prompt), and that idle rate times the phase's length is
   subtracted. The per-call figures are these net seconds / calls that
@@ -111,8 +112,12 @@ nodes:
 # RTP ports of the PBX: below Linux's ephemeral range (32768-60999), where
 # SIPp's media port is; pjsua2's come from BASELINE_RTP.
 RTP_PORTS = (20000, 31998)
-BASELINE_RTP = (40000, 40040)
-BASELINE_CALLS = 4  # pjsua2's PJSUA_MAX_CALLS in the only builds there are
+BASELINE_CALLS = 4  # per process: pjsua2's PJSUA_MAX_CALLS in the only builds there are
+# Processes of the baseline: with one, its 4 calls' CPU was lost in the noise
+# of its idle rate (0.017 to 0.034 s a call from one run to the next).
+BASELINE_PROCESSES = 10
+BASELINE_RTP_SPAN = 40  # RTP ports of each baseline process
+BASELINE_RTP = (40000, 40000 + BASELINE_RTP_SPAN * BASELINE_PROCESSES - 1)
 
 
 # --- measurements -------------------------------------------------------------
@@ -193,15 +198,16 @@ async def measure_idle(pid: int, seconds: float) -> float:
 async def place_calls(
     run: Run,
     work: Path,
-    target: str,
-    pid: int,
+    targets: list[tuple[str, int]],
     rtp_ports: tuple[int, int],
     keys_heard: Callable[[], Awaitable[int | None]],
 ) -> None:
-    """Measure ``pid`` idle, then place the run's calls to ``target`` while
-    capturing its RTP, and fill in ``run``."""
+    """Measure each target's process idle, then place the run's calls to the
+    targets ((SIP address, pid) each: as many calls to each, one SIPp each)
+    while capturing their RTP, and fill in ``run``."""
     phase = run.calls / run.rate + run.duration
-    idle_rate = await measure_idle(pid, phase)
+    pids = [pid for _, pid in targets]
+    idle_rate = sum(await asyncio.gather(*(measure_idle(pid, phase) for pid in pids)))
     limit = phase + 60
     capture = await Capture.start(
         work / "rtp.pcap",
@@ -211,24 +217,30 @@ async def place_calls(
     )
     try:
         heard_before = await keys_heard()
-        cpu_before, t0 = cpu_seconds(pid), time.monotonic()
-        uac = await run_sipp(
-            SCENARIO,
-            target,
-            local_ip=CALLER_IP,
-            service=SERVICE,
-            calls=run.calls,
-            extra=[
-                "-set", "duration", str(round(run.duration * 1000)),
-                "-set", "interval", str(round(run.interval * 1000)),
-                "-l", str(run.calls), "-r", str(run.rate), "-fd", "1",
-                "-aa",  # the server qualifies its trunk (this caller) with OPTIONS
-            ],  # fmt: skip
-            timeout=limit,
-            trace_messages=False,
-            log_dir=work / "uac",
+        calls, rate = run.calls // len(targets), run.rate / len(targets)
+        cpu_before, t0 = sum(map(cpu_seconds, pids)), time.monotonic()
+        uacs = await asyncio.gather(
+            *(
+                run_sipp(
+                    SCENARIO,
+                    target,
+                    local_ip=CALLER_IP,
+                    service=SERVICE,
+                    calls=calls,
+                    extra=[
+                        "-set", "duration", str(round(run.duration * 1000)),
+                        "-set", "interval", str(round(run.interval * 1000)),
+                        "-l", str(calls), "-r", f"{rate:g}", "-fd", "1",
+                        "-aa",  # the server qualifies its trunk (this caller) with OPTIONS
+                    ],  # fmt: skip
+                    timeout=limit,
+                    trace_messages=False,
+                    log_dir=work / f"uac{index}",
+                )
+                for index, (target, _) in enumerate(targets)
+            )
         )
-        cpu_after, t1 = cpu_seconds(pid), time.monotonic()
+        cpu_after, t1 = sum(map(cpu_seconds, pids)), time.monotonic()
         heard_after = await keys_heard()
     finally:
         run.rtp = await capture.intervals()
@@ -236,14 +248,16 @@ async def place_calls(
         (work / "rtp.pcap").unlink()  # it can be large; the intervals are what counts
     run.cpu_seconds, run.wall_seconds = cpu_after - cpu_before, t1 - t0
     run.idle_cpu = idle_rate * run.wall_seconds
-    run.successful = uac.successful_calls or 0
-    run.failed = max(run.calls - run.successful, uac.failed_calls or 0)
-    run.peak = peak_calls(work / "uac" / f"{SCENARIO.stem}_stat.csv")
+    run.successful = sum(uac.successful_calls or 0 for uac in uacs)
+    run.failed = max(run.calls - run.successful, sum(uac.failed_calls or 0 for uac in uacs))
+    peaks = [peak_calls(work / f"uac{index}" / f"{SCENARIO.stem}_stat.csv") for index in range(len(targets))]
+    run.peak = sum(p for p in peaks if p is not None) if any(p is not None for p in peaks) else None
     if heard_before is not None and heard_after is not None:
         run.keys_heard = heard_after - heard_before
-    if not uac.ok or run.failed:
-        run.error = f"SIPp exit code {uac.returncode}"
-        show_failure(f"{run.system}: UAC ({SCENARIO.name})", uac)
+    for uac in uacs:
+        if not uac.ok or run.failed:
+            run.error = f"SIPp exit code {uac.returncode}"
+            show_failure(f"{run.system}: UAC ({SCENARIO.name})", uac)
 
 
 async def pbx_run(run: Run, work: Path, log_level: str) -> None:
@@ -270,7 +284,7 @@ async def pbx_run(run: Run, work: Path, log_level: str) -> None:
                 return None
 
         await warm_up(server, work)
-        await place_calls(run, work, server.sip, server.proc.pid, RTP_PORTS, menu_visits)
+        await place_calls(run, work, [(server.sip, server.proc.pid)], RTP_PORTS, menu_visits)
         # Every call enters the menu once on answering, and once more for each key.
         if run.keys_heard is not None:
             run.keys_heard -= run.successful
@@ -304,12 +318,12 @@ class Baseline:
         self.stats: dict[str, int] = {}
 
     @classmethod
-    async def start(cls, wav: Path, log: Path, max_seconds: float) -> Baseline:
+    async def start(cls, wav: Path, log: Path, max_seconds: float, rtp_port: int) -> Baseline:
         with open(log, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(BASELINE_PROGRAM),
                 "--wav", str(wav), "--sip-port", str(free_port()),
-                "--rtp-port", str(BASELINE_RTP[0]), "--rtp-range", str(BASELINE_RTP[1] - BASELINE_RTP[0]),
+                "--rtp-port", str(rtp_port), "--rtp-range", str(BASELINE_RTP_SPAN),
                 "--max-seconds", str(math.ceil(max_seconds)),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
             )  # fmt: skip
@@ -348,20 +362,25 @@ class Baseline:
 
 
 async def baseline_run(run: Run, work: Path, wav: Path) -> None:
-    """The calls to pjsua2 playing the prompt; its process's CPU."""
+    """The calls to the pjsua2 processes playing the prompt; their CPU."""
     phase = run.calls / run.rate + run.duration
-    baseline = await Baseline.start(wav, work / "pjsua.log", max_seconds=2 * phase + 120)
+    baselines: list[Baseline] = []
     try:
+        for index in range(BASELINE_PROCESSES):
+            rtp_port = BASELINE_RTP[0] + index * BASELINE_RTP_SPAN
+            baselines.append(await Baseline.start(wav, work / f"pjsua{index}.log", max_seconds=2 * phase + 120, rtp_port=rtp_port))
 
         async def no_count() -> int | None:
             return 0
 
-        await place_calls(run, work, f"127.0.0.1:{baseline.sip_port}", baseline.proc.pid, BASELINE_RTP, no_count)
+        targets = [(f"127.0.0.1:{b.sip_port}", b.proc.pid) for b in baselines]
+        await place_calls(run, work, targets, BASELINE_RTP, no_count)
     finally:
-        await baseline.stop()
-    run.keys_heard = baseline.stats.get("digits")
-    if baseline.stats.get("players", run.successful) < run.successful:
-        run.error = (run.error + "; " if run.error else "") + f"only {baseline.stats['players']} players started"
+        await asyncio.gather(*(b.stop() for b in baselines))
+    run.keys_heard = sum(b.stats.get("digits", 0) for b in baselines)
+    players = sum(b.stats.get("players", 0) for b in baselines)
+    if players < run.successful:
+        run.error = (run.error + "; " if run.error else "") + f"only {players} players started"
 
 
 def make_prompt_wav(path: Path) -> Path:
@@ -471,7 +490,7 @@ async def main(args: argparse.Namespace) -> int:
             runs = []
             runners: dict[str, tuple[int, Callable[[Run, Path], Awaitable[None]]]] = {
                 "pbx": (calls, lambda run, work: pbx_run(run, work, args.log_level)),
-                "baseline": (BASELINE_CALLS, lambda run, work: baseline_run(run, work, wav)),
+                "baseline": (BASELINE_CALLS * BASELINE_PROCESSES, lambda run, work: baseline_run(run, work, wav)),
             }
             for system, (n, runner) in runners.items():
                 run = Run(system, n, args.duration, args.interval, args.rate)
@@ -495,7 +514,7 @@ async def main(args: argparse.Namespace) -> int:
         f"\nEach call {args.duration:g} s, a key every {args.interval:g} s, up to {args.rate:g} new calls/s. CPU s/call: "
         "CPU of the process over the call phase minus its idle rate over as long, per completed call. "
         f"base: pjsua2 {pjsua_version()} (C engine, one AudioMediaPlayer per call, null sound device) answering "
-        f"{BASELINE_CALLS} calls in the same run. ratio: pbx / base per call; ratio/pkt: per RTP packet sent, target <= 1.0. RTP: intervals "
+        f"{BASELINE_CALLS * BASELINE_PROCESSES} calls ({BASELINE_CALLS} in each of {BASELINE_PROCESSES} processes) in the same run. ratio: pbx / base per call; ratio/pkt: per RTP packet sent, target <= 1.0. RTP: intervals "
         "between the packets of each stream the PBX sent, captured on lo; target p99 within 20 +- 5 ms. pkt/s/call: "
         "the packets of the median stream over the call's length; a continuous stream is 50."
     )
