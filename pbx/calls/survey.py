@@ -96,7 +96,8 @@ class Survey:
     async def _survey(self, call: Call, flow: Destination, queued: asyncio.Task[Any] | None) -> None:
         """Take the caller into ``flow`` once the call's work so far (its wait
         in the queue, ``queued``) is over: an agent who hangs up at once may
-        leave it still cleaning up, which stops whatever plays to the caller."""
+        leave it still cleaning up the caller's side (its announcement, its
+        keys), and one task at a time speaks to a caller."""
         if queued is not None and not queued.done():
             await asyncio.wait([queued])
         if not call.ended:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pbx.media.playback import Playback
 from pbx.media.prompts import PromptLibrary, PromptNotFound
 from pbx.media.relay_side import RelaySide
 
@@ -23,6 +24,7 @@ class CallAudio:
         self.prompts = prompts
         self.codec = codec
         self._keys: asyncio.Queue[str] = asyncio.Queue()
+        self._playback: Playback | None = None  # the last thing this caller's session played
         side.on_dtmf = self.press
 
     def press(self, key: str) -> None:
@@ -54,7 +56,7 @@ class CallAudio:
         """Play encoded frames; with ``interruptible``, the key that stopped them."""
         if interruptible and not self._keys.empty():
             return self._keys.get_nowait()
-        playback = self.side.play(frames)
+        playback = self._playback = self.side.play(frames)
         if not interruptible:
             await playback.done
             return None
@@ -81,8 +83,16 @@ class CallAudio:
         while not self._keys.empty():
             self._keys.get_nowait()
 
+    def silence(self) -> None:
+        """Stop what this session plays. Only that: whatever plays to the side
+        since (a survey's prompt, a transfer's ringback) belongs to someone else,
+        and a session that ends late must not cut it off."""
+        if self._playback is not None:
+            self._playback.stop()
+            self._playback = None
+
     def stop(self) -> None:
-        """The call leaves the IVR: silence our stream and stop listening for keys."""
-        self.side.stop_playback()
+        """The call leaves the IVR: silence what it played and stop listening for keys."""
+        self.silence()
         if self.side.on_dtmf == self.press:  # not the keys of a bridged call (pbx.calls.feature_keys)
             self.side.on_dtmf = None

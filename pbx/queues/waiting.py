@@ -148,7 +148,7 @@ class Waiting:
         finally:
             if not task.done():
                 task.cancel()
-                audio.side.stop_playback()
+                audio.silence()
         return task.result() if task.done() and not task.cancelled() else None
 
     def _announcement(self, line: Line, entry: Entry, queue: Queue, wait: float | None) -> list[str]:
