@@ -67,11 +67,12 @@ class DialPolicy:
             security_event(self.events, kind, src, number=destination.target, extension=party, trunk=exc.trunk)
             raise
 
-    def refusal(self, destination: Destination, party: str | None = None) -> DialRefused | None:
-        """Why :meth:`outbound_trunk` would refuse ``destination`` now, if it
-        would (no event logged: nobody asked yet)."""
+    def refusal(self, destination: Destination, party: str | None = None, *, now: bool = True) -> DialRefused | None:
+        """Why :meth:`outbound_trunk` would refuse ``destination`` (``now``, or
+        ever: a full trunk is no reason then), if it would (no event logged:
+        nobody asked yet)."""
         try:
-            self._trunk(destination, party)
+            self._trunk(destination, party, now=now)
         except DialRefused as exc:
             return exc
         return None

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from pbx.calls.control import CallControl
 from pbx.calls.model import Unreachable
+from pbx.calls.routing import DialRefused
 from pbx.config.model import Config, Destination, Queue
 from pbx.errors import NotFound, QueueError
 from pbx.events import EventBus
@@ -91,6 +92,13 @@ class Callbacks:
         whoever asked for it: a caller's ID or digits, or the API)."""
         if number not in self.config().extensions:
             self.calls.dialing.outbound_trunk(self.destination(number), None, src=src, now=False)
+
+    def refusal(self, number: str) -> DialRefused | None:
+        """Why ``number`` may never be called back, quietly: :meth:`check_number`
+        without its security event, for a number nobody asked to dial (a
+        voicemail's caller). A trunk that is full now is no reason."""
+        destination = self.destination(number)
+        return self.calls.dialing.refusal(destination, now=False) if destination.kind == "external" else None
 
     async def request(self, queue_name: str, number: str, *, src: str = "-") -> Entry:
         """A callback asked for from outside a call (the API): joins the end of

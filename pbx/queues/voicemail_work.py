@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from pbx.config.model import Config, Destination
+from pbx.config.model import Config
 from pbx.events import EventBus
 from pbx.queues.model import Entry, Lines
 from pbx.queues.stats import is_overdue
@@ -86,21 +86,13 @@ class VoicemailWork:
         line = self.lines.get(queue)
         if line is None:
             return None
-        refused = self._refusal(caller)
+        refused = self.callbacks.refusal(caller)
         if refused is not None:
             logger.info("voicemail %s of %s stays in the mailbox: %s cannot be called back (%s)", message_id, mailbox, caller, refused)
             return None
         entry = await self.callbacks.create(line, caller, left, None, message=message_id, mailbox=mailbox)
         logger.info("voicemail %s of %s is work for queue %s: callback %s to %s", message_id, mailbox, queue, entry.id, caller)
         return entry
-
-    def _refusal(self, number: str) -> str | None:
-        """Why ``number`` can never be called back by the server; a trunk that
-        is full now is no reason: the callback waits for a free line."""
-        if number in self.config().extensions:
-            return None
-        refused = self.calls.dialing.refusal(Destination("external", number))
-        return refused.message if refused is not None and refused.code != "call-limit" else None
 
     # --- start ---
 
