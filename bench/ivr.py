@@ -61,11 +61,8 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import json
-import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,15 +78,22 @@ with warnings.catch_warnings():
 
 ROOT = script_path.ROOT
 
-from tests.support.server import Server, free_port, start_server  # noqa: E402
+from tests.support.server import Server, start_server  # noqa: E402
 from tests.support.sipp import SIPP, run_sipp  # noqa: E402
 
-from bench.capture import START_LIMIT, Capture, Intervals  # noqa: E402
+from bench.capture import Capture, Intervals  # noqa: E402
 from bench.measure import aligned, cpu_seconds, num, problems_and_error, run_bounded, show_failure, stop_server  # noqa: E402
+from bench.pjsua_driver import (  # noqa: E402
+    BASELINE_CALLS,
+    BASELINE_PROCESSES,
+    BASELINE_RTP,
+    BASELINE_RTP_SPAN,
+    Baseline,
+    pjsua_version,
+)
 from bench.summary import record  # noqa: E402
 
 SCENARIO = ROOT / "bench" / "scenarios" / "ivr_dtmf.xml"
-BASELINE_PROGRAM = ROOT / "bench" / "pjsua_baseline.py"
 SOUNDS = ROOT / "config" / "sounds"
 PROMPT = ("welcome", "menu")
 PCAP_DIR = Path("/usr/share/sip-tester")
@@ -112,12 +116,6 @@ nodes:
 # RTP ports of the PBX: below Linux's ephemeral range (32768-60999), where
 # SIPp's media port is; pjsua2's come from BASELINE_RTP.
 RTP_PORTS = (20000, 31998)
-BASELINE_CALLS = 4  # per process: pjsua2's PJSUA_MAX_CALLS in the only builds there are
-# Processes of the baseline: with one, its 4 calls' CPU was lost in the noise
-# of its idle rate (0.017 to 0.034 s a call from one run to the next).
-BASELINE_PROCESSES = 10
-BASELINE_RTP_SPAN = 40  # RTP ports of each baseline process
-BASELINE_RTP = (40000, 40000 + BASELINE_RTP_SPAN * BASELINE_PROCESSES - 1)
 
 
 # --- measurements -------------------------------------------------------------
@@ -309,58 +307,6 @@ async def warm_up(server: Server, work: Path) -> None:
         raise RuntimeError("the warm-up call to the IVR failed")
 
 
-class Baseline:
-    """bench/pjsua_baseline.py in a subprocess, driven over its stdin/stdout."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, sip_port: int) -> None:
-        self.proc = proc
-        self.sip_port = sip_port
-        self.stats: dict[str, int] = {}
-
-    @classmethod
-    async def start(cls, wav: Path, log: Path, max_seconds: float, rtp_port: int) -> Baseline:
-        with open(log, "wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(BASELINE_PROGRAM),
-                "--wav", str(wav), "--sip-port", str(free_port()),
-                "--rtp-port", str(rtp_port), "--rtp-range", str(BASELINE_RTP_SPAN),
-                "--max-seconds", str(math.ceil(max_seconds)),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
-            )  # fmt: skip
-        try:
-            async with asyncio.timeout(START_LIMIT):
-                ready = await cls._event(proc)
-        except (TimeoutError, ValueError) as exc:
-            proc.kill()
-            await proc.wait()
-            raise RuntimeError(f"pjsua_baseline.py did not start ({exc!r}); see {log}") from None
-        return cls(proc, int(ready["sip_port"]))
-
-    @staticmethod
-    async def _event(proc: asyncio.subprocess.Process) -> dict[str, int]:
-        assert proc.stdout is not None
-        line = await proc.stdout.readline()
-        if not line:
-            raise ValueError("it exited")
-        event: dict[str, int] = json.loads(line)
-        return event
-
-    async def stop(self) -> None:
-        """``quit``, 15 s to hang up and report; then SIGKILL."""
-        if self.proc.returncode is None:
-            assert self.proc.stdin is not None
-            with contextlib.suppress(OSError):
-                self.proc.stdin.write(b"quit\n")
-                await self.proc.stdin.drain()
-            try:
-                async with asyncio.timeout(15):
-                    self.stats = await self._event(self.proc)
-                    await self.proc.wait()
-            except (TimeoutError, ValueError):
-                self.proc.kill()
-                await self.proc.wait()
-
-
 async def baseline_run(run: Run, work: Path, wav: Path) -> None:
     """The calls to the pjsua2 processes playing the prompt; their CPU."""
     phase = run.calls / run.rate + run.duration
@@ -520,16 +466,6 @@ async def main(args: argparse.Namespace) -> int:
     )
     record_summary(pairs)
     return 0 if all(r.failed == 0 and not r.error for pair in pairs for r in pair) else 1
-
-
-def pjsua_version() -> str:
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", "import pjsua2; print(pjsua2.__version__)"], capture_output=True, text=True, timeout=20
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return out.stdout.strip() or "?"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

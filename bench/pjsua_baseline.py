@@ -1,9 +1,10 @@
 """The IVR benchmark's baseline: pjsua2's C engine playing a prompt to every call.
 
-bench/ivr.py starts this program, places 4 SIPp calls to it and measures its
-CPU. It answers every INVITE at once (200 OK, PCMU or whatever pjsua picks from
-the offer) and, once a call has audio, connects a looping ``AudioMediaPlayer``
-of ``--wav`` (8 kHz 16-bit mono) to it, one player per call, so each caller
+bench/ivr.py starts ten of this program (bench/pjsua_driver.py), places 4
+SIPp calls to each and measures their CPU. It answers every INVITE at once
+(200 OK, PCMU or whatever pjsua picks from the offer) and, once a call has
+audio, connects a looping ``AudioMediaPlayer`` of ``--wav`` (8 kHz 16-bit
+mono) to it, one player per call, so each caller
 hears the prompt from its beginning as the PBX's callers do. RFC 4733 keys are
 decoded by pjsua and counted.
 
