@@ -21,6 +21,7 @@ from pbx.calls import cdr_http, extensions_http
 from pbx.calls import http as calls_http
 from pbx.http.openapi import Operation, Reply, document
 from pbx.http.schemas import ref
+from pbx.http.server import OPEN_PATHS
 from pbx.http.services import SERVICES, AdminServices
 from pbx.ivr import http as ivr_http
 from pbx.live import http as live_http
@@ -74,6 +75,7 @@ def add_api(app: web.Application, services: AdminServices) -> None:
     """Serve the admin API over ``services`` on ``app`` (made by make_http_app)."""
     app[SERVICES] = services
     app[DOCUMENT] = document(OPERATIONS, __version__)
+    app[OPEN_PATHS] = frozenset(op.path for op in OPERATIONS if not op.auth)  # as the document says: no token
     live_http.serve_sockets(app)
     for op in OPERATIONS:
         if op.handler is not None:

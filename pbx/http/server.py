@@ -31,8 +31,9 @@ METRICS = web.AppKey("metrics", Metrics)
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 TICKETS = web.AppKey("tickets", Tickets)
 
-# The wallboard's page, style and script (pbx.live.wallboard) hold no data: its data comes with a ticket.
-OPEN_PATHS = frozenset({"/healthz", "/wallboard", "/wallboard.css", "/wallboard.js"})
+# The paths served without the token: /healthz, and those the API's operation table marks
+# ``auth=False`` (pbx.http.api.add_api: the wallboard's files, which hold no data).
+OPEN_PATHS: web.AppKey[frozenset[str]] = web.AppKey("open_paths")
 TICKET_PATHS = frozenset({"/api/events"})
 JSON_TYPE = "application/json"
 
@@ -43,6 +44,7 @@ def make_http_app(token: Callable[[], str], metrics: Metrics, health: Health, ev
     app = web.Application(middlewares=[_error_middleware, _token_middleware(token, tickets, events), _json_body_middleware])
     app[METRICS] = metrics
     app[TICKETS] = tickets
+    app[OPEN_PATHS] = frozenset({"/healthz"})
     app[HEALTH] = health
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
@@ -70,7 +72,7 @@ def bearer_matches(header: str, token: str) -> bool:
 
 def _token_middleware(token: Callable[[], str], tickets: Tickets, events: EventBus) -> Callable[..., Awaitable[web.StreamResponse]]:
     def allowed(request: web.Request) -> bool:
-        if request.path in OPEN_PATHS or bearer_matches(request.headers.get("Authorization", ""), token()):
+        if request.path in request.app[OPEN_PATHS] or bearer_matches(request.headers.get("Authorization", ""), token()):
             return True
         return request.path in TICKET_PATHS and tickets.redeem(request.query.get("ticket", ""))
 

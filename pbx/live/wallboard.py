@@ -2,8 +2,8 @@
 
 The page is three static files shipped in the package (``static/``: HTML,
 CSS, a little plain JavaScript; no build step, nothing from another host).
-They hold no data, so they are served without the token (pbx.http.server
-lists them in ``OPEN_PATHS``). The script asks for the admin token, trades
+They hold no data, so they are served without the token (their operations
+say ``auth=False``, which pbx.http.server's token check goes by). The script asks for the admin token, trades
 it for a single-use ticket (``POST /api/tickets``) and follows the queues
 over ``GET /api/events?types=wallboard,...`` (pbx.live.http); a TV handed
 ``/wallboard#ticket=...`` skips the form for its first connection.
