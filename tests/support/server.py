@@ -141,6 +141,9 @@ class Server:
             async with self._changed:
                 self.log.append(text)
                 self._changed.notify_all()
+        # The end of the log can come before the process's exit is known
+        # (returncode): wait_log looks at both, so it is woken once both are.
+        await self.proc.wait()
         async with self._changed:
             self._changed.notify_all()
 
