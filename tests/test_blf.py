@@ -5,13 +5,17 @@ extension's state arrives as a dialog-info NOTIFY in its subscription."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosipua import SipRequest
 
+from pbx.calls.extension_states import ExtensionState, ExtensionStates
+from pbx.events import EventBus
 from pbx.sip.blf import CONTENT_TYPE, IDLE, Lamp, dialog_info
+from pbx.sip.dialog import LegState
 from tests.support.phone import Phone
 from tests.support.raw_phone import RawDialog, RawPhone
 from tests.support.server import PASSWORDS, Server, start_server
@@ -101,3 +105,41 @@ def test_a_number_from_a_trunk_cannot_break_the_document() -> None:
     assert root.get("version") == "7"
     assert root.findtext("d:dialog/d:remote/d:identity", namespaces=NS) == "sip:%22%3Cx%3E&@pbx.local"
     assert ET.fromstring(dialog_info("1002", "pbx.local", 0, IDLE)).find("d:dialog/d:remote", NS) is None
+
+
+class _Leg:
+    """As much of a Leg as ExtensionStates reads: its state, and where it reports changes."""
+
+    def __init__(self) -> None:
+        self.state = LegState.CALLING
+        self.on_state: Callable[[Any], None] = lambda leg: None
+
+    def enter(self, state: LegState) -> None:
+        self.state = state
+        self.on_state(self)
+
+
+def test_an_extension_in_many_calls_shows_ringing_first_then_the_call_answered_first() -> None:
+    events = EventBus()
+    shown: list[tuple[str, str | None, str | None]] = []
+    events.subscribe("extension_state", lambda extension, state, direction, remote: shown.append((state, direction, remote)))
+    states = ExtensionStates(events)
+    calls = [_Leg() for _ in range(3)]
+    for number, leg in enumerate(calls):
+        states.track(leg, "1001", "initiator", f"20{number}")  # type: ignore[arg-type]
+    ringing = _Leg()
+    states.track(ringing, "1001", "recipient", "300")  # type: ignore[arg-type]
+    for leg in calls:
+        leg.enter(LegState.EARLY)
+    assert shown == [("early", "initiator", "200")]  # two more calling out show nothing new
+    calls[2].enter(LegState.ANSWERED)
+    calls[1].enter(LegState.ANSWERED)  # answered after calls[2]: stays behind it
+    ringing.enter(LegState.EARLY)
+    assert shown[1:] == [("confirmed", "initiator", "202"), ("early", "recipient", "300")]
+    ringing.enter(LegState.ENDED)
+    calls[2].enter(LegState.ENDED)
+    calls[0].enter(LegState.ENDED)  # only calling out, behind calls[1]: nothing changes
+    assert shown[3:] == [("confirmed", "initiator", "202"), ("confirmed", "initiator", "201")]
+    calls[1].enter(LegState.ENDED)
+    assert shown[5:] == [("terminated", None, None)]
+    assert states.of("1001") == ExtensionState()

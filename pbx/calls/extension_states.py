@@ -57,10 +57,12 @@ class _Party:
 class ExtensionStates:
     def __init__(self, events: EventBus) -> None:
         self._events = events
-        # Per extension, its legs that ring or talk now: those that entered
+        # Per extension, its legs that ring or talk now, by rank (index rank -
+        # 1), each rank's in the order they got there: those that entered
         # EARLY or ANSWERED and have not ended. A leg that never got so far
-        # (refused at once, never started) never shows.
-        self._legs: dict[str, dict[Leg, _Party]] = {}
+        # (refused at once, never started) never shows. The first leg of the
+        # highest rank shows, so an extension in many calls costs no more.
+        self._legs: dict[str, tuple[dict[Leg, ExtensionState], ...]] = {}
         self._states: dict[str, ExtensionState] = {}
 
     def track(self, leg: Leg, extension: str, direction: str, remote: str) -> None:
@@ -74,22 +76,22 @@ class ExtensionStates:
         return self._states.get(extension, IDLE)
 
     def _changed(self, leg: Leg, party: _Party) -> None:
-        legs = self._legs.setdefault(party.extension, {})
-        if leg.state in (LegState.EARLY, LegState.ANSWERED):
-            legs[leg] = party
-        else:
+        extension = party.extension
+        ranks = self._legs.get(extension)
+        if ranks is None:
+            ranks = self._legs[extension] = ({}, {}, {})
+        for legs in ranks:
             legs.pop(leg, None)
-        states = [
-            ExtensionState("confirmed" if leg.state is LegState.ANSWERED else "early", party.direction, party.remote)
-            for leg, party in legs.items()
-        ]
-        now = max(states, key=lambda state: state.rank, default=IDLE)
-        if not legs:
-            del self._legs[party.extension]
-        if now == self.of(party.extension):
+        if leg.state in (LegState.EARLY, LegState.ANSWERED):
+            state = ExtensionState("confirmed" if leg.state is LegState.ANSWERED else "early", party.direction, party.remote)
+            ranks[state.rank - 1][leg] = state
+        now = next((next(iter(legs.values())) for legs in reversed(ranks) if legs), IDLE)
+        if now == IDLE:
+            del self._legs[extension]
+        if now == self.of(extension):
             return
         if now == IDLE:
-            self._states.pop(party.extension, None)
+            self._states.pop(extension, None)
         else:
-            self._states[party.extension] = now
-        self._events.emit("extension_state", extension=party.extension, state=now.state, direction=now.direction, remote=now.remote)
+            self._states[extension] = now
+        self._events.emit("extension_state", extension=extension, state=now.state, direction=now.direction, remote=now.remote)
