@@ -74,6 +74,13 @@ class MediaClock:
         assert self._loop is not None
         self._timer = self._loop.call_at(self._origin + tick * self.interval, self._fire, tick)
 
+    def tick_at(self, when: float | None) -> int:
+        """The tick of loop time ``when`` (a packet's arrival): the current one, or
+        as many before it as whole intervals have passed since; None: the current one."""
+        if when is None or self._loop is None:
+            return self.tick
+        return self.tick - max(0, int((self._loop.time() - when) / self.interval))
+
     def _fire(self, tick: int) -> None:
         assert self._loop is not None
         behind = int((self._loop.time() - self._origin) / self.interval) - tick

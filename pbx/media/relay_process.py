@@ -25,7 +25,7 @@ received ``bytes``, or waits on anything but one ``epoll``; one read per
 readable socket per round, and a rest of ``COALESCE`` after each round, so
 that under load each wake-up serves many packets (the wake-ups, not the
 packets, were most of the cost). Packets the server must handle go to it at
-once; measurements wait up to ``REPORT_INTERVAL`` to go together. Messages both ways are pickled lists over a ``SOCK_SEQPACKET``
+once; measurements, and the audio it listens to, wait up to ``REPORT_INTERVAL`` to go together. Messages both ways are pickled lists over a ``SOCK_SEQPACKET``
 Unix socket pair; sockets come with their message as ``SCM_RIGHTS``. The
 process ends when the server's end of the pair closes (the server stopped
 or died).
@@ -61,8 +61,8 @@ BATCH = 256  # records per message at most
 # round finds several: one wake-up per packet costs more than the packet.
 # A packet waits that long at most, against the 20 ms between two of a stream.
 COALESCE = 0.002
-# Seconds measurements and counts may wait to go to the server together;
-# packets it must handle itself, audio it listens to, and answers go at once.
+# Seconds measurements, counts and audio listened to may wait to go to the server together;
+# packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
 LINGER = 0.5  # seconds a released side still forwards what is on its route
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
@@ -153,10 +153,9 @@ class RelayProcess:
                 if dest is not None and _send(port.out, data, dest):
                     flags |= RELAYED
                 # With the counts before it: the server's are right when it measures.
+                # The arrival goes with it: a recording places audio by the media clock's tick it arrived in.
                 batch.append((MEASURED, port.sid, data, time.monotonic(), flags, port.relayed, port.bytes, port.dropped))
                 port.relayed = port.bytes = port.dropped = 0
-                if flags & TAPPED:
-                    self.urgent = True  # a recording places audio by the media clock's tick it arrives in
             elif dest is not None and _send(port.out, data, dest):
                 port.relayed += 1
                 port.bytes += len(data)

@@ -95,6 +95,9 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.worker: SocketReader | None = None  # the process reading our RTP socket, when one does
         self.sid = 0  # our number there
         self._on_audio: Callable[[bytes, int], None] | None = None
+        # When the packet ``on_audio`` is shown arrived (loop time), when not
+        # just now: the relay process hands the server its audio in batches.
+        self.heard_at: float | None = None
         self._unprotect: Callable[[bytes], bytes | None] | None = None
         self.name = name
         self.port = 0
@@ -337,9 +340,10 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         # datagram is part of RTP, so only note it.
         logger.debug("relay side %s port %d: %s", self.name, self.port, exc)
 
-    def hear(self, data: bytes) -> bool:
+    def hear(self, data: bytes, arrival: float | None = None) -> bool:
         """Hand a received packet (at least an RTP header long) to ``on_dtmf``
-        or ``on_audio``; True when it is of a press kept from the other side."""
+        or ``on_audio``, with ``heard_at`` its ``arrival`` (None: now); True
+        when it is of a press kept from the other side."""
         payload_type = data[1] & 0x7F
         if payload_type == self.dtmf_pt:
             on_dtmf = self.on_dtmf
@@ -357,6 +361,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         if self._on_audio is not None:
             bounds = payload_bounds(data)
             if bounds is not None:
+                self.heard_at = arrival
                 self._on_audio(data[bounds[0] : bounds[1]], payload_type)
         return False
 

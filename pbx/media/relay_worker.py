@@ -230,7 +230,7 @@ def _measured(side: RelaySide, data: bytes, arrival: float, flags: int) -> None:
         stats.sample(data, arrival)
     if flags & TAPPED and side.on_audio is not None:
         try:
-            side.hear(data)
+            side.hear(data, arrival)
         except Exception:
             logger.exception("relay side %s: audio listener failed", side.name)
     counters = side.counters

@@ -122,7 +122,7 @@ class Recording:
             # Other payload types (comfort noise) are not audio in the side's codec.
             if codec is None or payload_type != codec.payload_type or self.paused or self.failed or other.holds_back:
                 return
-            pending[channel].append((clock.tick, payload, codec.name))
+            pending[channel].append((clock.tick_at(side.heard_at), payload, codec.name))
 
         return on_audio
 
