@@ -403,6 +403,18 @@ async def test_clock_ticks_fifty_times_a_second_without_drift(caplog: pytest.Log
     assert "subscriber bug" in caplog.text
 
 
+async def test_a_packet_heard_late_belongs_to_the_tick_it_arrived_in(clock: MediaClock) -> None:
+    loop = asyncio.get_running_loop()
+    ticked = asyncio.Event()
+    handle = clock.subscribe(lambda tick: ticked.set() if tick >= 5 else None)
+    await ticked.wait()
+    clock.unsubscribe(handle)
+    now, tick = loop.time(), clock.tick
+    assert clock.tick_at(None) == clock.tick_at(now) == tick
+    assert clock.tick_at(now - 0.045) == tick - 2  # two whole intervals before
+    assert clock.tick_at(now + 1) == tick  # never a tick still to come
+
+
 @pytest.mark.serial
 async def test_clock_skips_ticks_instead_of_bursting_after_a_stall() -> None:
     loop = asyncio.get_running_loop()

@@ -96,15 +96,24 @@ async def test_a_recorded_side_shows_its_listener_every_packet_the_process_forwa
     relay: RtpRelay, peers: tuple[Peer, Peer]
 ) -> None:
     a, b = peers
-    heard: list[bytes] = []
-    relay.a.on_audio = lambda payload, pt: heard.append(payload)
+    heard: list[tuple[bytes, float | None]] = []
+    relay.a.on_audio = lambda payload, pt: heard.append((payload, relay.a.heard_at))
     payloads = [bytes([seq]) * 160 for seq in range(1, 41)]
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
     for seq, payload in enumerate(payloads, 1):
         a.send(rtp(0, seq=seq, payload=payload), relay.a.port)
     for _ in payloads:
         await b.recv()
     await until(lambda: len(heard) == len(payloads))
-    assert heard == payloads
+    assert [payload for payload, _ in heard] == payloads
+    # Each the process forwarded (all but the first, which the server took
+    # itself to learn the source) with when it reached the process, since
+    # they come in batches: a recording places it by that, not by when the
+    # server got to it.
+    arrivals = [arrival for _, arrival in heard[1:]]
+    assert all(arrival is not None and sent_at <= arrival <= loop.time() for arrival in arrivals)
+    assert arrivals == sorted(arrivals)  # type: ignore[type-var]
 
 
 async def test_a_feature_code_press_is_kept_by_the_server_while_the_audio_goes_on(
