@@ -19,6 +19,11 @@ itself losing none). The capacity of a setting is the largest N it holds;
 the figure is two-core capacity / one-core capacity (target: at least 1.7,
 at about the same CPU per call).
 
+The calls ramp up at 20 a second by default: at 50 a second SIPp's UAS,
+sharing the two cores, answered late enough for the server to retransmit
+INVITEs, and aborted those calls. How fast calls can be set up is
+bench/setup.py's question; this one asks how many can be up at once.
+
     .venv/bin/python bench/cores.py --calls 200 400 600 800
 """
 
@@ -101,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[200, 300, 400, 500], help="calls per run (default 200 300 400 500)")
     parser.add_argument("--duration", type=float, default=30, help="seconds each call lasts once answered (default 30)")
-    parser.add_argument("--rate", type=float, default=50, help="new calls per second (default 50)")
+    parser.add_argument("--rate", type=float, default=20, help="new calls per second (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep each run's folder (config, logs) even when it passed")
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.calls) or args.duration <= 0 or args.rate <= 0:
