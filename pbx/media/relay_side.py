@@ -95,9 +95,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self.worker: SocketReader | None = None  # the process reading our RTP socket, when one does
         self.sid = 0  # our number there
         self._on_audio: Callable[[bytes, int], None] | None = None
-        # When the packet ``on_audio`` is shown arrived (loop time), when not
-        # just now: the relay process hands the server its audio in batches.
-        self.heard_at: float | None = None
+        self.heard_at: float | None = None  # see on_audio: the relay process hands the server audio in batches
         self._unprotect: Callable[[bytes], bytes | None] | None = None
         self.name = name
         self.port = 0
@@ -129,7 +127,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
 
     @property
     def on_audio(self) -> Callable[[bytes, int], None] | None:
-        """Told (payload, payload type) of every other RTP packet the peer sends us."""
+        """Told (payload, payload type) of every other RTP packet the peer sends us; it arrived at ``heard_at`` (loop time), or just now if None."""
         return self._on_audio
 
     @on_audio.setter
@@ -201,16 +199,13 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
         self._changed()
 
     def _update_dest(self) -> None:
+        # Never a host name, which would make sendto() resolve it, blocking the loop: the peer's first packet tells.
         if self.held:
             self.dest = None
         elif self.source is not None:
             self.dest = self.source
-        elif self.remote is not None and is_ip(self.remote[0]):
-            self.dest = self.remote
         else:
-            # A host name would make sendto() resolve it, blocking the loop:
-            # wait for the peer's first packet instead.
-            self.dest = None
+            self.dest = self.remote if self.remote is not None and is_ip(self.remote[0]) else None
 
     def rtcp_dest(self) -> Address | None:
         """Where RTCP for the peer goes: its learnt RTCP source, else RTP port + 1."""
@@ -342,8 +337,7 @@ class RelaySide(PeerStream, asyncio.DatagramProtocol):
 
     def hear(self, data: bytes, arrival: float | None = None) -> bool:
         """Hand a received packet (at least an RTP header long) to ``on_dtmf``
-        or ``on_audio``, with ``heard_at`` its ``arrival`` (None: now); True
-        when it is of a press kept from the other side."""
+        or ``on_audio`` (``arrival``: see on_audio); True when it is of a press kept from the other side."""
         payload_type = data[1] & 0x7F
         if payload_type == self.dtmf_pt:
             on_dtmf = self.on_dtmf
