@@ -467,7 +467,7 @@ async def main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, nargs="+", default=[50], help="calls per run; several values make several runs (default 50)")
+    parser.add_argument("--calls", type=int, nargs="+", default=[200], help="calls per run; several values make several runs (default 200)")
     parser.add_argument("--duration", type=float, default=16, help="seconds each call lasts once answered (default 16)")
     parser.add_argument("--rate", type=float, default=10, help="new calls per second (default 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO"], help="the server's log level (default INFO)")

@@ -104,12 +104,13 @@ def build_data(folder: Path, args: argparse.Namespace) -> None:
          for _ in range(args.voicemail)],
     )
     conn.executemany(
-        "insert into callbacks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "insert into callbacks (id, queue, number, entered, requested, status, attempts, next_attempt, call_id, ended)"
+        " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(uuid.uuid4().hex, rng.choice(queues), "+15557654321", (t := when()), iso_time(t),
           "pending" if i % 10 == 0 else "completed", 1, t, None, None) for i in range(args.callbacks)],
     )
     conn.executemany(
-        "insert into registrations values (?, ?, ?, ?, ?, ?, ?)",
+        "insert into registrations (extension, contact, source, transport, expires_at, user_agent, call_id) values (?, ?, ?, ?, ?, ?, ?)",
         # 1003 is no agent: the pending callbacks wait instead of ringing these contacts.
         [("1003", f"sip:{i}@192.0.2.{i % 250}:5060", f"192.0.2.{i % 250}:5060", "udp", now + 3600, "bench", uuid.uuid4().hex)
          for i in range(args.registrations)],
