@@ -26,7 +26,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
-from pbx.media.relay_process import PACKET, SETTLED, RelayProcess
+from pbx.media.relay_process import BATCH, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
 from tests.test_media import HOST, Peer, free_range, rtp
@@ -190,4 +190,57 @@ def test_a_settle_drains_a_socket_numbered_past_select_s_limit() -> None:
         for fd in filler:
             os.close(fd)
         for sock in (ours, theirs, side, phone, *(port.sock for port in process.ports.values())):
+            sock.close()
+
+
+def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
+    """The server's end of the pair stays full (its loop stalled): the process
+    goes on forwarding every packet, only counting those it would have shown
+    the server; once the server reads again, the counts arrive whole."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # full after two batches
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    caller, side_a, side_b, callee = sockets
+    process = RelayProcess(theirs)
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        callee.settimeout(2)
+        setup = [("attach", 1), ("attach", 2), ("route", 1, caller.getsockname(), 0, 2, callee.getsockname(), True)]
+        socket.send_fds(ours, [pickle.dumps(setup)], [side_a.fileno(), side_b.fileno()])
+        assert process._read_control()
+        port = process.by_sid[1]
+        sent = 0
+
+        def relay_one() -> None:
+            nonlocal sent
+            sent += 1
+            packet = rtp(0, seq=sent % 65536, payload=bytes([sent % 256]) * 160)
+            caller.sendto(packet, side_a.getsockname())
+            assert process._take(port)
+            assert callee.recv(2048) == packet  # forwarded at once, whatever the server does
+
+        while not process.behind and sent < 100_000:  # every packet of a recorded side goes to the server
+            relay_one()
+        assert process.behind
+        for _ in range(500):
+            relay_one()
+        assert sum(1 for record in process.batch if record[0] == MEASURED) <= BATCH
+
+        ours.setblocking(False)
+        relayed = 0
+        while True:  # the server reads again, as its loop would
+            try:
+                records = pickle.loads(ours.recv(1 << 20))
+            except BlockingIOError:
+                if not (process.behind or process.batch or port.relayed):
+                    break
+                process._flush_counts(port)
+                process._send()
+                continue
+            relayed += sum(r[5] + (r[4] & RELAYED > 0) if r[0] == MEASURED else r[2] for r in records)
+        assert not process.behind
+        assert relayed == sent
+    finally:
+        for sock in (ours, theirs, *sockets):
             sock.close()

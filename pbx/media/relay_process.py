@@ -65,6 +65,7 @@ COALESCE = 0.002
 # packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
 LINGER = 0.5  # seconds a released side still forwards what is on its route
+BEHIND_MAX = 16 * BATCH  # records held at most while the server is behind
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
 _FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
 
@@ -100,6 +101,9 @@ class RelayProcess:
         self.urgent = False  # the batch holds a packet or an answer the server waits for: send it now
         self.lingering: deque[tuple[float, _Port]] = deque()  # released sides still relaying until then, oldest first
         self.sent = 0.0  # when the last batch went
+        # The server's end was full at the last send: the batch waits for the
+        # next round, and nothing is measured until it has gone (see _send).
+        self.behind = False
 
     def run(self) -> None:
         control_fd = self.control.fileno()
@@ -118,10 +122,11 @@ class RelayProcess:
             now = time.monotonic()
             if now >= next_flush:
                 next_flush = now + FLUSH_INTERVAL
-                for port in self.by_sid.values():
-                    self._flush_counts(port)
+                if not self.behind:  # else the counts wait on the ports
+                    for port in self.by_sid.values():
+                        self._flush_counts(port)
                 self._close_lingering(now)
-            if self.urgent or (self.batch and now >= self.sent + REPORT_INTERVAL):
+            if (self.urgent and not self.behind) or (self.batch and now >= self.sent + REPORT_INTERVAL):
                 self._send()
             if events:
                 time.sleep(COALESCE)
@@ -138,7 +143,7 @@ class RelayProcess:
             return True  # an ICMP error queued on the socket: the next read gets the datagrams
         batch = self.batch
         if addr != port.source or len(data) < RTP_HEADER or data[1] & 0x7F != port.fast_pt:
-            if port.sid >= 0:  # else a lingering side's: nobody's any more
+            if port.sid >= 0 and len(batch) < BEHIND_MAX:  # else a lingering side's, or lost while the server is behind
                 batch.append((PACKET, port.sid, data, addr))
                 self.urgent = True
         elif port.sid < 0:
@@ -149,7 +154,7 @@ class RelayProcess:
             flags = TAPPED if port.tap else 0
             if not (data[3] + 1) & 14:  # 16n - 1 or 16n, as RelaySide.datagram_received samples
                 flags |= SAMPLED
-            if flags:
+            if flags and not self.behind:
                 if dest is not None and _send(port.out, data, dest):
                     flags |= RELAYED
                 # With the counts before it: the server's are right when it measures.
@@ -162,7 +167,7 @@ class RelayProcess:
             else:
                 port.dropped += 1
             port.last = data
-        if len(batch) >= BATCH:
+        if len(batch) >= BATCH and not self.behind:
             self._send()
         return True
 
@@ -177,7 +182,18 @@ class RelayProcess:
             port.relayed = port.bytes = port.dropped = 0
 
     def _send(self) -> None:
-        self.control.send(pickle.dumps(self.batch, pickle.HIGHEST_PROTOCOL))
+        """Send the batch, unless the server's end is full: a server that falls
+        behind (a busy loop, a stall) must not stop the media. Then the batch
+        waits for the next round, and until it has gone the packets on the
+        routes are only counted: no samples, no recorded audio (a gap in the
+        recording rather than in every call)."""
+        try:
+            self.control.send(pickle.dumps(self.batch, pickle.HIGHEST_PROTOCOL), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self.behind = True
+            self.sent = time.monotonic()  # tried again a REPORT_INTERVAL later
+            return
+        self.behind = False
         self.batch.clear()
         self.urgent = False
         self.sent = time.monotonic()
