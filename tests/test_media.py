@@ -11,6 +11,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from aiortp.codecs import PcmuCodec
 
 from pbx.media.clock import MediaClock
 from pbx.media.codecs import ALAW_TO_ULAW, G722, PCMA, PCMU, ULAW_TO_ALAW, UnsupportedCodec, decode_to_pcm16
-from pbx.media.ports import RtpPortPool, RtpPortsExhausted
+from pbx.media.ports import RTP_RECEIVE_BUFFER, RtpPortPool, RtpPortsExhausted
 from pbx.media.relay import RtpRelay
 from pbx.media.relay_worker import RelayWorker
 from tests.support.server import free_udp_block
@@ -175,6 +176,10 @@ async def test_pool_skips_ports_bound_by_someone_else() -> None:
 async def test_relay_create_gives_each_side_its_own_port(relay: RtpRelay, pool: RtpPortPool) -> None:
     assert relay.a.port % 2 == 0 and relay.b.port % 2 == 0
     assert relay.a.port != relay.b.port
+    # Room for a burst, as much as the host allows (Linux reports twice what was set).
+    allowed = min(RTP_RECEIVE_BUFFER, int(Path("/proc/sys/net/core/rmem_max").read_text()))
+    for side in (relay.a, relay.b):
+        assert side.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * allowed
     assert pool.in_use == 2
     relay.close()
     assert pool.in_use == 0
