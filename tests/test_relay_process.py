@@ -26,7 +26,7 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
-from pbx.media.relay_process import BATCH, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
+from pbx.media.relay_process import BACKLOG_READS, BATCH, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
 from tests.test_media import HOST, Peer, free_range, rtp
@@ -241,6 +241,45 @@ def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
             relayed += sum(r[5] + (r[4] & RELAYED > 0) if r[0] == MEASURED else r[2] for r in records)
         assert not process.behind
         assert relayed == sent
+    finally:
+        for sock in (ours, theirs, *sockets):
+            sock.close()
+
+
+def test_a_backlog_on_one_socket_goes_on_in_a_few_rounds_not_one_packet_a_round() -> None:
+    """A sender that catches up after a stall (SIPp's echo under load, a phone
+    after a network hiccup) leaves a socket holding many packets at once. At
+    one packet a round, with a rest between rounds, 300 of them took half a
+    second and more: past a released side's LINGER, the tail of a call was
+    lost. A socket readable two rounds running is read many times a round."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    caller, side_a, side_b, callee = sockets
+    process = RelayProcess(theirs)
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        setup = [("attach", 1), ("attach", 2), ("route", 1, caller.getsockname(), 0, 2, callee.getsockname(), False)]
+        socket.send_fds(ours, [pickle.dumps(setup)], [side_a.fileno(), side_b.fileno()])
+        assert process._read_control()
+        burst = [rtp(0, seq=seq, payload=bytes([seq % 256]) * 160) for seq in range(1, 301)]
+        for packet in burst:
+            caller.sendto(packet, side_a.getsockname())  # queued on side a's socket: loopback delivers at once
+
+        rounds = 0
+        callee.setblocking(False)
+        received: list[bytes] = []
+        while len(received) < len(burst) and rounds < len(burst):
+            assert process._round(process.poller.poll(1.0))
+            rounds += 1
+            while True:
+                try:
+                    received.append(callee.recv(2048))
+                except BlockingIOError:
+                    break
+        assert received == burst
+        assert rounds <= 2 + len(burst) // BACKLOG_READS
     finally:
         for sock in (ours, theirs, *sockets):
             sock.close()

@@ -22,10 +22,12 @@ at least twice a second, and all of a side's when the server settles it
 
 Nothing here parses more than two header bytes, allocates more than the
 received ``bytes``, or waits on anything but one ``epoll``; one read per
-readable socket per round, and a rest of ``COALESCE`` after each round, so
-that under load each wake-up serves many packets (the wake-ups, not the
-packets, were most of the cost). Packets the server must handle go to it at
-once; measurements, and the audio it listens to, wait up to ``REPORT_INTERVAL`` to go together. Messages both ways are pickled lists over a ``SOCK_SEQPACKET``
+readable socket per round (more when it was readable the round before: a
+backlog), and a rest of ``COALESCE`` after each round, so that under load
+each wake-up serves many packets (the wake-ups, not the packets, were most
+of the cost). Packets the server must handle go to it at once;
+measurements, and the audio it listens to, wait up to ``REPORT_INTERVAL``
+to go together. Messages both ways are pickled lists over a ``SOCK_SEQPACKET``
 Unix socket pair; sockets come with their message as ``SCM_RIGHTS``. The
 process ends when the server's end of the pair closes (the server stopped
 or died).
@@ -64,6 +66,7 @@ COALESCE = 0.002
 # Seconds measurements, counts and audio listened to may wait to go to the server together;
 # packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
+BACKLOG_READS = 64  # reads at most in a round of a socket with a backlog, so a sprayed one cannot hold up the rest
 LINGER = 0.5  # seconds a released side still forwards what is on its route
 BEHIND_MAX = 16 * BATCH  # records held at most while the server is behind
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
@@ -104,32 +107,52 @@ class RelayProcess:
         # The server's end was full at the last send: the batch waits for the
         # next round, and nothing is measured until it has gone (see _send).
         self.behind = False
+        self._readable: set[int] = set()  # the sockets read in the last round, if it was just before
+        self._next_flush = time.monotonic() + FLUSH_INTERVAL
 
     def run(self) -> None:
-        control_fd = self.control.fileno()
-        self.poller.register(control_fd, select.EPOLLIN)
-        next_flush = time.monotonic() + FLUSH_INTERVAL
+        self.poller.register(self.control.fileno(), select.EPOLLIN)
         while True:
-            events = self.poller.poll(REPORT_INTERVAL if self.batch else FLUSH_INTERVAL)
-            # The server's messages first: a route it sent before a packet
-            # arrived is ready by the time the packet is, and must apply to it.
-            if any(fd == control_fd for fd, _ in events) and not self._read_control():
+            events = self.poller.poll(0)
+            if not events:  # the last round's sockets are empty: no backlog
+                self._readable.clear()
+                events = self.poller.poll(REPORT_INTERVAL if self.batch else FLUSH_INTERVAL)
+            if not self._round(events):
                 return
-            for fd, _ in events:
-                port = self.ports.get(fd)
-                if port is not None:
-                    self._take(port)
-            now = time.monotonic()
-            if now >= next_flush:
-                next_flush = now + FLUSH_INTERVAL
-                if not self.behind:  # else the counts wait on the ports
-                    for port in self.by_sid.values():
-                        self._flush_counts(port)
-                self._close_lingering(now)
-            if (self.urgent and not self.behind) or (self.batch and now >= self.sent + REPORT_INTERVAL):
-                self._send()
             if events:
                 time.sleep(COALESCE)
+
+    def _round(self, events: list[tuple[int, int]]) -> bool:
+        """Serve what one poll found; False once the server's end is gone."""
+        # The server's messages first: a route it sent before a packet
+        # arrived is ready by the time the packet is, and must apply to it.
+        control_fd = self.control.fileno()
+        if any(fd == control_fd for fd, _ in events) and not self._read_control():
+            return False
+        # One read per socket, unless it was readable the round just before too: a
+        # backlog (a burst, a sender catching up after a stall), which one
+        # packet a round would drain too late, and past a released side's LINGER.
+        backlogged, self._readable = self._readable, set()
+        for fd, _ in events:
+            port = self.ports.get(fd)
+            if port is not None:
+                self._readable.add(fd)
+                if fd in backlogged:
+                    for _ in range(BACKLOG_READS):
+                        if not self._take(port):
+                            break
+                else:
+                    self._take(port)
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._next_flush = now + FLUSH_INTERVAL
+            if not self.behind:  # else the counts wait on the ports
+                for port in self.by_sid.values():
+                    self._flush_counts(port)
+            self._close_lingering(now)
+        if (self.urgent and not self.behind) or (self.batch and now >= self.sent + REPORT_INTERVAL):
+            self._send()
+        return True
 
     def _take(self, port: _Port) -> bool:
         """Read one datagram (epoll reports the socket again while it has more)
