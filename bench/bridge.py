@@ -294,9 +294,9 @@ async def place_calls(system: System, run: Run, work: Path) -> None:
     problem = run.wire.problem(MIN_DELIVERED) if run.wire else "RTP capture unreadable"
     if problem:
         run.error = (run.error + "; " if run.error else "") + problem
-    else:
+    elif run.wire is not None and run.wire.delivered >= run.wire.sent:
         with contextlib.suppress(OSError):
-            (work / "rtp.pcap").unlink()  # it can be large; kept only to look into a shortfall
+            (work / "rtp.pcap").unlink()  # it can be large; kept only to look into a shortfall or (with --keep) a packet lost
 
 
 async def pbx_run(run: Run, work: Path, log_level: str, cpus: set[int] | None = None, record: bool = False) -> None:
