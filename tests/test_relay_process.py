@@ -12,12 +12,13 @@ went through the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import resource
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import pytest
@@ -193,22 +194,36 @@ def test_a_settle_drains_a_socket_numbered_past_select_s_limit() -> None:
             sock.close()
 
 
-def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
-    """The server's end of the pair stays full (its loop stalled): the process
-    goes on forwarding every packet, only counting those it would have shown
-    the server; once the server reads again, the counts arrive whole."""
+@contextlib.contextmanager
+def one_call(*, tapped: bool, server_buffer: int | None = None) -> Iterator[tuple[RelayProcess, socket.socket, socket.socket, socket.socket]]:
+    """A relay process, run by hand here, with the two sides of one call
+    attached and side a routed from ``caller`` to ``callee``: yields the
+    process, the server's end of the pair, ``caller`` and ``callee``."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # full after two batches
+    if server_buffer is not None:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_buffer)
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
     caller, side_a, side_b, callee = sockets
     process = RelayProcess(theirs)
     try:
         for sock in sockets:
             sock.bind((HOST, 0))
-        callee.settimeout(2)
-        setup = [("attach", 1), ("attach", 2), ("route", 1, caller.getsockname(), 0, 2, callee.getsockname(), True)]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        setup = [("attach", 1), ("attach", 2), ("route", 1, caller.getsockname(), 0, 2, callee.getsockname(), tapped)]
         socket.send_fds(ours, [pickle.dumps(setup)], [side_a.fileno(), side_b.fileno()])
         assert process._read_control()
+        yield process, ours, caller, callee
+    finally:
+        for sock in (ours, theirs, *sockets):
+            sock.close()
+
+
+def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
+    """The server's end of the pair stays full (its loop stalled): the process
+    goes on forwarding every packet, only counting those it would have shown
+    the server; once the server reads again, the counts arrive whole."""
+    with one_call(tapped=True, server_buffer=65536) as (process, ours, caller, callee):  # the server's end is full after two batches
+        callee.settimeout(2)
         port = process.by_sid[1]
         sent = 0
 
@@ -216,7 +231,7 @@ def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
             nonlocal sent
             sent += 1
             packet = rtp(0, seq=sent % 65536, payload=bytes([sent % 256]) * 160)
-            caller.sendto(packet, side_a.getsockname())
+            caller.sendto(packet, process.by_sid[1].sock.getsockname())
             assert process._take(port)
             assert callee.recv(2048) == packet  # forwarded at once, whatever the server does
 
@@ -241,9 +256,6 @@ def test_a_server_that_falls_behind_never_holds_up_the_media() -> None:
             relayed += sum(r[5] + (r[4] & RELAYED > 0) if r[0] == MEASURED else r[2] for r in records)
         assert not process.behind
         assert relayed == sent
-    finally:
-        for sock in (ours, theirs, *sockets):
-            sock.close()
 
 
 def test_a_backlog_on_one_socket_goes_on_in_a_few_rounds_not_one_packet_a_round() -> None:
@@ -252,20 +264,10 @@ def test_a_backlog_on_one_socket_goes_on_in_a_few_rounds_not_one_packet_a_round(
     one packet a round, with a rest between rounds, 300 of them took half a
     second and more: past a released side's LINGER, the tail of a call was
     lost. A socket readable two rounds running is read many times a round."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
-    caller, side_a, side_b, callee = sockets
-    process = RelayProcess(theirs)
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        setup = [("attach", 1), ("attach", 2), ("route", 1, caller.getsockname(), 0, 2, callee.getsockname(), False)]
-        socket.send_fds(ours, [pickle.dumps(setup)], [side_a.fileno(), side_b.fileno()])
-        assert process._read_control()
+    with one_call(tapped=False) as (process, _, caller, callee):
         burst = [rtp(0, seq=seq, payload=bytes([seq % 256]) * 160) for seq in range(1, 301)]
         for packet in burst:
-            caller.sendto(packet, side_a.getsockname())  # queued on side a's socket: loopback delivers at once
+            caller.sendto(packet, process.by_sid[1].sock.getsockname())  # queued on side a's socket: loopback delivers at once
 
         rounds = 0
         callee.setblocking(False)
@@ -280,6 +282,3 @@ def test_a_backlog_on_one_socket_goes_on_in_a_few_rounds_not_one_packet_a_round(
                     break
         assert received == burst
         assert rounds <= 2 + len(burst) // BACKLOG_READS
-    finally:
-        for sock in (ours, theirs, *sockets):
-            sock.close()
