@@ -67,11 +67,7 @@ COALESCE = 0.002
 # packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
 BACKLOG_READS = 64  # reads at most in a round of a socket with a backlog, so a sprayed one cannot hold up the rest
-# Seconds a released side still forwards what is on its route: packets of
-# the call's last moments a process kept off the CPU (a second, at 500 calls
-# on two busy cores) reads only after the call's end (rtpengine keeps a
-# deleted call 30 s). Its port is not handed out again meanwhile.
-LINGER = 2.0
+LINGER = 0.5  # seconds a released side still forwards what is on its route
 BEHIND_MAX = 16 * BATCH  # records held at most while the server is behind
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
 _FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
