@@ -138,9 +138,7 @@ class RelayProcess:
             if port is not None:
                 self._readable.add(fd)
                 if fd in backlogged:
-                    for _ in range(BACKLOG_READS):
-                        if not self._take(port):
-                            break
+                    self._drain(port, BACKLOG_READS)
                 else:
                     self._take(port)
         now = time.monotonic()
@@ -194,10 +192,11 @@ class RelayProcess:
             self._send()
         return True
 
-    def _drain(self, port: _Port) -> None:
-        """Take every datagram the socket holds now."""
-        while self._take(port):
-            pass
+    def _drain(self, port: _Port, most: int = sys.maxsize) -> None:
+        """Take every datagram the socket holds now, or ``most`` of them."""
+        for _ in range(most):
+            if not self._take(port):
+                return
 
     def _flush_counts(self, port: _Port) -> None:
         if port.relayed or port.dropped:
