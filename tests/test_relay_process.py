@@ -282,3 +282,33 @@ def test_a_backlog_on_one_socket_goes_on_in_a_few_rounds_not_one_packet_a_round(
                     break
         assert received == burst
         assert rounds <= 2 + len(burst) // BACKLOG_READS
+
+
+def test_a_sprayed_socket_is_read_no_more_than_its_share_of_a_round() -> None:
+    """A stranger floods one side's port: the backlog rule reads it at most
+    BACKLOG_READS times a round, so the other sockets' packets (here the
+    caller's, on side a) go on in the same round rather than after the flood."""
+    with one_call(tapped=False) as (process, ours, caller, callee):
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            stranger.bind((HOST, 0))
+            side_b = process.by_sid[2].sock.getsockname()
+            for seq in range(500):
+                stranger.sendto(rtp(0, seq=seq), side_b)  # queued at once: loopback delivers as it sends
+            assert process._round(process.poller.poll(1.0))  # one read of the flood: not yet a backlog
+            packet = rtp(0, seq=1, payload=b"\x01" * 160)
+            caller.sendto(packet, process.by_sid[1].sock.getsockname())
+            assert process._round(process.poller.poll(1.0))
+            callee.settimeout(1)
+            assert callee.recv(2048) == packet  # forwarded in the same round as the flood's share
+        finally:
+            stranger.close()
+        ours.setblocking(False)
+        taken = 0
+        while True:
+            try:
+                records = pickle.loads(ours.recv(1 << 20))
+            except BlockingIOError:
+                break
+            taken += sum(1 for record in records if record[0] == PACKET and record[1] == 2)
+        assert taken == 1 + BACKLOG_READS
