@@ -18,7 +18,9 @@ import pickle
 import resource
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -27,7 +29,8 @@ from pbx.media.clock import MediaClock
 from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
-from pbx.media.relay_process import BACKLOG_READS, BATCH, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
+from pbx.media import relay_process
+from pbx.media.relay_process import BACKLOG_READS, BATCH, LINGER, LINGER_MAX, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
 from tests.test_media import HOST, Peer, free_range, rtp
@@ -312,3 +315,41 @@ def test_a_sprayed_socket_is_read_no_more_than_its_share_of_a_round() -> None:
                 break
             taken += sum(1 for record in records if record[0] == PACKET and record[1] == 2)
         assert taken == 1 + BACKLOG_READS
+
+
+def test_a_released_call_forwards_until_it_has_been_quiet_for_linger_and_no_longer_than_linger_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The echo of what a caller said just before the BYE comes after the
+    release, and later still when the process was kept off the CPU and
+    forwarded the caller's last packets late: a released call's sockets
+    forward until its packets have stopped for LINGER, so a quiet call frees
+    its ports after LINGER and a talking one after LINGER_MAX at most."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(relay_process, "time", SimpleNamespace(monotonic=lambda: clock.now, sleep=time.sleep))
+    with one_call(tapped=False) as (process, _, caller, callee):
+        callee.settimeout(1)
+        side_a = process.by_sid[1].sock
+        address = side_a.getsockname()
+        process._settle([1, 2], 1, True)
+        released = clock.now
+        step = LINGER * 0.8
+        forwarded = 0
+        while clock.now + step < released + LINGER_MAX:  # a packet every 0.4 s: never quiet for LINGER
+            clock.now += step
+            caller.sendto(rtp(0, seq=forwarded), address)
+            assert process._round(process.poller.poll(1.0))
+            assert callee.recv(2048) == rtp(0, seq=forwarded)
+            forwarded += 1
+        assert forwarded > LINGER_MAX / LINGER  # still forwarding well past LINGER after the release
+        clock.now = process._next_flush = released + LINGER_MAX
+        process._round([])
+        assert side_a.fileno() == -1 and not process.ports  # talking or not, gone at LINGER_MAX
+
+    with one_call(tapped=False) as (process, _, caller, callee):
+        side_a = process.by_sid[1].sock
+        process._settle([1, 2], 2, True)
+        clock.now = process._next_flush = clock.now + LINGER * 0.9
+        process._round([])
+        assert side_a.fileno() != -1  # quiet, but not for LINGER yet
+        clock.now = process._next_flush = clock.now + LINGER * 0.2
+        process._round([])
+        assert side_a.fileno() == -1 and not process.ports  # quiet for LINGER: its ports are free

@@ -42,7 +42,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +66,12 @@ COALESCE = 0.002
 # packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
 BACKLOG_READS = 64  # reads at most in a round of a socket with a backlog, so a sprayed one cannot hold up the rest
-LINGER = 0.5  # seconds a released side still forwards what is on its route
+# Seconds a released call's sides still forward what is on their routes
+# after the last such packet (the echo of what a caller said just before its
+# BYE, or what a process kept off the CPU forwarded late), and at most after
+# the release: a quiet call's ports are free again soon, a talking one's in time.
+LINGER = 0.5
+LINGER_MAX = 3.0
 BEHIND_MAX = 16 * BATCH  # records held at most while the server is behind
 BUFFER = 4 * 1024 * 1024  # bytes of each end's socket buffers
 _FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
@@ -76,7 +80,7 @@ _FD = array.array("i")  # the C int of a file descriptor in SCM_RIGHTS
 class _Port:
     """One relay side's RTP socket here, and its route."""
 
-    __slots__ = ("sid", "sock", "source", "fast_pt", "out", "dest", "tap", "relayed", "bytes", "dropped", "last")
+    __slots__ = ("sid", "sock", "source", "fast_pt", "out", "dest", "tap", "relayed", "bytes", "dropped", "last", "linger")
 
     def __init__(self, sid: int, sock: socket.socket) -> None:
         self.sid = sid
@@ -88,6 +92,18 @@ class _Port:
         self.tap = False
         self.relayed = self.bytes = self.dropped = 0  # not yet reported
         self.last = b""
+        self.linger: _Linger | None = None  # once released
+
+
+class _Linger:
+    """The sides one settle released, forwarding until quiet (see LINGER)."""
+
+    __slots__ = ("ports", "heard", "until")
+
+    def __init__(self, ports: list[_Port], now: float) -> None:
+        self.ports = ports
+        self.heard = now  # the last packet on a route of theirs, or the release
+        self.until = now + LINGER_MAX
 
 
 class RelayProcess:
@@ -102,7 +118,7 @@ class RelayProcess:
         self._handlers: dict[str, Callable[..., None]] = {"attach": self._attach, "route": self._route, "settle": self._settle}
         self._pending_fds: list[int] = []
         self.urgent = False  # the batch holds a packet or an answer the server waits for: send it now
-        self.lingering: deque[tuple[float, _Port]] = deque()  # released sides still relaying until then, oldest first
+        self.lingering: list[_Linger] = []  # released sides still relaying
         self.sent = 0.0  # when the last batch went
         # The server's end was full at the last send: the batch waits for the
         # next round, and nothing is measured until it has gone (see _send).
@@ -164,10 +180,11 @@ class RelayProcess:
             return True  # an ICMP error queued on the socket: the next read gets the datagrams
         batch = self.batch
         if addr != port.source or len(data) < RTP_HEADER or data[1] & 0x7F != port.fast_pt:
-            if port.sid >= 0 and len(batch) < BEHIND_MAX:  # else a lingering side's, or lost while the server is behind
+            if port.linger is None and len(batch) < BEHIND_MAX:  # else a lingering side's, or lost while the server is behind
                 batch.append((PACKET, port.sid, data, addr))
                 self.urgent = True
-        elif port.sid < 0:
+        elif port.linger is not None:
+            port.linger.heard = time.monotonic()
             if port.dest is not None:
                 _send(port.out, data, port.dest)
         else:
@@ -258,6 +275,7 @@ class RelayProcess:
     def _settle(self, sids: list[int], token: int, release: bool) -> None:
         """Send the server everything of ``sids`` (what their sockets hold, their
         counts), then ``SETTLED``; with ``release`` also let go of their sockets."""
+        released: list[_Port] = []
         for sid in sids:
             port = self.by_sid.get(sid)
             if port is None:
@@ -266,25 +284,31 @@ class RelayProcess:
             self._flush_counts(port)
             if release:
                 # The server is done with the side, but packets already on
-                # their way (the echo of what a caller said just before its
-                # BYE) still go where the route says, for LINGER seconds, as
-                # rtpengine keeps a call a while after its delete; uncounted,
-                # as the call's counts are final now.
+                # their way still go where the route says, until LINGER,
+                # as rtpengine keeps a call a while after its delete;
+                # uncounted, as the call's counts are final now.
                 del self.by_sid[sid]
-                port.sid = -1
-                self.lingering.append((time.monotonic() + LINGER, port))
+                released.append(port)
+        if released:
+            linger = _Linger(released, time.monotonic())
+            for port in released:
+                port.linger = linger
+            self.lingering.append(linger)
         self.batch.append((SETTLED, token))
         self.urgent = True
 
     def _close_lingering(self, now: float) -> None:
         """Close the released sides whose LINGER is over. A side's route only
-        ever leads to the other side of its call, released in the same settle,
-        so no route of a side still served leads to a closed socket."""
-        while self.lingering and self.lingering[0][0] <= now:
-            _, port = self.lingering.popleft()
-            del self.ports[port.sock.fileno()]
-            self.poller.unregister(port.sock.fileno())
-            port.sock.close()
+        ever leads to the other side of its call, released in the same settle
+        and closed with it, so no route of a side still served leads to a
+        closed socket."""
+        over = [linger for linger in self.lingering if now >= min(linger.heard + LINGER, linger.until)]
+        for linger in over:
+            self.lingering.remove(linger)
+            for port in linger.ports:
+                del self.ports[port.sock.fileno()]
+                self.poller.unregister(port.sock.fileno())
+                port.sock.close()
 
 
 def _send(sock: socket.socket | None, data: bytes, dest: Any) -> bool:
