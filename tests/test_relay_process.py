@@ -30,7 +30,7 @@ from pbx.media.codecs import TELEPHONE_EVENT
 from pbx.media.ports import RtpPortPool
 from pbx.media.relay import RtpRelay
 from pbx.media import relay_process
-from pbx.media.relay_process import BACKLOG_READS, BATCH, LINGER, LINGER_MAX, MEASURED, PACKET, RELAYED, SETTLED, RelayProcess
+from pbx.media.relay_process import BACKLOG_READS, BATCH, LINGER, LINGER_MAX, MEASURED, PACKET, RELAYED, SETTLE_READS, SETTLED, RelayProcess
 from pbx.media.relay_worker import RelayWorker
 from tests.support.rtp_peer import until
 from tests.test_media import HOST, Peer, free_range, rtp
@@ -353,3 +353,36 @@ def test_a_released_call_forwards_until_it_has_been_quiet_for_linger_and_no_long
         clock.now = process._next_flush = clock.now + LINGER * 0.2
         process._round([])
         assert side_a.fileno() == -1 and not process.ports  # quiet for LINGER: its ports are free
+
+
+class Flooded:
+    """A side's socket under a flood faster than the process reads it, which
+    loopback cannot make on demand: every read finds a stranger's datagram."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        self.reads += 1
+        if self.reads > 10 * SETTLE_READS:
+            raise AssertionError("still reading the flood")
+        return rtp(0, seq=self.reads % 65536), ("192.0.2.66", 4000)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_a_call_ends_on_a_flooded_port_without_holding_up_the_process() -> None:
+    """An attacker sprays a call's RTP port faster than the process reads it.
+    When the call ends the process reads that socket for the settle, and
+    stops after a full buffer's worth: it answers the server and goes back
+    to the other calls, rather than reading the flood for as long as it lasts."""
+    with one_call(tapped=False) as (process, ours, _, _):
+        port = process.by_sid[2]
+        flooded = Flooded(port.sock)
+        port.sock = cast(socket.socket, flooded)
+        process._settle([1, 2], 9, True)
+        assert flooded.reads == SETTLE_READS
+        assert process.batch[-1] == (SETTLED, 9)
+        port.sock = flooded.sock

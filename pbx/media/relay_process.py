@@ -66,6 +66,10 @@ COALESCE = 0.002
 # packets it must handle itself and answers go at once.
 REPORT_INTERVAL = 0.02
 BACKLOG_READS = 64  # reads at most in a round of a socket with a backlog, so a sprayed one cannot hold up the rest
+# Reads at most of one socket in a settle: more than a full receive buffer
+# holds, so everything there before the settle is read; what a flood adds
+# meanwhile must not keep the process (every call of it) in the settle.
+SETTLE_READS = 8192
 # Seconds a released call's sides still forward what is on their routes
 # after the last such packet (the echo of what a caller said just before its
 # BYE, or what a process kept off the CPU forwarded late), and at most after
@@ -209,8 +213,8 @@ class RelayProcess:
             self._send()
         return True
 
-    def _drain(self, port: _Port, most: int = sys.maxsize) -> None:
-        """Take every datagram the socket holds now, or ``most`` of them."""
+    def _drain(self, port: _Port, most: int) -> None:
+        """Take the datagrams the socket holds now, ``most`` of them at most."""
         for _ in range(most):
             if not self._take(port):
                 return
@@ -273,14 +277,15 @@ class RelayProcess:
         port.out = out.sock if out is not None else None
 
     def _settle(self, sids: list[int], token: int, release: bool) -> None:
-        """Send the server everything of ``sids`` (what their sockets hold, their
-        counts), then ``SETTLED``; with ``release`` also let go of their sockets."""
+        """Send the server everything of ``sids`` (what their sockets hold, up
+        to SETTLE_READS each; their counts), then ``SETTLED``; with ``release``
+        also let go of their sockets."""
         released: list[_Port] = []
         for sid in sids:
             port = self.by_sid.get(sid)
             if port is None:
                 continue
-            self._drain(port)
+            self._drain(port, SETTLE_READS)
             self._flush_counts(port)
             if release:
                 # The server is done with the side, but packets already on
