@@ -378,11 +378,10 @@ def test_a_call_ends_on_a_flooded_port_without_holding_up_the_process() -> None:
     When the call ends the process reads that socket for the settle, and
     stops after a full buffer's worth: it answers the server and goes back
     to the other calls, rather than reading the flood for as long as it lasts."""
-    with one_call(tapped=False) as (process, ours, _, _):
+    with one_call(tapped=False) as (process, _, _, _):
         port = process.by_sid[2]
         flooded = Flooded(port.sock)
         port.sock = cast(socket.socket, flooded)
         process._settle([1, 2], 9, True)
         assert flooded.reads == SETTLE_READS
         assert process.batch[-1] == (SETTLED, 9)
-        port.sock = flooded.sock
