@@ -385,3 +385,42 @@ def test_a_call_ends_on_a_flooded_port_without_holding_up_the_process() -> None:
         process._settle([1, 2], 9, True)
         assert flooded.reads == SETTLE_READS
         assert process.batch[-1] == (SETTLED, 9)
+
+
+class Watched:
+    """A side's socket that notes, at each read, whether an answer from the
+    process already waits at the server's end of the pair."""
+
+    def __init__(self, sock: socket.socket, server_end: socket.socket) -> None:
+        self.sock = sock
+        self.server_end = server_end
+        self.answered: list[bool] = []
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        try:
+            self.server_end.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.answered.append(True)
+        except BlockingIOError:
+            self.answered.append(False)
+        return self.sock.recvfrom(size)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_a_settle_is_answered_before_the_round_goes_on_to_the_other_sockets() -> None:
+    """A call's end (or a look at its counts) waits for the process's answer,
+    and the server's loop waits with it: every other call's SIP and prompts.
+    The process answers as soon as it has read the server's message, before it
+    reads the other sockets ready in that round (many milliseconds under
+    load, when the server's media clock was seen a second late)."""
+    with one_call(tapped=False) as (process, ours, caller, _):
+        port = process.by_sid[1]
+        watched = Watched(port.sock, ours)
+        port.sock = cast(socket.socket, watched)
+        caller.sendto(rtp(0, seq=1, payload=b"\x01" * 160), watched.sock.getsockname())
+        ours.send(pickle.dumps([("settle", [2], 7, False)]))
+        assert process._round(process.poller.poll(1.0))
+        assert watched.answered == [True]  # side a's packet was read after the answer had gone
+        assert pickle.loads(ours.recv(1 << 20))[-1] == (SETTLED, 7)
+

@@ -116,6 +116,7 @@ class RelayProcess:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.poller = select.epoll()
+        self.poller.register(control.fileno(), select.EPOLLIN)
         self.ports: dict[int, _Port] = {}  # by file descriptor here
         self.by_sid: dict[int, _Port] = {}
         self.batch: list[tuple[Any, ...]] = []
@@ -131,7 +132,6 @@ class RelayProcess:
         self._next_flush = time.monotonic() + FLUSH_INTERVAL
 
     def run(self) -> None:
-        self.poller.register(self.control.fileno(), select.EPOLLIN)
         while True:
             events = self.poller.poll(0)
             if not events:  # the last round's sockets are empty: no backlog
@@ -146,9 +146,14 @@ class RelayProcess:
         """Serve what one poll found; False once the server's end is gone."""
         # The server's messages first: a route it sent before a packet
         # arrived is ready by the time the packet is, and must apply to it.
+        # A settle's answer goes at once, not after the round: the server
+        # waits for it (a call's end) with everything else held up.
         control_fd = self.control.fileno()
-        if any(fd == control_fd for fd, _ in events) and not self._read_control():
-            return False
+        if any(fd == control_fd for fd, _ in events):
+            if not self._read_control():
+                return False
+            if self.urgent and not self.behind:
+                self._send()
         # One read per socket, unless it was readable the round just before too: a
         # backlog (a burst, a sender catching up after a stall), which one
         # packet a round would drain too late, and past a released side's LINGER.
