@@ -19,7 +19,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import cast
 
@@ -424,3 +424,43 @@ def test_a_settle_is_answered_before_the_round_goes_on_to_the_other_sockets() ->
         assert watched.answered == [True]  # side a's packet was read after the answer had gone
         assert pickle.loads(ours.recv(1 << 20))[-1] == (SETTLED, 7)
 
+
+class HeldUp:
+    """A side's socket whose read keeps the process off the CPU for ``seconds``
+    of the test's clock, as the scheduler can mid-round; ``meanwhile`` happens then."""
+
+    def __init__(self, sock: socket.socket, clock: SimpleNamespace, seconds: float, meanwhile: Callable[[], object]) -> None:
+        self.sock = sock
+        self.clock = clock
+        self.seconds = seconds
+        self.meanwhile = meanwhile
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        self.clock.now += self.seconds
+        self.meanwhile()
+        return self.sock.recvfrom(size)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_a_released_call_is_not_closed_on_a_packet_that_came_while_the_round_was_held_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process is kept off the CPU in the middle of a round (seen for
+    0.7 s with one core for 500 calls), and meanwhile the last echo of a
+    released call reaches its socket: that round's poll did not see it, so
+    the call has not been quiet for LINGER as far as the process can tell,
+    and its sockets stay open for the next round to forward the echo."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(relay_process, "time", SimpleNamespace(monotonic=lambda: clock.now, sleep=time.sleep))
+    with one_call(tapped=False) as (process, _, caller, callee), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        callee.settimeout(1)
+        side_a, side_b = process.by_sid[1], process.by_sid[2]
+        process._settle([1, 2], 1, True)
+        clock.now += LINGER / 2
+        stranger.sendto(rtp(0, seq=1), side_b.sock.getsockname())  # read in the next round, which is held up there
+        side_b.sock = cast(socket.socket, HeldUp(side_b.sock, clock, LINGER, lambda: caller.sendto(rtp(0, seq=2), side_a.sock.getsockname())))
+        process._next_flush = clock.now
+        assert process._round(process.poller.poll(1.0))
+        assert process.lingering  # not closed: its last poll was LINGER / 2 after the release
+        assert process._round(process.poller.poll(1.0))
+        assert callee.recv(2048) == rtp(0, seq=2)

@@ -144,6 +144,11 @@ class RelayProcess:
 
     def _round(self, events: list[tuple[int, int]]) -> bool:
         """Serve what one poll found; False once the server's end is gone."""
+        # What the poll found is true as of now; the round can be kept off
+        # the CPU long after (a busy core: 0.7 s seen), while packets arrive
+        # that only the next poll sees. A released call is quiet only as far
+        # as a poll has seen.
+        polled = time.monotonic()
         # The server's messages first: a route it sent before a packet
         # arrived is ready by the time the packet is, and must apply to it.
         # A settle's answer goes at once, not after the round: the server
@@ -172,7 +177,7 @@ class RelayProcess:
             if not self.behind:  # else the counts wait on the ports
                 for port in self.by_sid.values():
                     self._flush_counts(port)
-            self._close_lingering(now)
+            self._close_lingering(polled)
         if (self.urgent and not self.behind) or (self.batch and now >= self.sent + REPORT_INTERVAL):
             self._send()
         return True
@@ -307,12 +312,13 @@ class RelayProcess:
         self.batch.append((SETTLED, token))
         self.urgent = True
 
-    def _close_lingering(self, now: float) -> None:
-        """Close the released sides whose LINGER is over. A side's route only
+    def _close_lingering(self, polled: float) -> None:
+        """Close the released sides whose LINGER was over when the last poll
+        found nothing more of theirs (``polled``). A side's route only
         ever leads to the other side of its call, released in the same settle
         and closed with it, so no route of a side still served leads to a
         closed socket."""
-        over = [linger for linger in self.lingering if now >= min(linger.heard + LINGER, linger.until)]
+        over = [linger for linger in self.lingering if polled >= min(linger.heard + LINGER, linger.until)]
         for linger in over:
             self.lingering.remove(linger)
             for port in linger.ports:
