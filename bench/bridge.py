@@ -327,6 +327,7 @@ async def pbx_run(run: Run, work: Path, log_level: str, cpus: set[int] | None = 
         await place_calls(system, run, work)
     finally:
         code = await server.stop()
+        (work / "pbx" / "server.log").write_text("\n".join(server.log) + "\n")  # for a kept run (--keep)
         if code:
             print(f"pbx serve exited with {code}; its last lines:", file=sys.stderr)
             print("\n".join(server.log[-20:]), file=sys.stderr)
