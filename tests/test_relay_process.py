@@ -355,12 +355,22 @@ def test_a_released_call_forwards_until_it_has_been_quiet_for_linger_and_no_long
         assert side_a.fileno() == -1 and not process.ports  # quiet for LINGER: its ports are free
 
 
-class Flooded:
+class StandIn:
+    """A side's socket whose reads a subclass changes; everything else is the real socket's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+class Flooded(StandIn):
     """A side's socket under a flood faster than the process reads it, which
     loopback cannot make on demand: every read finds a stranger's datagram."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        super().__init__(sock)
         self.reads = 0
 
     def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
@@ -368,9 +378,6 @@ class Flooded:
         if self.reads > 10 * SETTLE_READS:
             raise AssertionError("still reading the flood")
         return rtp(0, seq=self.reads % 65536), ("192.0.2.66", 4000)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.sock, name)
 
 
 def test_a_call_ends_on_a_flooded_port_without_holding_up_the_process() -> None:
@@ -387,12 +394,12 @@ def test_a_call_ends_on_a_flooded_port_without_holding_up_the_process() -> None:
         assert process.batch[-1] == (SETTLED, 9)
 
 
-class Watched:
+class Watched(StandIn):
     """A side's socket that notes, at each read, whether an answer from the
     process already waits at the server's end of the pair."""
 
     def __init__(self, sock: socket.socket, server_end: socket.socket) -> None:
-        self.sock = sock
+        super().__init__(sock)
         self.server_end = server_end
         self.answered: list[bool] = []
 
@@ -403,9 +410,6 @@ class Watched:
         except BlockingIOError:
             self.answered.append(False)
         return self.sock.recvfrom(size)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.sock, name)
 
 
 def test_a_settle_is_answered_before_the_round_goes_on_to_the_other_sockets() -> None:
@@ -425,12 +429,12 @@ def test_a_settle_is_answered_before_the_round_goes_on_to_the_other_sockets() ->
         assert pickle.loads(ours.recv(1 << 20))[-1] == (SETTLED, 7)
 
 
-class HeldUp:
+class HeldUp(StandIn):
     """A side's socket whose read keeps the process off the CPU for ``seconds``
     of the test's clock, as the scheduler can mid-round; ``meanwhile`` happens then."""
 
     def __init__(self, sock: socket.socket, clock: SimpleNamespace, seconds: float, meanwhile: Callable[[], object]) -> None:
-        self.sock = sock
+        super().__init__(sock)
         self.clock = clock
         self.seconds = seconds
         self.meanwhile = meanwhile
@@ -439,9 +443,6 @@ class HeldUp:
         self.clock.now += self.seconds
         self.meanwhile()
         return self.sock.recvfrom(size)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.sock, name)
 
 
 def test_a_released_call_is_not_closed_on_a_packet_that_came_while_the_round_was_held_up(monkeypatch: pytest.MonkeyPatch) -> None:
