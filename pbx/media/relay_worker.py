@@ -18,7 +18,13 @@ so what a call's end reports is complete; :meth:`sync` waits the same way
 for a look at a call's counts while it lasts.
 
 If the process dies, every side it read for reads its socket here again:
-calls go on, on one core.
+calls go on, on one core, and a new process takes the calls that begin from
+``RESTART_DELAY`` later. A process that stops answering (stopped, stuck in a
+loop) is dead to the server too: the server asks it every ``PING_INTERVAL``,
+and one that leaves a message unanswered for ``HUNG_AFTER`` is killed, so its
+calls' audio comes back. Meanwhile a call's end waits for it once, not at
+every call: while a message has gone unanswered for ``SETTLE_TIMEOUT``,
+settles do not wait.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ from pbx.media.relay_side import RelaySide
 logger = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT = 1.0  # seconds a call's end (or a look at its counts) waits for the process at most
+PING_INTERVAL = 1.0  # seconds between two questions to a process that has answered the last
+# Seconds a process may leave the server's message unanswered before it is
+# killed as hung: far more than a busy core keeps it off the CPU (0.7 s seen
+# at 500 calls on one core), and short enough that its calls' silence ends.
+HUNG_AFTER = 5.0
+RESTART_DELAY = 1.0  # seconds from a process's end to the next one's start
 
 
 class RelayWorker:
@@ -52,7 +64,8 @@ class RelayWorker:
         self._transports: dict[int, asyncio.DatagramTransport] = {}  # each side's own, under any SRTP wrapper
         self._routes: dict[int, tuple[Any, ...]] = {}  # the last one each side's was given
         self._ids = itertools.count(1)
-        self._settled: set[int] = set()
+        self._asked: dict[int, float] = {}  # the settles the process has not answered yet, with when they went
+        self._timer: asyncio.TimerHandle | None = None  # the next ping, or the restart
 
     @property
     def running(self) -> bool:
@@ -65,6 +78,7 @@ class RelayWorker:
 
     def start(self) -> None:
         """Start the process; sides attach to it from then on."""
+        self._reap()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
@@ -73,15 +87,45 @@ class RelayWorker:
                 [sys.executable, "-m", "pbx.media.relay_process", str(theirs.fileno())], pass_fds=[theirs.fileno()]
             )
         self._sock = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._read)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._read)
+        self._timer = loop.call_later(PING_INTERVAL, self._ping)
         logger.info("media relay process %d started", self._process.pid)
 
     async def stop(self) -> None:
         """End the process (closing our end ends it) and wait for it."""
+        if self._timer is not None:
+            self._timer.cancel()  # a restart, if the process had ended
         self._lost(quietly=True)
         process, self._process = self._process, None
-        if process is not None:
+        if process is None:
+            return
+        try:
+            await asyncio.to_thread(process.wait, HUNG_AFTER)
+        except subprocess.TimeoutExpired:  # a hung process does not see its end close
+            process.kill()
             await asyncio.to_thread(process.wait)
+
+    def _ping(self) -> None:
+        """Ask the process a settle of nothing, unless an earlier question is
+        still out; kill it when one has been for ``HUNG_AFTER``."""
+        now = time.monotonic()
+        oldest = min(self._asked.values(), default=now)
+        if now - oldest >= HUNG_AFTER and self._process is not None:
+            logger.error("media relay process %d has not answered for %.1f s: killed", self._process.pid, now - oldest)
+            self._process.kill()
+            self._lost()
+            return
+        self._timer = asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping)
+        if not self._asked:
+            self._ask([])  # after the next ping is set: a lost process replaces it with the restart
+
+    def _reap(self) -> None:
+        """Wait for the last process, which ended (or was killed) ``RESTART_DELAY`` ago."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
 
     def attach(self, side: RelaySide) -> None:
         """The process reads ``side``'s RTP socket from now on."""
@@ -128,12 +172,13 @@ class RelayWorker:
 
     def detach(self, sides: list[RelaySide]) -> None:
         """The process lets go of ``sides``' sockets; returns once every
-        record it had of them is handled (or after ``SETTLE_TIMEOUT``)."""
+        record it had of them is handled (or after ``SETTLE_TIMEOUT``, or
+        at once while the process is that late with an earlier answer)."""
         self._settle(sides, release=True)
 
     def sync(self, sides: list[RelaySide]) -> None:
         """Returns once every record the process had of ``sides`` is handled
-        (or after ``SETTLE_TIMEOUT``): their counts are those of now."""
+        (or as :meth:`detach`): their counts are those of now."""
         self._settle(sides, release=False)
 
     def _settle(self, sides: list[RelaySide], *, release: bool) -> None:
@@ -141,18 +186,17 @@ class RelayWorker:
         sock = self._sock
         if not sids or sock is None:
             return
-        token = next(self._ids)
-        self._send([("settle", sids, token, release)])
+        late = any(time.monotonic() - asked >= SETTLE_TIMEOUT for asked in self._asked.values())
+        token = self._ask(sids, release)
         deadline = time.monotonic() + SETTLE_TIMEOUT
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        while token not in self._settled and self._sock is not None:
+        while not late and token in self._asked and self._sock is not None:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 logger.warning("media relay process: no answer within %.1f s", SETTLE_TIMEOUT)
                 break
             self._read()
-        self._settled.discard(token)
         if release:
             for sid in sids:
                 self._transports.pop(sid, None)
@@ -160,6 +204,13 @@ class RelayWorker:
                 side = self._sides.pop(sid, None)
                 if side is not None:
                     side.worker = None
+
+    def _ask(self, sids: list[int], release: bool = False) -> int:
+        """Send the process a settle of ``sids``; its token is in ``_asked`` until it answers."""
+        token = next(self._ids)
+        self._asked[token] = time.monotonic()
+        self._send([("settle", sids, token, release)])
+        return token
 
     def _send(self, messages: list[tuple[Any, ...]]) -> None:
         sock = self._sock
@@ -189,7 +240,7 @@ class RelayWorker:
         for record in records:
             kind = record[0]
             if kind == SETTLED:
-                self._settled.add(record[1])
+                self._asked.pop(record[1], None)
                 continue
             side = sides.get(record[1])
             if side is None:
@@ -203,17 +254,24 @@ class RelayWorker:
                 _counted(side, record[2], record[3], record[4], record[5])
 
     def _lost(self, quietly: bool = False) -> None:
-        """Our end is closed, or the process is gone: every side reads its own socket again."""
+        """Our end is closed, or the process is gone: every side reads its own
+        socket again; unless ``quietly`` (the server stops), a new process
+        starts ``RESTART_DELAY`` later for the calls to come."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
         if not quietly:
-            logger.error("media relay process is gone; relaying in the server process from now on")
-        asyncio.get_running_loop().remove_reader(sock.fileno())
+            logger.error("media relay process is gone; its calls are relayed in the server process")
+            self._timer = loop.call_later(RESTART_DELAY, self.start)
+        loop.remove_reader(sock.fileno())
         sock.close()
         sides, self._sides = self._sides, {}
         transports, self._transports = self._transports, {}
         self._routes.clear()
+        self._asked.clear()
         for sid, side in sides.items():
             side.worker = None
             if not side.closed:
