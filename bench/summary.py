@@ -109,15 +109,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     # Names read better left-aligned; ``aligned`` right-aligns, so pad them first.
     for column in (0, 1):
-        width = max(len(row[column]) for row in cells)
-        for row in cells:
-            row[column] = row[column].ljust(width)
+        width = max(len(line[column]) for line in cells)
+        for line in cells:
+            line[column] = line[column].ljust(width)
     return aligned(cells)
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
     """The last line: targets met of those with a target."""
-    judged = [row.get("met") for row in rows if isinstance(row.get("met"), bool)]
+    judged = [row["met"] for row in rows if isinstance(row.get("met"), bool)]
     missed = sum(1 for row in rows if row.get("target") not in (None, "", "-") and not isinstance(row.get("met"), bool))
     text = f"{sum(judged)} of {len(judged)} targets met"
     if missed:
