@@ -107,7 +107,7 @@ class Leg:
         if self.state is not LegState.ENDED:
             self._enter(LegState.ENDED)
             self.dialog.terminate()
-            self.timer.stop()
+            self.timer.end()
 
     def new_request(self, method: str, body: str | None = None) -> SipRequest:
         request = self.dialog.create_request(

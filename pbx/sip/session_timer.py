@@ -152,6 +152,15 @@ class SessionTimer:
             self._handle.cancel()
             self._handle = None
 
+    def end(self) -> None:
+        """The leg has ended: no timer from now on (an answer to a refresh
+        still on its way starts none), and no hold on the leg's methods, a
+        cycle that kept every ended leg, its dialog and its messages for the
+        garbage collector's full collections."""
+        self.stop()
+        self.wanted = 0
+        self._refresh = self._expire = _ended
+
     def _start(self, interval: int, we_refresh: bool) -> None:
         self.interval, self.we_refresh = interval, we_refresh
         if we_refresh:
@@ -189,4 +198,10 @@ class SessionTimer:
 
     def _schedule(self, delay: float, action: Callable[[], None]) -> None:
         self.stop()
+        if not self.wanted:
+            return
         self._handle = asyncio.get_running_loop().call_later(delay, action)
+
+
+def _ended(*_: object) -> None:
+    """What an ended leg's timer calls in place of the leg."""
