@@ -390,10 +390,12 @@ def steady_garbage_collection() -> None:
     ticks and INVITEs waited. Frozen, what start-up built is never walked
     again, and a full collection every second (after 2 middle ones, not 10)
     has a fifth of the garbage: 20-35 ms. Most of that garbage was whole
-    calls kept by reference cycles: a cancelled task's exception, whose
-    traceback held the task's frames (pbx.tasks lets go of it now), and a
-    leg's session timer holding the leg's methods (ended with the leg). What
-    is left of an ended call in cycles is its relay's sides, about 50 objects."""
+    calls kept by reference cycles, broken now where the call ends: a
+    cancelled task's exception, whose traceback held the task's frames
+    (pbx.tasks); a leg's session timer, holding the leg's methods; a relay
+    side's key listener, holding the call; a recording's taps, holding the
+    recording. What is left of an ended call in cycles is its relay's two
+    sides, about 40 objects."""
     gc.collect()
     gc.freeze()
     young, middle, _ = gc.get_threshold()

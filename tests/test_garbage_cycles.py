@@ -4,7 +4,8 @@ server's longest pauses, every few seconds under load: its media clock
 skipped up to 13 ticks at once).
 
 Each test disables the collector, ends the thing, drops the last plain
-reference and checks that reference counting alone freed it.
+reference and checks that reference counting alone freed it. A recording's
+case is in tests/test_recordings.py, beside its rig.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pbx.media.relay import RtpRelay
 from pbx.sip.session_timer import SessionTimer
 from pbx.tasks import Background
 
@@ -74,3 +76,23 @@ def test_an_ended_leg_s_session_timer_lets_go_of_the_leg(no_collector: None) -> 
     assert gone() is None
     timer._refresh_due()  # a timer that fired just as the leg ended: calls nobody
     assert timer._handle is None
+
+
+class KeyPad:
+    """A call's feature keys, say: they hold the call, which holds its relay."""
+
+    def __init__(self, relay: RtpRelay) -> None:
+        self.relay = relay
+
+    def press(self, key: str) -> bool:
+        return False
+
+
+def test_a_closed_relay_lets_go_of_its_key_listeners(no_collector: None, relay: RtpRelay) -> None:
+    pad = KeyPad(relay)
+    relay.a.on_dtmf = relay.b.on_dtmf = pad.press
+    gone = weakref.ref(pad)
+    relay.close()
+    del pad
+
+    assert gone() is None

@@ -10,10 +10,12 @@ point: it returns once the file is written and its row stored.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import wave
 import warnings
+import weakref
 from array import array
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -439,3 +441,16 @@ async def test_real_clock_and_flush_timer(rig: Rig) -> None:
     # Ticks the loop skipped under load may add silence; never lose audio.
     assert 1.0 <= left.size / 8000 < 1.0 + 0.1 + rig.clock.skipped * 0.02
     assert abs(peak(left) - 1000) < 10 and abs(peak(right) - 400) < 10
+
+
+async def test_an_ended_recording_is_freed_without_the_garbage_collector(rig: Rig) -> None:
+    recording = rig.begin()
+    rig.play(encode(PCMU, tone(1000, 5)), encode(PCMA, tone(400, 5)))
+    assert await rig.recorder.end(recording) is not None
+    gone = weakref.ref(recording)
+    gc.disable()  # what its taps' closures held in a cycle would wait for a full collection
+    try:
+        del recording
+        assert gone() is None
+    finally:
+        gc.enable()

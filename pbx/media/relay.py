@@ -81,13 +81,17 @@ class RtpRelay:
 
         Stops what the sides send of their own first (a playback's ``done``
         becomes False), after the worker reading the sockets, if any, let go
-        of them and everything it had of them was counted.
+        of them and everything it had of them was counted. Lets go of the
+        key listeners too: a call's key pad holds the call, which holds
+        this relay, a cycle that kept every ended call until a full garbage
+        collection.
         """
         worker = self.a.worker or self.b.worker
         if worker is not None:
             worker.detach([self.a, self.b])
         for side in (self.a, self.b):
             side.close()
+            side.on_dtmf = None
         for pair in self._pairs:
             pair.close()
         self._pairs.clear()

@@ -286,6 +286,9 @@ class Recorder:
             for side, played in recording._played_taps:
                 if side.on_played is played:
                     side.on_played = None
+            # The taps' closures hold the recording: a cycle for the garbage collector's full collections.
+            recording._taps.clear()
+            recording._played_taps.clear()
             future = self._submit(recording, recording._sink.finish, recording._take_pending())
             if future is not None:
                 await asyncio.wrap_future(future)
