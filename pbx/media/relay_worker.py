@@ -94,8 +94,6 @@ class RelayWorker:
 
     async def stop(self) -> None:
         """End the process (closing our end ends it) and wait for it."""
-        if self._timer is not None:
-            self._timer.cancel()  # a restart, if the process had ended
         self._lost(quietly=True)
         process, self._process = self._process, None
         if process is None:
@@ -257,11 +255,11 @@ class RelayWorker:
         """Our end is closed, or the process is gone: every side reads its own
         socket again; unless ``quietly`` (the server stops), a new process
         starts ``RESTART_DELAY`` later for the calls to come."""
+        if self._timer is not None:
+            self._timer.cancel()  # the next ping; or, the process being gone already, the restart
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         loop = asyncio.get_running_loop()
         if not quietly:
             logger.error("media relay process is gone; its calls are relayed in the server process")
