@@ -82,5 +82,7 @@ class Shared:
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._running.get(key) is task:
             del self._running[key]
-        if not task.cancelled():
+        if task.cancelled():
+            _let_go(task)
+        else:
             task.exception()  # retrieved: callers that went away must not leave it "never retrieved"
