@@ -11,23 +11,12 @@ case is in tests/test_recordings.py, beside its rig.
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import Iterator
 
-import pytest
 
 from pbx.media.relay import RtpRelay
 from pbx.sip.session_timer import SessionTimer
 from pbx.tasks import Background
-
-
-@pytest.fixture
-def no_collector() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    yield
-    gc.enable()
 
 
 class Owner:

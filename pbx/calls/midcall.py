@@ -22,10 +22,9 @@ from aiosipua import SipRequest, SipResponse
 from pbx.calls.forks import Forks
 from pbx.calls.model import Call
 from pbx.calls.unclaimed import UnclaimedLegs
-from pbx.sip.dialog import ALLOW, Leg, LegEvents
+from pbx.sip.dialog import ALLOW, Leg, LegEvents, LegState
 from pbx.sip.messages import info_key
 from pbx.sip.methods import refuse
-from pbx.sip.outbound_leg import OutboundLeg
 from pbx.sip.transactions import ServerTransaction
 
 
@@ -74,11 +73,15 @@ class MidCall:
             refuse(txn, ALLOW)  # a method no dialog handles: that is said first (RFC 3261 §8.2.1)
 
     def stray_response(self, response: SipResponse) -> None:
-        """A 2xx retransmitted after its transaction ended: ACK it again."""
+        """A 2xx to an INVITE of ours after its first final answer (our ACK was
+        lost, or another fork answered too): ACK it again, if its leg is
+        still up. A leg that has ended has sent its BYE; it ACKs nothing more."""
         from_addr = response.from_addr
         found = self.legs.get((response.call_id or "", from_addr.tag if from_addr and from_addr.tag else ""))
-        if found is not None and isinstance(found[1], OutboundLeg) and 200 <= response.status_code < 300:
-            found[1]._on_2xx(response)
+        cseq = response.cseq
+        invite = cseq is not None and cseq.method.upper() == "INVITE"
+        if found is not None and found[1].state is LegState.ANSWERED and invite and 200 <= response.status_code < 300:
+            found[1].ack(response)
 
     def call_of(self, leg: Leg) -> Call | None:
         found = self.legs.get(leg.key)

@@ -193,7 +193,7 @@ class Leg:
             if resp.status_code < 200:
                 return
             if resp.status_code < 300:
-                self._ack(resp)
+                self.ack(resp)
                 self.sdp = body
                 self.timer.follow(resp)
             on_answer(resp)
@@ -216,7 +216,7 @@ class Leg:
             logger.warning("session %s with %s expired (%d s)", self.dialog.call_id, self.dialog.remote_target, self.timer.interval)
             self.events.expired(self)
 
-    def _ack(self, resp: SipResponse) -> None:
+    def ack(self, resp: SipResponse) -> None:
         """ACK a 2xx: a new transaction-less request with the INVITE's CSeq number."""
         cseq = resp.cseq
         ack = self.dialog.create_request(

@@ -141,15 +141,14 @@ class OutboundLeg(Leg):
         self._send_invite(None)
 
     def _on_2xx(self, resp: SipResponse) -> None:
-        if self.state is LegState.ANSWERED:
-            self._ack(resp)  # retransmitted 2xx
-            return
+        """The INVITE's first final answer, a 2xx (the ones after it are
+        the dialog's to ACK again: :meth:`MidCall.stray_response`)."""
         contact = resp.contact
         if contact:
             self.dialog.remote_target = stringify_uri(contact[0].uri)
         self.dialog.route_set = list(reversed(resp.headers.get("record-route")))
         self.dialog.confirm()
-        self._ack(resp)
+        self.ack(resp)
         if self.ended:
             # Answered after we gave up on it (CANCEL crossed the 200): hang up.
             self.state = LegState.ANSWERED

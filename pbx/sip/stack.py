@@ -215,10 +215,10 @@ class SipStack:
         if not vias or cseq is None:
             return
         txn = self._client.get((branch, cseq.method.upper()))
-        if txn is not None:
-            txn.received(response)
-        elif self.on_stray_response is not None:
-            # A retransmitted 2xx after the transaction ended: the dialog re-ACKs it.
+        if txn is not None and txn.received(response):
+            return
+        if self.on_stray_response is not None:
+            # A 2xx to an INVITE after its first final answer: the dialog ACKs it again.
             self.on_stray_response(response)
 
     def _request_received(self, request: SipRequest, flow: Flow) -> None:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 T1 = 0.5
 T2 = 4.0
+T4 = 5.0  # RFC 3261 §17.1.2.2: Timer K, how long a non-INVITE transaction absorbs retransmitted answers
 TIMER_B = 64 * T1
 # RFC 3261 §17.2.1: a 100 (Trying) only when the answer takes longer than this.
 TRYING_DELAY = 0.2
@@ -261,24 +262,39 @@ class ClientTransaction:
         self.stack.client_ended(self.key)
         self.on_response(make_response(self.request, 408))
 
-    def received(self, response: SipResponse) -> None:
+    def received(self, response: SipResponse) -> bool:
+        """Take a response to the request; False for a 2xx to an INVITE
+        after the first final answer (our ACK was lost, or another fork
+        answered), which is the dialog's to ACK, not the transaction's
+        (RFC 3261 §13.2.2.4): ``on_response`` gets one final answer only.
+
+        It is let go with that answer, so a transaction that lingers to
+        absorb repeats (64*T1 after an INVITE's non-2xx) does not keep
+        whoever it called (a leg, and its call) alive that long after."""
         status = response.status_code
+        invite = self.request.method == "INVITE"
         if status < 200:
             if self.final_response is None:
                 self._provisional = True
                 self.on_response(response)
-            return
-        first = self.final_response is None
-        if self.request.method == "INVITE" and status >= 300:
+            return True
+        if invite and status >= 300:
             self._send_ack(response)
-        if first:
-            self.final_response = response
-            self._stop()
-            linger = 0.0 if self.flow.transport.reliable else TIMER_B
-            asyncio.get_running_loop().call_later(linger, self.stack.client_ended, self.key)
-            self.on_response(response)
-        elif self.request.method == "INVITE" and status < 300:
-            self.on_response(response)
+        if self.final_response is not None:
+            return not (invite and status < 300)
+        self.final_response = response
+        self._stop()
+        # Over UDP the transaction stays to absorb the answer's repeats: an
+        # INVITE's non-2xx for 64*T1, ACKing each (Timer D), a non-INVITE's
+        # answer for T4 (Timer K). Repeats of a 2xx are the dialog's to ACK,
+        # with the transaction there or not: it ends at once.
+        if self.flow.transport.reliable or (invite and status < 300):
+            self.stack.client_ended(self.key)
+        else:
+            asyncio.get_running_loop().call_later(TIMER_B if invite else T4, self.stack.client_ended, self.key)
+        on_response, self.on_response = self.on_response, _answered
+        on_response(response)
+        return True
 
     def _stop(self) -> None:
         for handle in (self._retrans, self._timeout):
@@ -289,6 +305,10 @@ class ClientTransaction:
         """ACK for a non-2xx final response: same branch, To from the response (§17.1.1.3)."""
         ack = invite_sibling(self.request, "ACK", to=response.headers.get_first("to") or "")
         self.stack.send_request(ack, self.flow)
+
+
+def _answered(response: SipResponse) -> None:
+    """A client transaction's handler once its final answer was handled."""
 
 
 def invite_sibling(invite: SipRequest, method: str, *, to: str | None = None) -> SipRequest:

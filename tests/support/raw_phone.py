@@ -1,7 +1,8 @@
 """A SIP user agent on a bare UDP socket for subscriptions (RFC 6665):
 hand-built, digest-authenticated SUBSCRIBEs and REGISTERs, and a chosen
 answer to every NOTIFY it receives, which it keeps for the test to read;
-INVITEs it receives are kept unanswered, for the test to answer by hand."""
+INVITEs it receives are kept unanswered, for the test to answer by hand,
+and the ACKs and BYEs (answered 200) of the dialogs it answers so, too."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class RawPhone(asyncio.DatagramProtocol):
         self.notify_status = 200
         self.notifies: asyncio.Queue[SipRequest] = asyncio.Queue()
         self.invites: asyncio.Queue[SipRequest] = asyncio.Queue()
+        self.acks: asyncio.Queue[SipRequest] = asyncio.Queue()
+        self.byes: asyncio.Queue[SipRequest] = asyncio.Queue()
         self.cseq = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._answers: dict[str, asyncio.Future[SipResponse]] = {}
@@ -86,11 +89,14 @@ class RawPhone(asyncio.DatagramProtocol):
             self.invites.put_nowait(message)
             return
         if message.method == "ACK":
+            self.acks.put_nowait(message)
             return
-        status = self.notify_status if message.method == "NOTIFY" else 501
+        status = {"NOTIFY": self.notify_status, "BYE": 200}.get(message.method, 501)
         self._transport.sendto(bytes(make_response(message, status)), addr)
         if message.method == "NOTIFY":
             self.notifies.put_nowait(message)
+        elif message.method == "BYE":
+            self.byes.put_nowait(message)
 
     def send_now(self, *messages: SipRequest | SipResponse) -> None:
         """Send ``messages`` to the server back to back, waiting for nothing."""
